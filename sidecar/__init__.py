@@ -1,0 +1,1 @@
+"""The sidecar process: organs served over gRPC on Unix sockets."""

@@ -1,0 +1,63 @@
+"""Turning the configuration's `organs` list into configured organ instances.
+
+An entry is a built-in short name (`"system"`) or an import path `"module:Class"`. The class
+is instantiated with no arguments; settings reach it through `Organ.configure`, which gets the
+`[organ.<name>]` table named after the organ's card (an empty table when there is none).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from sidecar.organs import BUILTIN_ORGANS
+from soma_runtime import Organ, OrganEnvironment
+from soma_runtime.config import ConfigError, SomaConfig
+
+
+def resolve_organ_class(spec: str) -> type[Organ]:
+    """The organ class a config entry names; `ValueError` says why it cannot be used."""
+    path = BUILTIN_ORGANS.get(spec, spec)
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        known = ", ".join(sorted(BUILTIN_ORGANS))
+        raise ValueError(
+            f"{spec!r} is neither a built-in organ ({known}) nor a 'module:Class' path"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module_name!r}: {exc}") from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Organ)):
+        raise ValueError(f"{path!r} is not an Organ subclass")
+    return cls
+
+
+def load_organs(config: SomaConfig) -> list[Organ]:
+    """Instantiate and configure every organ of `config.sidecar.organs`, in order."""
+    env = OrganEnvironment(state_dir=config.state_dir, runtime_dir=config.runtime_dir)
+    organs: list[Organ] = []
+    names: set[str] = set()
+    for index, spec in enumerate(config.sidecar.organs):
+        key = f"sidecar.organs[{index}]"
+        try:
+            organ = resolve_organ_class(spec)()
+            name = organ.describe().name
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        except Exception as exc:
+            raise ConfigError(
+                f"{key}: {spec!r} failed to load: {type(exc).__name__}: {exc}"
+            ) from None
+        if name in names:
+            raise ConfigError(f"{key}: organ {name!r} is listed twice")
+        names.add(name)
+        try:
+            organ.configure(config.organ.get(name, {}), env)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"organ.{name}: {exc}") from None
+        organs.append(organ)
+    unused = sorted(set(config.organ) - names)
+    if unused:
+        raise ConfigError(f"organ.{unused[0]}: no organ of that name is loaded")
+    return organs

@@ -1,0 +1,5 @@
+"""Built-in organs, by the short names a configuration may use."""
+
+BUILTIN_ORGANS: dict[str, str] = {
+    "system": "sidecar.organs.system:SystemOrgan",
+}

@@ -1,0 +1,264 @@
+"""The executive: discovery, validation, invocation and pathways over a set of organs.
+
+It is the one place a call passes through on its way to an organ, so everything the
+contract promises is enforced here, for every organ alike: unknown ops, input validation
+(validators compiled once at registration), the `queue_cap` of each function's SLO, the
+latency and error record of each function, and an organ that raises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from soma_runtime.cards import FunctionCard, OrganCard
+from soma_runtime.contract import ErrorKind, Response, Stimulus, unsupported
+from soma_runtime.organ import Organ
+from soma_runtime.search import has_tag, search_functions
+from soma_runtime.slo import FunctionStats, FunctionStatsSnapshot
+from soma_runtime.validation import InputValidator
+
+log = structlog.get_logger("soma.executive")
+
+
+class UnknownOrgan(LookupError):
+    """No organ of that name is registered."""
+
+
+class UnknownFunction(LookupError):
+    """The organ has no function of that name."""
+
+
+class InvalidStimulus(ValueError):
+    """The input does not match the function's input schema."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class PathwayStep:
+    """One step of a pathway: the function to call and the context to send with it."""
+
+    organ: str
+    function: str
+    context: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Route:
+    organ_name: str
+    organ: Organ
+    card: FunctionCard
+    validator: InputValidator
+    stats: FunctionStats
+
+
+class Executive:
+    """Organs by name and their functions by fully-qualified op."""
+
+    def __init__(self, organs: Iterable[Organ] = ()) -> None:
+        self._organs: dict[str, Organ] = {}
+        self._cards: dict[str, OrganCard] = {}
+        self._routes: dict[str, _Route] = {}
+        for organ in organs:
+            self.register(organ)
+
+    def register(self, organ: Organ) -> OrganCard:
+        """Add an organ; its card is read once and its validators compiled now."""
+        card = organ.describe()
+        if card.name in self._organs:
+            raise ValueError(f"organ {card.name!r} is registered twice")
+        routes: dict[str, _Route] = {}
+        for fn in card.all_functions():
+            taken = self._routes.get(fn.name)
+            if taken is not None:
+                raise ValueError(
+                    f"function {fn.name!r} of organ {card.name!r} is already provided by "
+                    f"organ {taken.organ_name!r}"
+                )
+            validator = InputValidator(fn.input_schema)
+            routes[fn.name] = _Route(
+                card.name, organ, fn, validator, FunctionStats(fn.name, fn.slo)
+            )
+        self._organs[card.name] = organ
+        self._cards[card.name] = card
+        self._routes.update(routes)
+        return card
+
+    # -- discovery ------------------------------------------------------------------------
+
+    def organ_names(self) -> list[str]:
+        return list(self._organs)
+
+    def organ_cards(self) -> list[OrganCard]:
+        return list(self._cards.values())
+
+    def get_organ_card(self, name: str) -> OrganCard | None:
+        return self._cards.get(name)
+
+    def function_card(self, op: str) -> FunctionCard | None:
+        route = self._routes.get(op)
+        return route.card if route is not None else None
+
+    def list_functions(self) -> list[tuple[str, FunctionCard]]:
+        """Every `(organ, function card)`, sub-organ functions listed under their parent."""
+        return [(route.organ_name, route.card) for route in self._routes.values()]
+
+    def search_functions(
+        self, query: str, tag: str | None = None
+    ) -> list[tuple[str, FunctionCard]]:
+        return search_functions(self.list_functions(), query, tag)
+
+    def functions_with_tag(self, tag: str) -> list[tuple[str, FunctionCard]]:
+        return [(organ, card) for organ, card in self.list_functions() if has_tag(card, tag)]
+
+    # -- validation and invocation --------------------------------------------------------
+
+    def _route(self, organ: str, function: str) -> _Route:
+        if organ not in self._organs:
+            raise UnknownOrgan(organ)
+        route = self._routes.get(function)
+        if route is None or route.organ_name != organ:
+            raise UnknownFunction(f"{organ} has no function {function!r}")
+        return route
+
+    def validate_stimulus(self, organ: str, function: str, input: Any) -> None:
+        """Raise `UnknownOrgan`, `UnknownFunction` or `InvalidStimulus`; None when valid."""
+        problem = self._route(organ, function).validator.first_error(input)
+        if problem is not None:
+            raise InvalidStimulus(problem.path, problem.message)
+
+    async def stimulate_organ(
+        self, organ: str, function: str, input: Any, context: Mapping[str, str] | None = None
+    ) -> Response:
+        """Call one function of one organ (`UnknownOrgan` if the organ is not registered)."""
+        if organ not in self._organs:
+            raise UnknownOrgan(organ)
+        route = self._routes.get(function)
+        stimulus = Stimulus(op=function, input=input, context=dict(context or {}))
+        if route is None or route.organ_name != organ:
+            return unsupported(function)
+        return await self._call(route, stimulus)
+
+    async def stimulate(self, stimulus: Stimulus) -> Response:
+        """Route a stimulus by its op to whichever organ provides it."""
+        route = self._routes.get(stimulus.op)
+        if route is None:
+            return unsupported(stimulus.op)
+        return await self._call(route, stimulus)
+
+    async def _call(self, route: _Route, stimulus: Stimulus) -> Response:
+        started = time.perf_counter()
+        stats = route.stats
+        problem = route.validator.first_error(stimulus.input)
+        if problem is not None:
+            stats.record(_elapsed_ms(started), ErrorKind.INVALID_INPUT)
+            return Response.failure(
+                ErrorKind.INVALID_INPUT,
+                _elapsed_ms(started),
+                path=problem.path,
+                message=problem.message,
+            )
+        if not stats.try_admit():
+            return Response.failure(
+                ErrorKind.OVERLOADED,
+                _elapsed_ms(started),
+                op=stimulus.op,
+                queue_cap=stats.slo.queue_cap,
+                message="too many calls in flight for this function; retry later",
+            )
+        error: str | None = "Cancelled"
+        try:
+            response = await route.organ.stimulate(stimulus)
+            if not isinstance(response, Response):
+                raise TypeError(f"organ returned {type(response).__name__}, not Response")
+            error = None if response.ok else (response.error or "Failed")
+        except Exception:
+            error = ErrorKind.INTERNAL
+            log.exception(
+                "organ_failed",
+                organ=route.organ_name,
+                op=stimulus.op,
+                trace_id=stimulus.context.get("trace_id"),
+            )
+            details = (
+                {"trace_id": stimulus.context["trace_id"]} if "trace_id" in stimulus.context else {}
+            )
+            response = Response.failure(
+                ErrorKind.INTERNAL,
+                _elapsed_ms(started),
+                op=stimulus.op,
+                message="the organ failed; the sidecar's log has the details",
+                **details,
+            )
+        finally:
+            stats.release(_elapsed_ms(started), error)
+        return response
+
+    async def pathway(self, steps: Iterable[PathwayStep], initial_input: Any) -> Response:
+        """Run steps in order, each step's output the next one's input; stop at the first failure.
+
+        All organs are checked before the first step runs, so an unknown organ never leaves a
+        pathway half done. A failure's output gains `"step"`: the index of the failing step.
+        """
+        plan = list(steps)
+        for step in plan:
+            if step.organ not in self._organs:
+                raise UnknownOrgan(step.organ)
+        current = initial_input
+        latency_ms = 0.0
+        cost: float | None = None
+        for index, step in enumerate(plan):
+            response = await self.stimulate_organ(step.organ, step.function, current, step.context)
+            latency_ms += response.latency_ms
+            if response.cost is not None:
+                cost = (cost or 0.0) + response.cost
+            if not response.ok:
+                output = (
+                    response.output
+                    if isinstance(response.output, dict)
+                    else {"error": "Failed", "output": response.output}
+                )
+                return Response(False, {**output, "step": index}, latency_ms, cost)
+            current = response.output
+        return Response(True, current, latency_ms, cost)
+
+    # -- SLOs and lifecycle -----------------------------------------------------------------
+
+    def function_stats(self) -> list[FunctionStatsSnapshot]:
+        """Each function's latency quantiles and error rate, next to its SLO."""
+        return [route.stats.snapshot() for route in self._routes.values()]
+
+    async def start(self) -> None:
+        """Start every organ in registration order; on a failure, stop those already started."""
+        started: list[Organ] = []
+        try:
+            for organ in self._organs.values():
+                await organ.start()
+                started.append(organ)
+        except BaseException:
+            await _stop_all(reversed(started))
+            raise
+
+    async def stop(self) -> None:
+        """Stop every organ, last registered first; a failing stop is logged, not raised."""
+        await _stop_all(reversed(list(self._organs.values())))
+
+
+async def _stop_all(organs: Iterable[Organ]) -> None:
+    for organ in organs:
+        try:
+            await organ.stop()
+        except Exception:
+            log.exception("organ_stop_failed", organ=organ.describe().name)
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0

@@ -1,0 +1,80 @@
+"""Input validation against a function's JSON Schema, compiled once per function.
+
+Error messages are built from the schema, never from the offending value: the value may be a
+secret or megabytes long, and these messages reach logs and callers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema.exceptions import ValidationError, best_match
+from jsonschema.validators import validator_for
+
+_MAX_DETAIL = 120
+
+
+@dataclass(frozen=True, slots=True)
+class InputError:
+    """Where the input failed (a JSON path such as `$.items[2].id`) and why."""
+
+    path: str
+    message: str
+
+
+class InputValidator:
+    """A compiled validator for one schema."""
+
+    __slots__ = ("_validator",)
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        cls = validator_for(schema)
+        cls.check_schema(schema)
+        self._validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+    def first_error(self, instance: Any) -> InputError | None:
+        """The most relevant error, or None when the instance is valid."""
+        error = best_match(self._validator.iter_errors(instance))
+        if error is None:
+            return None
+        return InputError(path=error.json_path, message=_describe(error))
+
+
+def _schema_value(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
+
+
+def _describe(error: ValidationError) -> str:
+    """A message naming the rule that failed, using only the schema's side of it."""
+    rule = str(error.validator)
+    expected = error.validator_value
+    if rule in {"required", "additionalProperties", "dependentRequired", "propertyNames"}:
+        # These name keys of the input, not values; keep them but bound their length.
+        message = error.message
+        return message if len(message) <= 2 * _MAX_DETAIL else message[: 2 * _MAX_DETAIL] + "..."
+    templates = {
+        "type": "must be of type {}",
+        "enum": "must be one of {}",
+        "const": "must equal {}",
+        "pattern": "must match the pattern {}",
+        "format": "must be a valid {}",
+        "minLength": "must be at least {} characters long",
+        "maxLength": "must be at most {} characters long",
+        "minItems": "must have at least {} items",
+        "maxItems": "must have at most {} items",
+        "minProperties": "must have at least {} properties",
+        "maxProperties": "must have at most {} properties",
+        "minimum": "must be >= {}",
+        "maximum": "must be <= {}",
+        "exclusiveMinimum": "must be > {}",
+        "exclusiveMaximum": "must be < {}",
+        "multipleOf": "must be a multiple of {}",
+        "uniqueItems": "must not contain duplicate items",
+    }
+    template = templates.get(rule)
+    if template is not None:
+        return template.format(_schema_value(expected))
+    return f"does not satisfy {rule!r}"

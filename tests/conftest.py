@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Process, start_sidecar
+
+TEST_ORGANS = [
+    "system",
+    "tests.fixtures.organs:Acme",
+    "tests.fixtures.organs:Composite",
+    "tests.fixtures.organs:Manual",
+]
+
+
+@pytest.fixture
+def sidecar(tmp_path: Path) -> Iterator[tuple[Process, str]]:
+    """A real `soma sidecar` serving the test organs; stopped (and checked) afterwards."""
+    proc, target = start_sidecar(tmp_path, TEST_ORGANS, '[organ.acme]\ngreeting = "Howdy"\n')
+    yield proc, target
+    code = proc.stop()
+    assert code == 0, proc.output()
