@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/soma sidecar --config soma.toml
+	$(BIN)/soma supervise --config soma.toml
 
 test: lint typecheck pytest
 

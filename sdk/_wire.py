@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import grpc
 
 from sdk._proto.soma.v1 import sidecar_pb2 as pb
-from sdk.errors import TRANSPORT_ERRORS, SomaError, TransportError
+from sdk.errors import TRANSPORT_ERRORS, DeadlineExceeded, SomaError, TransportError
 from sdk.types import FunctionMatch, Response
 
 # Matches the sidecar's default receive limit; larger requests are refused before sending.
@@ -18,6 +19,11 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # A local sidecar restarts in well under a second: reconnect promptly rather than after
+    # gRPC's default backoff, which grows to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
@@ -40,6 +46,48 @@ def cards_from(reply: pb.DescribeResponse) -> list[dict[str, Any]]:
 
 def matches_from(reply: pb.SearchResponse) -> list[FunctionMatch]:
     return [FunctionMatch(m.organ, json.loads(m.function_card_json)) for m in reply.matches]
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left before `deadline` (None: no deadline); `DeadlineExceeded` when none are."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("DEADLINE_EXCEEDED", "the call's deadline passed")
+    return left
+
+
+def bearer(session: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {session}"),)
+
+
+def idempotency(cards: list[dict[str, Any]]) -> dict[str, bool]:
+    """op → whether its card says repeating it is safe (sub-organ functions included)."""
+    functions = [
+        f
+        for c in cards
+        for f in [
+            *c.get("functions", []),
+            *(g for s in c.get("sub_organs", []) for g in s.get("functions", [])),
+        ]
+    ]
+    return {str(f["name"]): bool(f.get("idempotent")) for f in functions}
+
+
+def should_reauthenticate(exc: grpc.RpcError, session: str | None, stale: str | None) -> bool:
+    """UNAUTHENTICATED on a session not yet replaced once in this call: a restarted sidecar
+    forgot it. The call was refused before any organ ran, so a new session and a resend are
+    safe; a second refusal in the same call is final."""
+    return exc.code() == grpc.StatusCode.UNAUTHENTICATED and session is not None and stale is None
+
+
+def is_unavailable(exc: grpc.RpcError) -> bool:
+    return exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def transport_error(exc: grpc.RpcError) -> SomaError:

@@ -1,44 +1,84 @@
-"""The sidecar process: load organs, serve them, shut down cleanly on SIGTERM/SIGINT."""
+"""The sidecar process: load organs, serve them on channels, shut down cleanly on a signal.
+
+Run on its own (`soma sidecar`), it serves one channel, "local", on `[sidecar].socket`, with a
+fresh token written beside the socket (mode 0600) for whoever may read it. Run by the
+supervisor, it serves an admin socket instead, through which the supervisor opens one channel
+per runtime.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
+from pathlib import Path
 
 import structlog
 
+from sdk._auth import auth_socket_for, token_file_for
+from sidecar.access import AllowList, token_digest
+from sidecar.admin import Admin, supervisor_only
+from sidecar.channels import ChannelRegistry
 from sidecar.loading import load_organs
-from sidecar.server import SocketServer
-from sidecar.service import SidecarService
-from soma_runtime import Executive
+from soma_runtime import Executive, jsonline
 from soma_runtime.config import ConfigError, SomaConfig
+from soma_runtime.layout import RuntimeLayout
+from soma_runtime.unix import private_umask, remove_socket
 
 log = structlog.get_logger(component="sidecar")
 
+LOCAL_CHANNEL = "local"
 
-async def serve(config: SomaConfig) -> None:
+
+async def serve(config: SomaConfig, *, supervised: bool) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight calls and clean up."""
     settings = config.sidecar
-    if settings.socket is None:
+    if not supervised and settings.socket is None:
         raise ConfigError("sidecar.socket: required to run the sidecar on its own")
     executive = Executive(load_organs(config))
-    servicer = SidecarService(
-        executive,
-        max_input_depth=settings.max_input_depth,
-        max_message_bytes=settings.max_message_bytes,
-    )
-    server = SocketServer(config.resolve(settings.socket), servicer, settings.max_message_bytes)
+    registry = ChannelRegistry(executive, settings)
+    layout = RuntimeLayout(config.runtime_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await executive.start()
+    admin_server: asyncio.Server | None = None
     try:
-        await server.start()
-        log.info("serving", socket=str(server.path), organs=executive.organ_names())
+        if supervised:
+            layout.prepare()
+            admin = Admin(registry, executive, layout.channel_dir)
+            admin_server = await jsonline.serve(layout.admin_socket, admin.handle, supervisor_only)
+            log.info("serving", admin=str(layout.admin_socket), organs=executive.organ_names())
+        else:
+            await _open_local_channel(config, registry)
         await stop.wait()
         log.info("stopping", grace_s=settings.grace_period)
-        await server.stop(settings.grace_period)
+        if admin_server is not None:
+            admin_server.close()
+            remove_socket(layout.admin_socket)
+        await registry.close_all(settings.grace_period)
+        if not supervised:
+            remove_token_file(config)
     finally:
         await executive.stop()
     log.info("stopped")
+
+
+async def _open_local_channel(config: SomaConfig, registry: ChannelRegistry) -> None:
+    assert config.sidecar.socket is not None
+    grpc_path = config.resolve(config.sidecar.socket)
+    auth_path = Path(auth_socket_for(str(grpc_path)))
+    token_path = Path(token_file_for(str(grpc_path)))
+    channel = await registry.open(LOCAL_CHANNEL, grpc_path, auth_path, AllowList(["*"]))
+    token = secrets.token_hex(32)
+    with private_umask():
+        token_path.write_text(token + "\n")
+    token_path.chmod(0o600)
+    channel.reset(token_digest(token), pid=None, pending=False)
+    log.info("serving", socket=str(grpc_path), token_file=str(token_path))
+
+
+def remove_token_file(config: SomaConfig) -> None:
+    assert config.sidecar.socket is not None
+    Path(token_file_for(str(config.resolve(config.sidecar.socket)))).unlink(missing_ok=True)

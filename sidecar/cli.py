@@ -30,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(config.logging.level, config.logging.format)
     try:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, supervised=args.supervised))
     except (ConfigError, SocketPathError) as exc:
         print(f"soma sidecar: {exc}", file=sys.stderr)
         return 2
@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="configuration file (default $SOMA_CONFIG, then ./soma.toml)",
+    )
+    serve_cmd.add_argument(
+        "--supervised",
+        action="store_true",
+        help="serve the admin socket for `soma supervise` instead of [sidecar].socket",
     )
     serve_cmd.set_defaults(handler=_serve)
 

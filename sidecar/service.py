@@ -1,4 +1,9 @@
-"""The `soma.v1.Sidecar` gRPC service: Stimulate, Describe and Search over the executive."""
+"""The `soma.v1.Sidecar` gRPC service of one channel: Stimulate, Describe and Search.
+
+Every call must carry a session of this channel (`authorization: Bearer <session>`), and may
+only reach functions the channel's allow-list names. Organ failures are answered as responses;
+gRPC statuses are for transport and access problems.
+"""
 
 from __future__ import annotations
 
@@ -11,39 +16,67 @@ import structlog
 
 from sdk._proto.soma.v1 import sidecar_pb2 as pb
 from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
+from sidecar.access import AllowList, Channel
 from sidecar.wire import WireError, decode_input, encode_output
-from soma_runtime import ErrorKind, Executive, Response, Stimulus
+from soma_runtime import ErrorKind, Executive, OrganCard, Response, Stimulus
 from soma_runtime.card_files import card_to_json, function_to_json
 
 log = structlog.get_logger(component="sidecar")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+BEARER = "bearer "
 
 
 class SidecarService(pb_grpc.SidecarServicer):
-    """Serves one channel. Organ failures are responses; gRPC statuses are for the transport."""
+    """Serves one channel."""
 
     def __init__(
-        self, executive: Executive, *, max_input_depth: int, max_message_bytes: int
+        self,
+        executive: Executive,
+        channel: Channel,
+        *,
+        max_input_depth: int,
+        max_message_bytes: int,
     ) -> None:
         self._executive = executive
+        self._channel = channel
         self._max_depth = max_input_depth
         # Room for the reply's other fields inside the gRPC message limit.
         self._max_output = max_message_bytes - 1024
-        self._cards_json = [card_to_json(card).encode() for card in executive.organ_cards()]
+        self._cards: tuple[AllowList, list[bytes]] | None = None
 
-    async def Stimulate(  # gRPC method name
+    async def _authenticate(self, context: Context, op: str = "") -> None:
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                if value[: len(BEARER)].lower() == BEARER and self._channel.session_matches(
+                    value[len(BEARER) :]
+                ):
+                    return
+                break
+        log.warning("unauthenticated", runtime=self._channel.name, op=op or None)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session for this channel")
+
+    async def Stimulate(
         self, request: pb.StimulateRequest, context: Context
     ) -> pb.StimulateResponse:
         started = time.perf_counter()
         op = request.op
+        await self._authenticate(context, op)
+        channel = self._channel
         call_context = dict(request.context)
         trace_id = call_context.get("trace_id") or os.urandom(16).hex()
         call_context["trace_id"] = trace_id
+        # The organ learns the caller from the channel, never from what the caller wrote.
+        call_context["runtime"] = channel.name
+        if not channel.allow.allows(op):
+            log.warning("denied", runtime=channel.name, op=op, trace_id=trace_id)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"runtime {channel.name!r} may not call {op!r}"
+            )
         try:
             value = decode_input(request.input_json, self._max_depth)
         except WireError as exc:
-            log.info("call", op=op, outcome="BadRequest", trace_id=trace_id)
+            log.info("call", runtime=channel.name, op=op, outcome="BadRequest", trace_id=trace_id)
             await context.abort(exc.code, exc.message)
         if isinstance(value, dict):
             response = await self._executive.stimulate(Stimulus(op, value, call_context))
@@ -54,6 +87,7 @@ class SidecarService(pb_grpc.SidecarServicer):
         response, output = self._encoded(response, op, trace_id)
         log.info(
             "call",
+            runtime=channel.name,
             op=op,
             outcome="ok" if response.ok else (response.error or "Failed"),
             latency_ms=round((time.perf_counter() - started) * 1000.0, 3),
@@ -82,16 +116,35 @@ class SidecarService(pb_grpc.SidecarServicer):
         return failed, encode_output(failed.output)
 
     async def Describe(self, request: pb.DescribeRequest, context: Context) -> pb.DescribeResponse:
-        return pb.DescribeResponse(organ_cards_json=self._cards_json)
+        await self._authenticate(context)
+        allow = self._channel.allow
+        if self._cards is None or self._cards[0] is not allow:  # built once per allow-list
+            visible = (visible_card(card, allow) for card in self._executive.organ_cards())
+            self._cards = (allow, [card_to_json(c).encode() for c in visible if c is not None])
+        return pb.DescribeResponse(organ_cards_json=self._cards[1])
 
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
+        await self._authenticate(context)
         matches = self._executive.search_functions(request.query, request.tag or None)
+        allow = self._channel.allow
         return pb.SearchResponse(
             matches=[
-                pb.FunctionMatch(
-                    organ=organ,
-                    function_card_json=function_to_json(card).encode(),
-                )
+                pb.FunctionMatch(organ=organ, function_card_json=function_to_json(card).encode())
                 for organ, card in matches
+                if allow.allows(card.name)
             ]
         )
+
+
+def visible_card(card: OrganCard, allow: AllowList) -> OrganCard | None:
+    """`card` cut down to the functions `allow` lets through; None when it lets none."""
+    allows = allow.allows
+    subs = [
+        sub.model_copy(update={"functions": [f for f in sub.functions if allows(f.name)]})
+        for sub in card.sub_organs
+    ]
+    subs = [sub for sub in subs if sub.functions]
+    functions = [f for f in card.functions if allows(f.name)]
+    if not functions and not subs:
+        return None
+    return card.model_copy(update={"functions": functions, "sub_organs": subs})

@@ -8,6 +8,7 @@ help, and `soma sidecar` keeps its pid, so signals reach the server directly.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -15,7 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from soma_runtime.card_files import CardFileError, functions_of, load_cards
+from soma_runtime.config import ConfigError, SomaConfig, load_config
+from soma_runtime.layout import RuntimeLayout
+from soma_runtime.logs import configure_logging
 from soma_runtime.search import search_functions
+from soma_runtime.supervisor.arbiter import Supervisor
+from soma_runtime.supervisor.control import fetch_status, format_status
+from soma_runtime.systemd_unit import unit_file
+from soma_runtime.unix import SocketPathError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -50,6 +58,49 @@ def _cards_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> SomaConfig:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        raise SystemExit(f"soma {args.command}: {exc}") from None
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    config = _load(args)
+    configure_logging(config.logging.level, config.logging.format)
+    try:
+        return asyncio.run(Supervisor(config).run())
+    except SocketPathError as exc:
+        print(f"soma supervise: {exc}", file=sys.stderr)
+        return 2
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    path = RuntimeLayout(config.runtime_dir).supervisor_socket
+    try:
+        status = fetch_status(path)
+    except OSError as exc:
+        print(f"soma status: no supervisor answers on {path} ({exc})", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _systemd_unit(args: argparse.Namespace) -> int:
+    print(unit_file(_load(args), user=args.user), end="")
+    return 0
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="configuration file (default $SOMA_CONFIG, then ./soma.toml)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soma", description="Soma Runtime")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -60,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     for prefix, (_, text) in DELEGATED.items():
         parent = groups[prefix[0]] if len(prefix) > 1 else commands
         parent.add_parser(prefix[-1], help=text, add_help=False)
+
+    supervise = commands.add_parser("supervise", help="run the sidecar and the runtimes")
+    _add_config(supervise)
+    supervise.set_defaults(handler=_supervise)
+
+    status = commands.add_parser("status", help="show the supervised processes")
+    _add_config(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(handler=_status)
+
+    unit = commands.add_parser("systemd-unit", help="print a systemd unit for `soma supervise`")
+    _add_config(unit)
+    unit.add_argument("--user", action="store_true", help="a unit for the user's manager")
+    unit.set_defaults(handler=_systemd_unit)
 
     search = groups["cards"].add_parser(
         "search", help="search the exported cards (imports no organ)"

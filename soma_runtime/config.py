@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_CONFIG_NAME = "soma.toml"
 MiB = 1024 * 1024
@@ -38,12 +38,41 @@ class LoggingSection(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
-class SidecarSection(_Section):
+RUNTIME_NAME = r"^[a-z0-9][a-z0-9-]{0,31}$"
+
+
+class RestartPolicy(_Section):
+    """How a supervised process is restarted: exponential backoff with jitter, within a budget.
+
+    The n-th consecutive restart waits between half and all of
+    `min(backoff_max, backoff_initial * 2**(n-1))` seconds. After `max_restarts` consecutive
+    restarts the process is left down (FATAL). A run of at least `stable_after` seconds
+    resets the count. Stopping sends SIGTERM, then SIGKILL after `stop_timeout` seconds.
+    """
+
+    restart: Literal["always", "on-failure", "never"] = "on-failure"
+    backoff_initial: float = Field(default=0.5, gt=0.0, le=60.0)
+    backoff_max: float = Field(default=30.0, gt=0.0, le=3600.0)
+    max_restarts: int = Field(default=5, ge=0, le=1000)
+    stable_after: float = Field(default=10.0, ge=0.0)
+    stop_timeout: float = Field(default=5.0, ge=0.0, le=300.0)
+
+
+class SidecarSection(RestartPolicy):
     """The sidecar process.
 
-    `socket` is where `soma sidecar` serves when run on its own; `organs` lists built-in
-    short names or `module:Class` import paths.
+    `socket` is where `soma sidecar` serves when run on its own (under `soma supervise` every
+    runtime gets its own socket instead); `organs` lists built-in short names or
+    `module:Class` import paths. The restart settings apply when the supervisor runs it.
     """
+
+    restart: Literal["always", "on-failure", "never"] = "always"
+    backoff_initial: float = Field(default=0.2, gt=0.0, le=60.0)
+    backoff_max: float = Field(default=5.0, gt=0.0, le=3600.0)
+    max_restarts: int = Field(default=10, ge=0, le=1000)
+    stable_after: float = Field(default=30.0, ge=0.0)
+    # Seconds the sidecar gets to start serving before the start counts as failed.
+    start_timeout: float = Field(default=30.0, gt=0.0, le=600.0)
 
     socket: Path | None = None
     organs: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["system"])
@@ -55,6 +84,18 @@ class SidecarSection(_Section):
     grace_period: float = Field(default=5.0, ge=0.0, le=300.0)
 
 
+class RuntimeSection(RestartPolicy):
+    """One agent runtime: an argv command the supervisor runs with its own sidecar channel."""
+
+    name: str = Field(pattern=RUNTIME_NAME)
+    command: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    # Functions this runtime may call, as globs over op names ("system.*", "vault.retrieve").
+    allow: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    # Working directory; default: the directory of the configuration file.
+    cwd: Path | None = None
+
+
 class SomaConfig(_Section):
     """The whole file. `organ` holds each organ's own settings table, keyed by organ name."""
 
@@ -62,6 +103,16 @@ class SomaConfig(_Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     sidecar: SidecarSection = Field(default_factory=SidecarSection)
     organ: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    runtime: list[RuntimeSection] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_runtime_names(self) -> SomaConfig:
+        seen: set[str] = set()
+        for index, runtime in enumerate(self.runtime):
+            if runtime.name in seen:
+                raise ValueError(f"runtime[{index}].name: {runtime.name!r} is used twice")
+            seen.add(runtime.name)
+        return self
 
     # Set by `load_config`: the file this came from, for resolving relative paths.
     source: Path | None = Field(default=None, exclude=True)
@@ -122,6 +173,7 @@ def format_errors(exc: ValidationError) -> str:
     for error in exc.errors(include_url=False, include_input=False):
         key = _dotted(error["loc"])
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        message = message.removeprefix("Value error, ")
         lines.append(f"{key}: {message}" if key else message)
     return "; ".join(lines)
 

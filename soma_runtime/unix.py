@@ -11,8 +11,11 @@ import contextlib
 import os
 import socket
 import stat
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -84,8 +87,40 @@ def remove_socket(path: Path) -> None:
             path.unlink()
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """The (pid, uid, gid) of the process at the other end of a connected Unix socket."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    pid, uid, gid = (int.from_bytes(raw[i : i + 4], "little", signed=True) for i in (0, 4, 8))
-    return pid, uid, gid
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The process at the other end of a Unix socket, as the kernel saw it at connect time."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: Any) -> Peer:
+    """SO_PEERCRED of a connected Unix socket (a socket or asyncio's TransportSocket)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid)
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of `pid` from /proc, None when the process is gone."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
+    fields = stat_line[stat_line.rindex(")") + 2 :].split()
+    return int(fields[1])
+
+
+def is_descendant(pid: int, ancestor: int) -> bool:
+    """Whether `pid` is `ancestor` or one of its descendants (walks parents in /proc)."""
+    seen = 0
+    current: int | None = pid
+    while current is not None and current > 1 and seen < 4096:
+        if current == ancestor:
+            return True
+        current = parent_pid(current)
+        seen += 1
+    return current == ancestor

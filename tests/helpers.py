@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +16,8 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sdk import _auth
 
 REPO = Path(__file__).resolve().parent.parent
 SOMA = str(Path(sys.executable).parent / "soma")
@@ -79,7 +84,8 @@ class Process:
         return self.proc.pid
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
@@ -104,6 +110,17 @@ class Process:
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()
+
+
+def session_metadata(target: str, token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """`authorization` metadata for raw gRPC calls, from a handshake with `token` (default:
+    the token file a standalone sidecar writes beside its socket)."""
+    path = _auth.socket_path(target)
+    assert path is not None
+    if token is None:
+        token = _auth.read_token_file(_auth.token_file_for(path))
+    session = _auth.handshake(_auth.auth_socket_for(path), token, time.monotonic() + 10)
+    return (("authorization", f"Bearer {session}"),)
 
 
 def run_soma(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -155,3 +172,138 @@ organs = [{listed}]
     if proc.proc.poll() is not None:
         raise AssertionError(f"sidecar exited with {proc.proc.returncode}:\n{proc.output()}")
     return proc, target
+
+
+class NotifySocket:
+    """A NOTIFY_SOCKET the test owns: a thread reads what `soma supervise` tells "systemd",
+    as promptly as systemd would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self.messages: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                self.messages.append(self._sock.recv(4096).decode())
+            except OSError:
+                return
+
+    def drain(self) -> list[str]:
+        return list(self.messages)
+
+    def has(self, line: str) -> bool:
+        return any(line in message.splitlines() for message in self.drain())
+
+    def close(self) -> None:
+        self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._reader.join(5)
+
+
+class SupervisorRun:
+    """`soma supervise` on a config in `tmp`, with a notify socket; stopped at the end."""
+
+    def __init__(self, tmp: Path, body: str, watchdog_usec: int | None = None) -> None:
+        self.tmp = tmp
+        self.config = write_config(tmp / "soma.toml", CONFIG_HEAD + body)
+        self.notify = NotifySocket(tmp / "notify.sock")
+        extra = {"NOTIFY_SOCKET": str(self.notify.path)}
+        if watchdog_usec is not None:
+            extra["WATCHDOG_USEC"] = str(watchdog_usec)
+        env = child_env(**extra)
+        self.proc = Process(
+            [SOMA, "supervise", "--config", str(self.config)], tmp / "supervisor.log", env=env
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        return self.tmp / "run"
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        wait_until(
+            lambda: self.notify.has("READY=1") or self.proc.proc.poll() is not None,
+            timeout,
+            "READY=1",
+        )
+        assert self.proc.proc.poll() is None, self.proc.output()
+
+    def status(self) -> dict[str, Any]:
+        result = run_soma("status", "--json", "--config", str(self.config))
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def child(self, name: str) -> dict[str, Any]:
+        return next(c for c in self.status()["children"] if c["name"] == name)
+
+    def events(self, event: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.proc.output().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and (event is None or record.get("event") == event):
+                out.append(record)
+        return out
+
+    def stop(self) -> int:
+        code = self.proc.stop(timeout=30)
+        self.notify.close()
+        return code
+
+
+CONFIG_HEAD = """
+[soma]
+state_dir = "state"
+runtime_dir = "run"
+
+[logging]
+format = "json"
+
+[sidecar]
+organs = ["system", "tests.fixtures.organs:Acme"]
+backoff_initial = 0.05
+backoff_max = 0.5
+"""
+
+
+def read_report(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def runtime_token(pid: int) -> str:
+    """What a same-uid attacker can do: read a runtime's token through /proc/<pid>/fd."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    fd = next(e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"SOMA_TOKEN_FD="))
+    return Path(f"/proc/{pid}/fd/{fd}").read_text()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat_line[stat_line.rindex(")") + 2] != "Z"
+
+
+def zombie_children(parent: int) -> list[int]:
+    zombies = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat_line[stat_line.rindex(")") + 2 :].split()
+        if fields[0] == "Z" and int(fields[1]) == parent:
+            zombies.append(int(entry.name))
+    return zombies

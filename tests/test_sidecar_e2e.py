@@ -17,14 +17,35 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import sdk
 from sdk._proto.soma.v1 import sidecar_pb2 as pb
 from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
-from tests.helpers import SOMA, Process, health_status, start_sidecar, wait_until
+from tests.helpers import (
+    SOMA,
+    Process,
+    health_status,
+    session_metadata,
+    start_sidecar,
+    wait_until,
+)
 
 Sidecar = tuple[Process, str]
 
 
-def raw_stub(target: str) -> tuple[grpc.Channel, pb_grpc.SidecarStub]:
-    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
-    return channel, pb_grpc.SidecarStub(channel)
+class RawStub:
+    """The Sidecar service without the SDK, authenticated like a real client."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.insecure_channel(
+            target, options=[("grpc.max_send_message_length", 64 << 20)]
+        )
+        self._stub = pb_grpc.SidecarStub(self.channel)
+        self._metadata = session_metadata(target)
+
+    def Stimulate(self, request: pb.StimulateRequest, timeout: float = 10) -> pb.StimulateResponse:
+        return self._stub.Stimulate(request, timeout=timeout, metadata=self._metadata)
+
+
+def raw_stub(target: str) -> tuple[grpc.Channel, RawStub]:
+    stub = RawStub(target)
+    return stub.channel, stub
 
 
 def test_blocking_client_calls_organs(sidecar: Sidecar) -> None:
@@ -36,6 +57,26 @@ def test_blocking_client_calls_organs(sidecar: Sidecar) -> None:
         assert client.call("system.ping", {})["pong"] is True
         response = client.stimulate("system.echo", {"x": 1}, context={"trace_id": "t-1"})
         assert response.ok and response.latency_ms > 0 and response.error is None
+
+
+def test_there_is_no_unauthenticated_way_in(sidecar: Sidecar, tmp_path: Path) -> None:
+    _, target = sidecar
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.SidecarStub(channel)
+        for call, request in [
+            (stub.Stimulate, pb.StimulateRequest(op="system.echo")),
+            (stub.Describe, pb.DescribeRequest()),
+            (stub.Search, pb.SearchRequest()),
+        ]:
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with sdk.Client(target, token="0" * 64) as client, pytest.raises(sdk.Unauthenticated):
+        client.call("system.echo", {})
+    token_file = tmp_path / "run" / "sidecar.token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    with sdk.Client(target, token=token_file.read_text().strip()) as client:
+        assert client.call("system.echo", {"explicit": True}) == {"explicit": True}
 
 
 def test_custom_organ_loaded_from_an_import_path_with_its_settings(sidecar: Sidecar) -> None:
@@ -230,7 +271,7 @@ def test_sigterm_lets_in_flight_calls_finish_then_removes_the_socket(tmp_path: P
         code = proc.wait()
     assert results == [{"slept_ms": 800}] * 2
     assert code == 0, proc.output()
-    assert not (tmp_path / "run" / "sidecar.sock").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # sockets and token gone
     assert '"event": "stopped"' in proc.output()
 
 

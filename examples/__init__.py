@@ -1,0 +1,1 @@
+"""Example agent runtimes that `make run` supervises."""

@@ -1,0 +1,152 @@
+"""Getting a session for a channel: the runtime's token, exchanged on the handshake socket.
+
+The token never travels in gRPC metadata: it is sent once, on the plain Unix socket beside
+the channel, where the sidecar can read the kernel's peer credentials; the sidecar answers
+with a session that calls carry as `authorization: Bearer <session>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from sdk.errors import DeadlineExceeded, SomaError, Unauthenticated, Unavailable
+
+TOKEN_FD_ENV = "SOMA_TOKEN_FD"  # noqa: S105 - a variable name, not a secret
+TOKEN_FILE_ENV = "SOMA_TOKEN_FILE"  # noqa: S105
+AUTH_SOCKET_ENV = "SOMA_AUTH_SOCKET"
+_RETRY_PAUSE = 0.02  # between handshake attempts while the sidecar (re)starts
+_MAX_REPLY = 4096
+
+
+def socket_path(target: str) -> str | None:
+    """The filesystem path of a `unix:` target, None for other targets."""
+    if target.startswith("unix://"):
+        return target[len("unix://") :]
+    if target.startswith("unix:"):
+        return target[len("unix:") :]
+    return None
+
+
+def companion(path: str, suffix: str) -> str:
+    """`/run/rt/claims.sock` → `/run/rt/claims<suffix>` (the `.sock` is replaced if present)."""
+    return (path[: -len(".sock")] if path.endswith(".sock") else path) + suffix
+
+
+def auth_socket_for(path: str) -> str:
+    return companion(path, ".auth.sock")
+
+
+def token_file_for(path: str) -> str:
+    return companion(path, ".token")
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise SomaError(f"cannot read the token file {path}: {exc.strerror}") from None
+
+
+_fd_tokens: dict[int, str] = {}
+
+
+def token_from_env() -> str | None:
+    """The runtime's token from `$SOMA_TOKEN_FD` (preferred) or `$SOMA_TOKEN_FILE`.
+
+    The descriptor is read once per process and made close-on-exec, so programs the runtime
+    starts do not inherit it.
+    """
+    raw_fd = os.environ.get(TOKEN_FD_ENV)
+    if raw_fd:
+        fd = int(raw_fd)
+        if fd not in _fd_tokens:
+            try:
+                _fd_tokens[fd] = os.pread(fd, _MAX_REPLY, 0).decode().strip()
+                os.set_inheritable(fd, False)
+            except OSError as exc:
+                raise SomaError(f"cannot read the token from fd {fd}: {exc.strerror}") from None
+        return _fd_tokens[fd]
+    path = os.environ.get(TOKEN_FILE_ENV)
+    return read_token_file(path) if path else None
+
+
+def _answer(raw: bytes) -> str | None:
+    """The session from a handshake answer; None means "retry shortly"."""
+    if not raw:
+        return None  # the sidecar closed the connection (it is stopping): try again
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise Unauthenticated("UNAUTHENTICATED", "the handshake answer is not JSON") from None
+    if answer.get("ok") and isinstance(answer.get("session"), str):
+        return str(answer["session"])
+    if answer.get("error") == "retry":
+        return None
+    raise Unauthenticated("UNAUTHENTICATED", str(answer.get("message") or answer.get("error")))
+
+
+def _request(token: str) -> bytes:
+    return json.dumps({"token": token}).encode() + b"\n"
+
+
+# Failures that mean "the sidecar is not (yet) there": worth another attempt.
+_TRANSIENT = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, TimeoutError)
+_PENDING = "the runtime is being registered"
+
+
+def _pause(auth_path: str, deadline: float | None, reason: str) -> float:
+    """How long to wait before the next attempt; raises when the deadline leaves no room."""
+    now = time.monotonic()
+    if deadline is not None and now + _RETRY_PAUSE >= deadline:
+        message = f"no session from {auth_path}: {reason}"
+        if now >= deadline:
+            raise DeadlineExceeded("DEADLINE_EXCEEDED", message)
+        raise Unavailable("UNAVAILABLE", message)
+    return _RETRY_PAUSE
+
+
+def handshake(auth_path: str, token: str, deadline: float | None) -> str:
+    """A session for the channel (blocking); retries while the sidecar is not there yet."""
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(_remaining(deadline, 5.0))
+                sock.connect(auth_path)
+                sock.sendall(_request(token))
+                with sock.makefile("rb") as stream:
+                    session, reason = _answer(stream.readline(_MAX_REPLY)), _PENDING
+        except _TRANSIENT as exc:
+            session, reason = None, type(exc).__name__
+        if session is not None:
+            return session
+        time.sleep(_pause(auth_path, deadline, reason))
+
+
+async def handshake_async(auth_path: str, token: str, deadline: float | None) -> str:
+    """A session for the channel (asyncio); retries while the sidecar is not there yet."""
+    while True:
+        try:
+            async with asyncio.timeout(_remaining(deadline, 5.0)):
+                reader, writer = await asyncio.open_unix_connection(auth_path)
+                try:
+                    writer.write(_request(token))
+                    await writer.drain()
+                    session, reason = _answer(await reader.readline()), _PENDING
+                finally:
+                    writer.close()
+        except _TRANSIENT as exc:
+            session, reason = None, type(exc).__name__
+        if session is not None:
+            return session
+        await asyncio.sleep(_pause(auth_path, deadline, reason))
+
+
+def _remaining(deadline: float | None, cap: float) -> float:
+    if deadline is None:
+        return cap
+    return max(0.001, min(cap, deadline - time.monotonic()))

@@ -1,0 +1,78 @@
+"""Who may use a channel and what they may call.
+
+A channel belongs to one runtime. The sidecar keeps only the SHA-256 digest of the runtime's
+token and compares digests in constant time. A token is exchanged once, on the channel's
+handshake socket, for a session that gRPC calls carry; the handshake is where the kernel's
+peer credentials are checked (gRPC cannot see them).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+# Sessions kept per channel (one per client object in the runtime); the oldest is dropped.
+MAX_SESSIONS = 64
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class AllowList:
+    """Globs over op names (`system.*`, `vault.retrieve`); an empty list allows nothing."""
+
+    __slots__ = ("_pattern", "patterns")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.patterns = tuple(patterns)
+        joined = "|".join(f"(?:{fnmatch.translate(p)})" for p in self.patterns)
+        self._pattern = re.compile(joined) if joined else None
+
+    def allows(self, op: str) -> bool:
+        return self._pattern is not None and self._pattern.match(op) is not None
+
+
+@dataclass(slots=True, eq=False)
+class Channel:
+    """One runtime's identity, as the sidecar knows it."""
+
+    name: str
+    allow: AllowList
+    credentials: frozenset[str] = frozenset()
+    token: bytes | None = None  # digest of the runtime's current token
+    # The runtime's pid: handshakes must come from it or a descendant. None: not checked.
+    pid: int | None = None
+    # Registered before the process exists: handshakes are answered "retry" meanwhile.
+    pending: bool = False
+    sessions: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+
+    def reset(self, token: bytes | None, pid: int | None, pending: bool) -> None:
+        """A new identity: the old token and every session made with it stop working."""
+        self.token = token
+        self.pid = pid
+        self.pending = pending
+        self.sessions.clear()
+
+    def token_matches(self, token: str) -> bool:
+        return self.token is not None and hmac.compare_digest(token_digest(token), self.token)
+
+    def open_session(self) -> str:
+        session = secrets.token_hex(32)
+        self.sessions[token_digest(session)] = None
+        while len(self.sessions) > MAX_SESSIONS:
+            self.sessions.popitem(last=False)
+        return session
+
+    def session_matches(self, session: str) -> bool:
+        presented = token_digest(session)
+        found = False
+        for known in self.sessions:
+            found |= hmac.compare_digest(presented, known)
+        return found

@@ -1,0 +1,120 @@
+"""A tiny request/answer protocol over Unix sockets: one JSON object per line each way.
+
+Used for the control channels that must not depend on gRPC (the supervisor's status socket,
+the sidecar's admin socket, the per-runtime handshake). Every connection is checked against
+the kernel's peer credentials before a byte of it is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from soma_runtime.unix import Peer, peer_credentials, prepare_socket_path, private_umask
+
+MAX_LINE = 64 * 1024
+
+log = structlog.get_logger(component="jsonline")
+
+Message = dict[str, Any]
+Handler = Callable[[Message, Peer], Awaitable[Message]]
+# Returns None to accept the peer, or the reason it is refused.
+Gate = Callable[[Peer], str | None]
+
+
+class ProtocolError(OSError):
+    """The other end did not answer with one JSON object on one line."""
+
+
+def encode(message: Message) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> Message:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        raise ProtocolError("not a JSON line") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("not a JSON object")
+    return value
+
+
+async def serve(path: Path, handler: Handler, gate: Gate) -> asyncio.Server:
+    """Listen on `path` (0600, private directory) and answer each request line with `handler`."""
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            peer = peer_credentials(writer.get_extra_info("socket"))
+            refusal = gate(peer)
+            if refusal is not None:
+                log.warning(
+                    "peer_refused", socket=str(path), pid=peer.pid, uid=peer.uid, reason=refusal
+                )
+                writer.write(encode({"ok": False, "error": "refused", "message": refusal}))
+                return
+            while line := await reader.readline():
+                writer.write(encode(await _answer(handler, line, peer)))
+                await writer.drain()
+        except (ConnectionError, ValueError, asyncio.LimitOverrunError):
+            pass  # the peer went away or sent an over-long line: drop the connection
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    prepare_socket_path(path)
+    with private_umask():
+        server = await asyncio.start_unix_server(connection, os.fspath(path), limit=MAX_LINE)
+    path.chmod(0o600)
+    return server
+
+
+async def _answer(handler: Handler, line: bytes, peer: Peer) -> Message:
+    try:
+        request = decode(line)
+    except ProtocolError as exc:
+        return {"ok": False, "error": "bad_request", "message": str(exc)}
+    try:
+        return await handler(request, peer)
+    except Exception:
+        log.exception("request_failed", op=request.get("op"))
+        return {"ok": False, "error": "internal", "message": "the request failed; see the log"}
+
+
+async def request(path: Path, message: Message, timeout: float = 5.0) -> Message:
+    """Send one request and read its answer (asyncio)."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_unix_connection(os.fspath(path), limit=MAX_LINE)
+        try:
+            writer.write(encode(message))
+            await writer.drain()
+            line = await reader.readline()
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+    if not line:
+        raise ProtocolError("connection closed without an answer")
+    return decode(line)
+
+
+def request_sync(path: Path, message: Message, timeout: float = 5.0) -> Message:
+    """Send one request and read its answer (blocking)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(path))
+        sock.sendall(encode(message))
+        with sock.makefile("rb") as stream:
+            line = stream.readline(MAX_LINE)
+    if not line:
+        raise ProtocolError("connection closed without an answer")
+    return decode(line)

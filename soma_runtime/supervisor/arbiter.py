@@ -1,0 +1,131 @@
+"""The supervisor's main loop: start everything in order, keep it alive, stop it in order.
+
+Start: the sidecar, then (once it serves) every runtime; then READY=1. Stop (SIGTERM or
+SIGINT): STOPPING=1, runtimes first (SIGTERM, grace, SIGKILL), then the sidecar. If the
+sidecar is given up on (FATAL), the supervisor stops the runtimes and exits 1, so that systemd
+can restart the whole service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import structlog
+
+from soma_runtime import jsonline
+from soma_runtime.config import SomaConfig
+from soma_runtime.layout import RuntimeLayout
+from soma_runtime.supervisor.child import State, Supervised
+from soma_runtime.supervisor.children import RuntimeChild, SidecarChild
+from soma_runtime.supervisor.control import same_user
+from soma_runtime.supervisor.notify import Notifier
+from soma_runtime.supervisor.sidecar_link import SidecarLink
+from soma_runtime.unix import Peer, ensure_private_dir, remove_socket
+
+log = structlog.get_logger(component="supervisor")
+
+
+class Supervisor:
+    def __init__(self, config: SomaConfig, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.layout = RuntimeLayout(config.runtime_dir)
+        self.notifier = notifier or Notifier()
+        link = SidecarLink(self.layout.admin_socket)
+        self.sidecar = SidecarChild(config, link)
+        self.runtimes = [RuntimeChild(config, spec, link, self.layout) for spec in config.runtime]
+        for child in self.children:
+            child.on_change = self._status_changed
+        self._stop = asyncio.Event()
+        self._ready = False
+
+    @property
+    def children(self) -> list[Supervised]:
+        return [self.sidecar, *self.runtimes]
+
+    async def run(self) -> int:
+        """Supervise until a stop signal (exit 0) or until the sidecar is given up on (exit 1)."""
+        began = time.monotonic()
+        ensure_private_dir(self.config.state_dir)
+        self.layout.prepare()
+        control = await jsonline.serve(self.layout.supervisor_socket, self._control, same_user)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        watchdog = asyncio.create_task(self._watchdog())
+        tasks: dict[Supervised, asyncio.Task[None]] = {}
+        try:
+            tasks[self.sidecar] = asyncio.create_task(self.sidecar.run())
+            if await self._first(self.sidecar.ready.wait(), tasks[self.sidecar]):
+                for runtime in self.runtimes:
+                    tasks[runtime] = asyncio.create_task(runtime.run())
+                await self._first(
+                    asyncio.gather(*(r.first_start.wait() for r in self.runtimes)),
+                    tasks[self.sidecar],
+                )
+            if not self._stop.is_set() and self.sidecar.state != State.FATAL:
+                self._ready = True
+                log.info(
+                    "ready", seconds=round(time.monotonic() - began, 3), runtimes=len(self.runtimes)
+                )
+                self.notifier.send("READY=1", f"STATUS={self.summary()}")
+                await self._first(asyncio.Event().wait(), tasks[self.sidecar])
+        finally:
+            by_signal = self._stop.is_set()
+            self.notifier.send("STOPPING=1", f"STATUS=stopping ({self.summary()})")
+            log.info("stopping", reason="signal" if by_signal else f"sidecar {self.sidecar.state}")
+            # Runtimes first, and wait until each is unregistered, then the sidecar.
+            await asyncio.gather(*(r.stop() for r in self.runtimes))
+            await asyncio.gather(
+                *(t for c, t in tasks.items() if c is not self.sidecar), return_exceptions=True
+            )
+            await self.sidecar.stop()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            watchdog.cancel()
+            control.close()
+            remove_socket(self.layout.supervisor_socket)
+            log.info("stopped")
+        return 0 if by_signal else 1
+
+    async def _first(self, awaitable: Awaitable[Any], sidecar_task: asyncio.Task[None]) -> bool:
+        """Wait for `awaitable`, a stop signal, or the sidecar task ending (fatal or stopped);
+        True when `awaitable` finished first."""
+        wanted = asyncio.ensure_future(awaitable)
+        stop = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait(
+            {wanted, stop, sidecar_task}, return_when=asyncio.FIRST_COMPLETED
+        )
+        losers = [task for task in (wanted, stop) if task not in done]
+        for task in losers:
+            task.cancel()
+        await asyncio.gather(*losers, return_exceptions=True)
+        return wanted in done
+
+    def summary(self) -> str:
+        running = sum(r.state == State.RUNNING for r in self.runtimes)
+        return f"sidecar {self.sidecar.state}; {running}/{len(self.runtimes)} runtimes running"
+
+    def _status_changed(self) -> None:
+        if self._ready:
+            self.notifier.send(f"STATUS={self.summary()}")
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 at half of WATCHDOG_USEC, for as long as this event loop keeps turning."""
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        while True:
+            self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _control(self, message: jsonline.Message, peer: Peer) -> jsonline.Message:
+        if message.get("op") == "status":
+            return {
+                "ok": True,
+                "summary": self.summary(),
+                "children": [child.snapshot() for child in self.children],
+            }
+        return {"ok": False, "error": "bad_request", "message": "unknown op"}

@@ -1,0 +1,170 @@
+"""One supervised process: start, watch, restart with backoff within a budget, or give up.
+
+States: starting → running → (exit) → backoff → starting ... ; `fatal` once the restart budget
+is spent, `stopped` when it exits and is not to be restarted, or when the supervisor stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+import structlog
+
+from soma_runtime.config import RestartPolicy
+from soma_runtime.supervisor.policy import backoff_delay, wants_restart
+from soma_runtime.supervisor.process import ChildProcess, Command, describe_exit
+
+log = structlog.get_logger(component="supervisor")
+
+
+class State(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    FATAL = "fatal"
+    STOPPED = "stopped"
+
+
+class StartFailed(Exception):
+    """The process started but did not become ready; it is stopped and counted as a failure."""
+
+
+class Supervised:
+    """Runs one process under a restart policy. Subclasses add what happens around a start."""
+
+    kind = "process"
+
+    def __init__(self, name: str, policy: RestartPolicy, rng: random.Random | None = None) -> None:
+        self.name = name
+        self.policy = policy
+        self.state = State.STOPPED
+        self.pid: int | None = None
+        self.restarts = 0
+        self.last_exit: str | None = None
+        self.on_change: Callable[[], None] = lambda: None
+        self.first_start = asyncio.Event()  # set once the first start attempt is over
+        self._started_at: float | None = None
+        self._child: ChildProcess | None = None
+        self._stopping = asyncio.Event()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    async def prepare(self) -> Command:
+        """The command for the next start."""
+        raise NotImplementedError
+
+    async def started(self, child: ChildProcess) -> None:
+        """After the spawn; raise `StartFailed` if the process did not become ready."""
+
+    async def exited(self) -> None:
+        """After the process is gone (whatever the reason)."""
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self.on_change()
+
+    async def run(self) -> None:
+        """Start and restart until stopped, fatal, or not to be restarted."""
+        consecutive = 0
+        while not self._stopping.is_set():
+            self._set_state(State.STARTING)
+            returncode, ran_for = await self._run_once()
+            self.last_exit = describe_exit(returncode)
+            self.pid = None
+            self._started_at = None
+            if self._stopping.is_set() or not wants_restart(self.policy, returncode):
+                log.info("exited", child=self.name, exit=self.last_exit, restart=False)
+                self._set_state(State.STOPPED)
+                return
+            if ran_for >= self.policy.stable_after:
+                consecutive = 0
+            if consecutive >= self.policy.max_restarts:
+                log.error("fatal", child=self.name, exit=self.last_exit, restarts=consecutive)
+                self._set_state(State.FATAL)
+                return
+            consecutive += 1
+            self.restarts += 1
+            delay = backoff_delay(self.policy, consecutive, self._rng)
+            log.warning(
+                "backoff",
+                child=self.name,
+                exit=self.last_exit,
+                attempt=consecutive,
+                delay_s=round(delay, 3),
+            )
+            self._set_state(State.BACKOFF)
+            try:
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
+            except TimeoutError:
+                pass
+        self._set_state(State.STOPPED)
+
+    async def _run_once(self) -> tuple[int, float]:
+        """One start; the exit code and how long the process ran."""
+        command = await self.prepare()
+        started = time.monotonic()
+        try:
+            child = await ChildProcess.spawn(self.name, command)
+        except OSError as exc:
+            log.error("spawn_failed", child=self.name, argv=command.argv, error=str(exc))
+            self.first_start.set()
+            await self.exited()
+            return 127, 0.0
+        finally:
+            for fd in command.pass_fds:  # the child has its own copies now
+                _close_quietly(fd)
+        self._child = child
+        self.pid = child.pid
+        self._started_at = started
+        log.info("started", child=self.name, pid=child.pid)
+        try:
+            if self._stopping.is_set():  # stop() came while we were spawning
+                raise StartFailed("stopping")
+            await self.started(child)
+        except StartFailed as exc:
+            if not self._stopping.is_set():
+                log.error("start_failed", child=self.name, pid=child.pid, reason=str(exc))
+            await child.stop(self.policy.stop_timeout)
+        else:
+            self._set_state(State.RUNNING)
+        self.first_start.set()
+        returncode = await child.wait()
+        await child.close()
+        self._child = None
+        await self.exited()
+        return returncode, time.monotonic() - started
+
+    async def stop(self) -> None:
+        """Stop for good: no more restarts; SIGTERM, then SIGKILL after `stop_timeout`."""
+        self._stopping.set()
+        child = self._child
+        if child is not None:
+            await child.stop(self.policy.stop_timeout)
+
+    def snapshot(self) -> dict[str, Any]:
+        uptime = None if self._started_at is None else round(time.monotonic() - self._started_at, 1)
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "state": str(self.state),
+            "pid": self.pid,
+            "uptime_s": uptime,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+        }
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)

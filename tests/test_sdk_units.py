@@ -1,0 +1,93 @@
+"""SDK pieces that need no sidecar: environment, companion paths, errors, idempotency."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import sdk
+from sdk import _auth, _wire
+from sdk.types import Response
+
+
+def test_from_env_outside_a_runtime_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SOMA_SIDECAR_ADDRESS", raising=False)
+    with pytest.raises(sdk.SomaError, match="SOMA_SIDECAR_ADDRESS is not set"):
+        sdk.Client.from_env()
+    with pytest.raises(sdk.SomaError, match="SOMA_SIDECAR_ADDRESS is not set"):
+        sdk.AsyncClient.from_env()
+
+
+def test_companion_paths() -> None:
+    assert _auth.socket_path("unix:///run/soma/rt/claims.sock") == "/run/soma/rt/claims.sock"
+    assert _auth.socket_path("unix:relative.sock") == "relative.sock"
+    assert _auth.socket_path("localhost:50051") is None
+    assert _auth.auth_socket_for("/run/rt/claims.sock") == "/run/rt/claims.auth.sock"
+    assert _auth.token_file_for("/run/sidecar.sock") == "/run/sidecar.token"
+    assert _auth.auth_socket_for("/run/odd") == "/run/odd.auth.sock"
+
+
+def test_the_token_is_read_from_the_inherited_descriptor_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fd = os.memfd_create("token", 0)  # inheritable, as a runtime receives it
+    os.write(fd, b"a" * 64)
+    try:
+        monkeypatch.setenv("SOMA_TOKEN_FD", str(fd))
+        assert _auth.token_from_env() == "a" * 64
+        assert not os.get_inheritable(fd)  # the runtime's own children will not get it
+        assert _auth.token_from_env() == "a" * 64  # a second client reads the cached value
+    finally:
+        os.close(fd)
+        _auth._fd_tokens.pop(fd, None)
+
+
+def test_token_file_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]) -> None:
+    path = f"{tmp_path}/t.token"
+    with open(path, "w") as out:
+        out.write("b" * 64 + "\n")
+    monkeypatch.delenv("SOMA_TOKEN_FD", raising=False)
+    monkeypatch.setenv("SOMA_TOKEN_FILE", path)
+    assert _auth.token_from_env() == "b" * 64
+    monkeypatch.setenv("SOMA_TOKEN_FILE", f"{tmp_path}/missing")
+    with pytest.raises(sdk.SomaError, match="cannot read the token file"):
+        _auth.token_from_env()
+
+
+def test_a_handshake_with_no_sidecar_ends_at_the_deadline(tmp_path: os.PathLike[str]) -> None:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises((sdk.Unavailable, sdk.DeadlineExceeded)):
+        _auth.handshake(f"{tmp_path}/absent.auth.sock", "t", time.monotonic() + 0.3)
+    assert time.monotonic() - started < 2
+
+
+def test_idempotency_map_covers_sub_organ_functions() -> None:
+    cards = [
+        {
+            "functions": [{"name": "a.x", "idempotent": True}],
+            "sub_organs": [{"functions": [{"name": "s.y", "idempotent": False}]}],
+        }
+    ]
+    assert _wire.idempotency(cards) == {"a.x": True, "s.y": False}
+
+
+@pytest.mark.parametrize(
+    ("output", "error"),
+    [
+        ({"error": "UnsupportedOperation", "op": "x"}, sdk.UnsupportedOperation),
+        ({"error": "InvalidInput", "path": "$.a", "message": "m"}, sdk.InvalidInput),
+        ({"error": "Overloaded"}, sdk.Overloaded),
+        ({"error": "NotFound", "message": "gone"}, sdk.OrganError),
+        ("not an object", sdk.OrganError),
+    ],
+)
+def test_organ_answers_map_to_typed_errors(output: object, error: type[Exception]) -> None:
+    response = Response(ok=False, output=output, latency_ms=1.0)
+    with pytest.raises(error) as info:
+        response.raise_for_error("x.y")
+    assert type(info.value) is error
+    assert isinstance(info.value, sdk.SomaError)
+    Response(ok=True, output={}, latency_ms=1.0).raise_for_error("x.y")  # no error when ok

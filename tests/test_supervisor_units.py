@@ -1,0 +1,261 @@
+"""The supervisor's parts on their own: restart policy, notify, identities, unit file."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from soma_runtime import jsonline
+from soma_runtime.config import ConfigError, RestartPolicy, load_config
+from soma_runtime.supervisor.control import format_status
+from soma_runtime.supervisor.identity import mint_identity
+from soma_runtime.supervisor.notify import Notifier
+from soma_runtime.supervisor.policy import backoff_delay, wants_restart
+from soma_runtime.supervisor.process import describe_exit
+from soma_runtime.unix import is_descendant, parent_pid
+from tests.helpers import REPO, Process, run_soma, wait_until
+
+
+@pytest.mark.parametrize(
+    ("policy", "code", "expected"),
+    [
+        ("always", 0, True),
+        ("always", 1, True),
+        ("on-failure", 0, False),
+        ("on-failure", 2, True),
+        ("on-failure", -9, True),
+        ("never", 1, False),
+    ],
+)
+def test_wants_restart(policy: str, code: int, expected: bool) -> None:
+    assert wants_restart(RestartPolicy(restart=policy), code) is expected  # type: ignore[arg-type]
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
+    policy = RestartPolicy(backoff_initial=1.0, backoff_max=10.0)
+    rng = random.Random(7)
+    for attempt, step in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (9, 10.0)]:
+        delays = [backoff_delay(policy, attempt, rng) for _ in range(200)]
+        assert all(step / 2 <= d <= step for d in delays)
+        assert max(delays) - min(delays) > step / 4  # really jittered
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(3) == "exit 3"
+    assert describe_exit(-9) == "signal SIGKILL"
+
+
+def test_notifier_reads_systemd_environment(tmp_path: Path) -> None:
+    assert not Notifier({}).enabled
+    watchdog = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "4000000"})
+    assert watchdog.enabled and watchdog.watchdog_interval == 2.0
+    other = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"})
+    assert other.watchdog_interval is None  # the watchdog is someone else's
+
+
+def test_notifier_speaks_to_abstract_sockets() -> None:
+    name = f"soma-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind("\0" + name)
+        receiver.settimeout(5)
+        Notifier({"NOTIFY_SOCKET": "@" + name}).send("READY=1", "STATUS=ok")
+        assert receiver.recv(100) == b"READY=1\nSTATUS=ok"
+
+
+def test_notifier_never_blocks_on_a_full_receiver(tmp_path: Path) -> None:
+    path = tmp_path / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(path))
+        notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+        for _ in range(1000):  # far beyond the queue length; returns at once
+            notifier.send("STATUS=busy")
+
+
+def test_identity_is_a_sealed_memfd_holding_the_token() -> None:
+    identity = mint_identity()
+    try:
+        token = os.pread(identity.token_fd, 100, 0).decode()
+        assert len(token) == 64 and int(token, 16) >= 0
+        assert hashlib.sha256(token.encode()).hexdigest() == identity.digest
+        assert not os.get_inheritable(identity.token_fd)
+        seals = fcntl.fcntl(identity.token_fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_SEAL
+        with pytest.raises(PermissionError):
+            os.pwrite(identity.token_fd, b"x", 0)
+        assert mint_identity().digest != identity.digest
+    finally:
+        os.close(identity.token_fd)
+
+
+def test_process_ancestry() -> None:
+    assert parent_pid(os.getpid()) == os.getppid()
+    assert is_descendant(os.getpid(), os.getpid())
+    assert is_descendant(os.getpid(), os.getppid())
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        assert is_descendant(child.pid, os.getpid())
+        assert not is_descendant(os.getpid(), child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert parent_pid(child.pid) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            '[[runtime]]\nname = "Bad Name"\ncommand = ["x"]\n',
+            "runtime[0].name: String should match",
+        ),
+        (
+            '[[runtime]]\nname = "a"\ncommand = []\n',
+            "runtime[0].command: List should have at least 1",
+        ),
+        ('[[runtime]]\nname = "a"\n', "runtime[0].command: Field required"),
+        ('[[runtime]]\nname = "a"\ncommand = ["x"]\nrestart = "sometimes"\n', "runtime[0].restart"),
+        (
+            '[[runtime]]\nname = "a"\ncommand = ["x"]\nshell = true\n',
+            "runtime[0].shell: unknown key",
+        ),
+        (
+            '[[runtime]]\nname = "a"\ncommand = ["x"]\n[[runtime]]\nname = "a"\ncommand = ["y"]\n',
+            "runtime[1].name: 'a' is used twice",
+        ),
+        ('[[runtime]]\nname = "a"\ncommand = ["x"]\nenv = { X = 1 }\n', "runtime[0].env.X"),
+    ],
+)
+def test_runtime_config_errors_name_the_key(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "soma.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+
+
+def test_status_table() -> None:
+    table = format_status(
+        {
+            "children": [
+                {
+                    "name": "sidecar",
+                    "kind": "sidecar",
+                    "state": "running",
+                    "pid": 10,
+                    "uptime_s": 3725.0,
+                    "restarts": 1,
+                    "last_exit": "signal SIGKILL",
+                },
+                {
+                    "name": "claims",
+                    "kind": "runtime",
+                    "state": "fatal",
+                    "pid": None,
+                    "uptime_s": None,
+                    "restarts": 5,
+                    "last_exit": "exit 3",
+                },
+            ]
+        }
+    )
+    lines = table.splitlines()
+    assert lines[1].split() == [
+        "sidecar",
+        "sidecar",
+        "running",
+        "10",
+        "1h02m",
+        "1",
+        "signal",
+        "SIGKILL",
+    ]
+    assert lines[2].split() == ["claims", "runtime", "fatal", "-", "-", "5", "exit", "3"]
+
+
+@pytest.mark.parametrize("user", [False, True], ids=["system", "user"])
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path, user: bool) -> None:
+    args = ["systemd-unit", "--config", str(REPO / "soma.toml"), *(["--user"] if user else [])]
+    result = run_soma(*args)
+    assert result.returncode == 0, result.stderr
+    unit = result.stdout
+    for line in [
+        "Type=notify",
+        "RuntimeDirectory=soma",
+        "StateDirectory=soma",
+        "WatchdogSec=30s",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+    ]:
+        assert line in unit.splitlines()
+    if not user:
+        for line in ["ProtectSystem=strict", "PrivateTmp=yes"]:
+            assert line in unit.splitlines()
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    path = tmp_path / "soma.service"
+    path.write_text(unit)
+    env = dict(os.environ)
+    if user:  # a user manager needs a runtime directory to resolve %t
+        (tmp_path / "xdg").mkdir(mode=0o700)
+        env["XDG_RUNTIME_DIR"] = str(tmp_path / "xdg")
+    check = subprocess.run(
+        [analyze, *(["--user"] if user else []), "verify", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stderr
+    assert "soma.service" not in check.stderr, check.stderr  # no warnings about our unit
+
+
+async def test_the_sidecar_admin_socket_refuses_anyone_but_its_supervisor(tmp_path: Path) -> None:
+    """A supervised sidecar started by this test (so its parent is the test) refuses another
+    process of the same user: only the parent pid may use the admin socket."""
+    config = tmp_path / "soma.toml"
+    config.write_text('[soma]\nruntime_dir = "run"\nstate_dir = "state"\n')
+    sidecar = Process(
+        [
+            str(Path(sys.executable)),
+            "-m",
+            "sidecar",
+            "serve",
+            "--supervised",
+            "--config",
+            str(config),
+        ],
+        tmp_path / "sidecar.log",
+    )
+    admin = tmp_path / "run" / "admin.sock"
+    try:
+        wait_until(admin.exists, 20, "the admin socket")
+        assert (await jsonline.request(admin, {"op": "ping"}))["ok"] is True  # the parent
+        stranger = subprocess.run(  # noqa: ASYNC221 - the loop has nothing else to do
+            [
+                sys.executable,
+                "-c",
+                "import json, sys; from soma_runtime import jsonline; from pathlib import Path;"
+                f"print(json.dumps(jsonline.request_sync(Path({str(admin)!r}), {{'op': 'ping'}})))",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        answer = json.loads(stranger.stdout)
+        assert answer["error"] == "refused" and "is not the supervisor" in answer["message"]
+        bad = await jsonline.request(admin, {"op": "register", "runtime": "../etc"})
+        assert bad["ok"] is False and "runtime" in bad["message"]
+    finally:
+        assert sidecar.stop() == 0
