@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest proto cards clean
+.PHONY: run test lint typecheck pytest proto cards bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ proto: $(STAMP)
 
 cards: $(STAMP)
 	$(BIN)/soma cards export
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.vault_and_gateway
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,4 +1,5 @@
-"""Example agent "claims": files a claim through the sidecar every few seconds.
+"""Example agent "claims": files a claim through the sidecar every few seconds and keeps it,
+encrypted, in the vault organ.
 
 It knows nothing but its environment: `sdk.Client.from_env()` finds the channel, the token
 and the handshake socket that `soma supervise` gave this runtime.
@@ -6,6 +7,8 @@ and the handshake socket that `soma supervise` gave this runtime.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 
 import sdk
@@ -19,8 +22,17 @@ def main() -> None:
         def file_claim(n: int) -> None:
             claim = {"claim_id": f"C-{n:04d}", "amount": 100 * n, "currency": "EUR"}
             echoed = client.call("system.echo", claim)
+            stored = client.call(
+                "vault.store",
+                {
+                    "key": claim["claim_id"],
+                    "data": base64.b64encode(json.dumps(claim).encode()).decode(),
+                    "metadata": {"amount": claim["amount"]},
+                },
+            )
             print(
-                f"{runtime}: filed claim {echoed['claim_id']} for {echoed['amount']} EUR",
+                f"{runtime}: filed claim {echoed['claim_id']} for {echoed['amount']} EUR "
+                f"(kept in the vault, revision {stored['revision']})",
                 flush=True,
             )
 

@@ -46,22 +46,32 @@ class Channel:
     name: str
     allow: AllowList
     credentials: frozenset[str] = frozenset()
+    gateways: frozenset[str] = frozenset()
     token: bytes | None = None  # digest of the runtime's current token
+    placeholder: bytes | None = None  # digest of its current gateway placeholder
     # The runtime's pid: handshakes must come from it or a descendant. None: not checked.
     pid: int | None = None
     # Registered before the process exists: handshakes are answered "retry" meanwhile.
     pending: bool = False
     sessions: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
 
-    def reset(self, token: bytes | None, pid: int | None, pending: bool) -> None:
-        """A new identity: the old token and every session made with it stop working."""
+    def reset(
+        self, token: bytes | None, pid: int | None, pending: bool, placeholder: bytes | None = None
+    ) -> None:
+        """A new identity: the old token, placeholder and every session stop working."""
         self.token = token
         self.pid = pid
         self.pending = pending
+        self.placeholder = placeholder
         self.sessions.clear()
 
     def token_matches(self, token: str) -> bool:
         return self.token is not None and hmac.compare_digest(token_digest(token), self.token)
+
+    def placeholder_matches(self, placeholder: str) -> bool:
+        return self.placeholder is not None and hmac.compare_digest(
+            token_digest(placeholder), self.placeholder
+        )
 
     def open_session(self) -> str:
         session = secrets.token_hex(32)

@@ -66,7 +66,14 @@ class Admin:
         elif channel.allow.patterns != allow.patterns:
             channel.allow = allow
         channel.credentials = frozenset(request.credentials)
-        channel.reset(bytes.fromhex(request.token_sha256), request.pid, pending=request.pid is None)
+        channel.gateways = frozenset(request.gateways)
+        placeholder = request.placeholder_sha256
+        channel.reset(
+            bytes.fromhex(request.token_sha256),
+            request.pid,
+            pending=request.pid is None,
+            placeholder=bytes.fromhex(placeholder) if placeholder else None,
+        )
         log.info("runtime_registered", runtime=request.runtime, pid=request.pid)
 
     def status(self) -> dict[str, object]:

@@ -19,7 +19,11 @@ from sdk._auth import auth_socket_for, token_file_for
 from sidecar.access import AllowList, token_digest
 from sidecar.admin import Admin, supervisor_only
 from sidecar.channels import ChannelRegistry
+from sidecar.credentials import CredentialBroker
+from sidecar.gateway import Gateway, GatewayServer, sockets_from_env
 from sidecar.loading import load_organs
+from sidecar.vault.async_vault import AsyncVault
+from sidecar.vault.open import kek_provider, open_vault
 from soma_runtime import Executive, jsonline
 from soma_runtime.config import ConfigError, SomaConfig
 from soma_runtime.layout import RuntimeLayout
@@ -36,7 +40,14 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
     if not supervised and settings.socket is None:
         raise ConfigError("sidecar.socket: required to run the sidecar on its own")
     executive = Executive(load_organs(config))
-    registry = ChannelRegistry(executive, settings)
+    if config.credential or "vault" in executive.organ_names():
+        # A key-encryption key others can read, or a wrong one, stops the start; a damaged
+        # database does not (each vault call reports it, everything else keeps serving).
+        kek_provider(config)
+    vault = AsyncVault(lambda: open_vault(config, durable=False))
+    broker = CredentialBroker(config.credential, vault)
+    registry = ChannelRegistry(executive, settings, broker)
+    gateway: GatewayServer | None = None
     layout = RuntimeLayout(config.runtime_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -49,6 +60,7 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
             layout.prepare()
             admin = Admin(registry, executive, layout.channel_dir)
             admin_server = await jsonline.serve(layout.admin_socket, admin.handle, supervisor_only)
+            gateway = await _start_gateway(config, broker, registry)
             log.info("serving", admin=str(layout.admin_socket), organs=executive.organ_names())
         else:
             await _open_local_channel(config, registry)
@@ -57,12 +69,30 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
         if admin_server is not None:
             admin_server.close()
             remove_socket(layout.admin_socket)
+        if gateway is not None:
+            await gateway.stop()
         await registry.close_all(settings.grace_period)
         if not supervised:
             remove_token_file(config)
     finally:
         await executive.stop()
+        await vault.close()
     log.info("stopped")
+
+
+async def _start_gateway(
+    config: SomaConfig, broker: CredentialBroker, registry: ChannelRegistry
+) -> GatewayServer | None:
+    """Serve the gateway on the listening sockets the supervisor passed, if it passed any."""
+    sockets = sockets_from_env()
+    if not sockets:
+        return None
+    ports = {sock.getsockname()[1]: runtime for runtime, sock in sockets.items()}
+    app = Gateway(config.gateway, broker, registry.get, ports)
+    server = GatewayServer(app, list(sockets.values()), config.sidecar.grace_period)
+    await server.start()
+    log.info("gateway_serving", ports={runtime: port for port, runtime in ports.items()})
+    return server
 
 
 async def _open_local_channel(config: SomaConfig, registry: ChannelRegistry) -> None:
@@ -76,6 +106,8 @@ async def _open_local_channel(config: SomaConfig, registry: ChannelRegistry) -> 
         token_path.write_text(token + "\n")
     token_path.chmod(0o600)
     channel.reset(token_digest(token), pid=None, pending=False)
+    # The operator's own channel: every configured credential may be used through it.
+    channel.credentials = frozenset(c.name for c in config.credential)
     log.info("serving", socket=str(grpc_path), token_file=str(token_path))
 
 

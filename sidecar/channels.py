@@ -16,6 +16,7 @@ from pathlib import Path
 import structlog
 
 from sidecar.access import AllowList, Channel
+from sidecar.credentials import CredentialBroker
 from sidecar.server import SocketServer
 from sidecar.service import SidecarService
 from soma_runtime import Executive, jsonline
@@ -47,9 +48,12 @@ class _Host:
 class ChannelRegistry:
     """Opens, updates and closes channels by runtime name."""
 
-    def __init__(self, executive: Executive, settings: SidecarSection) -> None:
+    def __init__(
+        self, executive: Executive, settings: SidecarSection, broker: CredentialBroker
+    ) -> None:
         self._executive = executive
         self._settings = settings
+        self._broker = broker
         self._hosts: dict[str, _Host] = {}
 
     def get(self, name: str) -> Channel | None:
@@ -65,6 +69,7 @@ class ChannelRegistry:
         servicer = SidecarService(
             self._executive,
             channel,
+            self._broker,
             max_input_depth=self._settings.max_input_depth,
             max_message_bytes=self._settings.max_message_bytes,
         )

@@ -15,6 +15,9 @@ import uvloop
 from sidecar.app import serve
 from sidecar.loading import resolve_organ_class
 from sidecar.organs import BUILTIN_ORGANS
+from sidecar.secrets_cli import add_commands as add_secret_commands
+from sidecar.secrets_cli import run as run_secrets
+from sidecar.vault.kek import KekError
 from soma_runtime import OrganCard
 from soma_runtime.card_files import check_cards, export_cards
 from soma_runtime.config import ConfigError, load_config
@@ -31,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     try:
         uvloop.run(serve(config, supervised=args.supervised))
-    except (ConfigError, SocketPathError) as exc:
+    except (ConfigError, SocketPathError, KekError) as exc:
         print(f"soma sidecar: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -75,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the admin socket for `soma supervise` instead of [sidecar].socket",
     )
     serve_cmd.set_defaults(handler=_serve)
+
+    secrets = commands.add_parser("secrets", help="manage the vault's secrets")
+    add_secret_commands(secrets)
+    secrets.set_defaults(handler=run_secrets)
 
     cards = commands.add_parser("cards", help="export or check the built-in organs' cards")
     card_commands = cards.add_subparsers(dest="cards_command", required=True)

@@ -35,7 +35,7 @@ def resolve_organ_class(spec: str) -> type[Organ]:
 
 def load_organs(config: SomaConfig) -> list[Organ]:
     """Instantiate and configure every organ of `config.sidecar.organs`, in order."""
-    env = OrganEnvironment(state_dir=config.state_dir, runtime_dir=config.runtime_dir)
+    env = OrganEnvironment(config.state_dir, config.runtime_dir, config)
     organs: list[Organ] = []
     names: set[str] = set()
     for index, spec in enumerate(config.sidecar.organs):

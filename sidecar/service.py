@@ -17,8 +17,10 @@ import structlog
 from sdk._proto.soma.v1 import sidecar_pb2 as pb
 from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.access import AllowList, Channel
+from sidecar.credentials import CredentialBroker, CredentialDenied, needed
+from sidecar.vault.store import VaultError
 from sidecar.wire import WireError, decode_input, encode_output
-from soma_runtime import ErrorKind, Executive, OrganCard, Response, Stimulus
+from soma_runtime import ErrorKind, Executive, FunctionCard, OrganCard, Response, Stimulus
 from soma_runtime.card_files import card_to_json, function_to_json
 
 log = structlog.get_logger(component="sidecar")
@@ -34,12 +36,14 @@ class SidecarService(pb_grpc.SidecarServicer):
         self,
         executive: Executive,
         channel: Channel,
+        broker: CredentialBroker,
         *,
         max_input_depth: int,
         max_message_bytes: int,
     ) -> None:
         self._executive = executive
         self._channel = channel
+        self._broker = broker
         self._max_depth = max_input_depth
         # Room for the reply's other fields inside the gRPC message limit.
         self._max_output = max_message_bytes - 1024
@@ -79,7 +83,18 @@ class SidecarService(pb_grpc.SidecarServicer):
             log.info("call", runtime=channel.name, op=op, outcome="BadRequest", trace_id=trace_id)
             await context.abort(exc.code, exc.message)
         if isinstance(value, dict):
-            response = await self._executive.stimulate(Stimulus(op, value, call_context))
+            stimulus = Stimulus(op, value, call_context, caller=channel.name)
+            try:
+                response = await self._executive.stimulate(stimulus, self._inject_credentials)
+            except CredentialDenied as exc:
+                log.warning(
+                    "credential_denied",
+                    runtime=channel.name,
+                    op=op,
+                    credential=exc.credential,
+                    trace_id=trace_id,
+                )
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         else:
             response = Response.failure(
                 ErrorKind.INVALID_INPUT, path="$", message="input must be a JSON object"
@@ -99,6 +114,33 @@ class SidecarService(pb_grpc.SidecarServicer):
         if response.cost is not None:
             reply.cost = response.cost
         return reply
+
+    async def _inject_credentials(
+        self, organ: str, card: FunctionCard, stimulus: Stimulus
+    ) -> Response | None:
+        """Resolve the credentials the card asks for, for this channel's runtime."""
+        names = needed(card, stimulus.input)
+        if not names:
+            return None
+        channel = self._channel
+        try:
+            stimulus.credentials = await self._broker.resolve(
+                names,
+                runtime=channel.name,
+                allowed=channel.credentials,
+                organ=organ,
+                op=stimulus.op,
+            )
+        except VaultError as exc:
+            log.error(
+                "credential_unavailable",
+                runtime=channel.name,
+                op=stimulus.op,
+                error=str(exc),
+                trace_id=stimulus.context.get("trace_id"),
+            )
+            return Response.failure("CredentialUnavailable", op=stimulus.op, message=str(exc))
+        return None
 
     def _encoded(self, response: Response, op: str, trace_id: str) -> tuple[Response, bytes]:
         """The response and its JSON; an output that cannot be sent becomes an Internal error."""

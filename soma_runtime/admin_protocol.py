@@ -30,6 +30,9 @@ class Register(_Message):
     pid: int | None = Field(default=None, gt=0)
     allow: list[str] = Field(default_factory=list)
     credentials: list[str] = Field(default_factory=list)
+    # The runtime's gateway placeholder (digest) and the gateways it may use with it.
+    placeholder_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    gateways: list[str] = Field(default_factory=list)
 
 
 class Unregister(_Message):

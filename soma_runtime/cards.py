@@ -9,7 +9,7 @@ JSON `null` (TOML has no null, and exported cards must round-trip).
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 FUNCTION_NAME = r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+$"
 ORGAN_NAME = r"^[a-z][a-z0-9_-]*$"
+CREDENTIAL_REF = r"^(input:[a-z_][a-z0-9_]*|[a-z0-9][a-z0-9_-]{0,63})$"
 
 
 class _Card(BaseModel):
@@ -40,7 +41,13 @@ class SloConfig(_Card):
 
 
 class FunctionCard(_Card):
-    """One operation. `credentials` is an extension: the names of credentials it needs."""
+    """One operation.
+
+    `credentials` is an extension: the credentials the sidecar must resolve for a call, each
+    a credential name (`"openai"`) or `"input:<field>"` for the credential the input's field
+    names (how `http.request` takes one per call). The sidecar checks the calling runtime may
+    use each, decrypts it and hands it to the organ beside the stimulus, never inside it.
+    """
 
     name: str = Field(pattern=FUNCTION_NAME)
     description: str = Field(min_length=1)
@@ -52,7 +59,7 @@ class FunctionCard(_Card):
     residency: ResidencyPolicy
     idempotent: bool
     side_effects: list[str]
-    credentials: list[str] = Field(default_factory=list)
+    credentials: list[Annotated[str, Field(pattern=CREDENTIAL_REF)]] = Field(default_factory=list)
 
     @field_validator("input_schema", "output_schema")
     @classmethod

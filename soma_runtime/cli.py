@@ -32,6 +32,7 @@ DELEGATED: dict[tuple[str, ...], tuple[tuple[str, ...], str]] = {
     ("sidecar",): (("serve",), "run the sidecar on [sidecar].socket"),
     ("cards", "export"): (("cards", "export"), "write cards/<organ>.toml and .json"),
     ("cards", "check"): (("cards", "check"), "exit 1 when the exported cards drift from the code"),
+    ("secrets",): (("secrets",), "the vault's secrets: set, list, delete, rotate-kek, audit"),
 }
 
 

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from soma_runtime.hosts import host_allowed, secure_url, upstream_host
+
 DEFAULT_CONFIG_NAME = "soma.toml"
 MiB = 1024 * 1024
 
@@ -39,6 +41,8 @@ class LoggingSection(_Section):
 
 
 RUNTIME_NAME = r"^[a-z0-9][a-z0-9-]{0,31}$"
+NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class RestartPolicy(_Section):
@@ -91,9 +95,71 @@ class RuntimeSection(RestartPolicy):
     command: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     # Functions this runtime may call, as globs over op names ("system.*", "vault.retrieve").
     allow: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    # Credentials organs may use on this runtime's behalf, and outbound gateways it may use.
+    credentials: list[Annotated[str, Field(pattern=NAME)]] = Field(default_factory=list)
+    gateways: list[Annotated[str, Field(pattern=NAME)]] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     # Working directory; default: the directory of the configuration file.
     cwd: Path | None = None
+
+
+class VaultSection(_Section):
+    """Where the key-encryption key (KEK) comes from.
+
+    `auto` uses the systemd credential when `$CREDENTIALS_DIRECTORY/<credential>` exists (the
+    unit's `LoadCredential=`), else the key file.
+    """
+
+    kek: Literal["auto", "file", "systemd-credential"] = "auto"
+    # A 32-byte key, created 0600 on first use; relative to the state directory.
+    kek_file: Path = Path("kek")
+    credential: str = Field(default="soma-kek", pattern=NAME)
+
+
+class InjectSection(_Section):
+    """How a credential is attached to a request."""
+
+    kind: Literal["bearer", "header", "query"] = "bearer"
+    # The header or query parameter name (for `header` and `query`).
+    name: str | None = Field(default=None, min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @model_validator(mode="after")
+    def _name_when_needed(self) -> InjectSection:
+        if self.kind == "bearer" and self.name is not None:
+            raise ValueError("name: only for kind = 'header' or 'query'")
+        if self.kind != "bearer" and self.name is None:
+            raise ValueError(f"name: required for kind = {self.kind!r}")
+        return self
+
+
+class CredentialSection(_Section):
+    """A secret of the vault that organs may attach to outbound requests, to `hosts` only."""
+
+    name: str = Field(pattern=NAME)
+    # The vault secret holding the value; default: the credential's name.
+    secret: str | None = Field(default=None, pattern=NAME)
+    inject: InjectSection = Field(default_factory=InjectSection)
+    # Host names (exact, or "*.example.com"); the credential is never sent anywhere else.
+    hosts: list[Annotated[str, Field(pattern=r"^(\*\.)?[A-Za-z0-9.-]+$")]] = Field(min_length=1)
+
+    @property
+    def secret_name(self) -> str:
+        return self.secret or self.name
+
+
+class GatewaySection(_Section):
+    """An outbound HTTP gateway: runtimes call the sidecar with a placeholder key, the sidecar
+    forwards to `upstream` with the real credential."""
+
+    name: str = Field(pattern=NAME)
+    upstream: str = Field(pattern=r"^https?://[^/?#]+(/[^?#]*)?$")
+    credential: str = Field(pattern=NAME)
+    # Set in the runtime to this gateway's URL on the sidecar, and to the runtime's placeholder.
+    base_url_env: str = Field(pattern=ENV_NAME)
+    api_key_env: str = Field(pattern=ENV_NAME)
+    # Seconds to wait for the upstream to start answering, and largest request body.
+    timeout: float = Field(default=300.0, gt=0.0, le=3600.0)
+    max_request_bytes: int = Field(default=32 * MiB, ge=1024, le=1024 * MiB)
 
 
 class SomaConfig(_Section):
@@ -103,15 +169,40 @@ class SomaConfig(_Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     sidecar: SidecarSection = Field(default_factory=SidecarSection)
     organ: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    vault: VaultSection = Field(default_factory=VaultSection)
+    credential: list[CredentialSection] = Field(default_factory=list)
+    gateway: list[GatewaySection] = Field(default_factory=list)
     runtime: list[RuntimeSection] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _unique_runtime_names(self) -> SomaConfig:
-        seen: set[str] = set()
+    def _references_resolve(self) -> SomaConfig:
+        for table in ("runtime", "credential", "gateway"):
+            _unique_names(table, getattr(self, table))
+        credentials = {c.name: c for c in self.credential}
+        for index, gateway in enumerate(self.gateway):
+            key = f"gateway[{index}]"
+            credential = credentials.get(gateway.credential)
+            if credential is None:
+                raise ValueError(
+                    f"{key}.credential: no [[credential]] named {gateway.credential!r}"
+                )
+            host = upstream_host(gateway.upstream)
+            if not host_allowed(host, credential.hosts):
+                raise ValueError(
+                    f"{key}.upstream: host {host!r} is not among credential "
+                    f"{credential.name!r}'s hosts"
+                )
+            if not secure_url(gateway.upstream):
+                raise ValueError(f"{key}.upstream: must be https (http only to loopback)")
+            for env_key in ("base_url_env", "api_key_env"):
+                if getattr(gateway, env_key).startswith("SOMA_"):
+                    raise ValueError(f"{key}.{env_key}: SOMA_* variables are reserved")
+        gateways = {g.name for g in self.gateway}
         for index, runtime in enumerate(self.runtime):
-            if runtime.name in seen:
-                raise ValueError(f"runtime[{index}].name: {runtime.name!r} is used twice")
-            seen.add(runtime.name)
+            for field, known in (("credentials", credentials), ("gateways", gateways)):
+                for name in getattr(runtime, field):
+                    if name not in known:
+                        raise ValueError(f"runtime[{index}].{field}: {name!r} is not configured")
         return self
 
     # Set by `load_config`: the file this came from, for resolving relative paths.
@@ -134,6 +225,14 @@ class SomaConfig(_Section):
     def runtime_dir(self) -> Path:
         env = os.environ.get("RUNTIME_DIRECTORY")
         return Path(env.split(":")[0]) if env else self.resolve(self.soma.runtime_dir)
+
+
+def _unique_names(table: str, entries: list[Any]) -> None:
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        if entry.name in seen:
+            raise ValueError(f"{table}[{index}].name: {entry.name!r} is used twice")
+        seen.add(entry.name)
 
 
 def default_config_path() -> Path:

@@ -30,14 +30,16 @@ CALLER_ERRORS = frozenset({ErrorKind.UNSUPPORTED_OPERATION, ErrorKind.INVALID_IN
 class Stimulus:
     """One call: the fully-qualified function name, its JSON input and request metadata.
 
-    `context` carries metadata such as the trace id and the calling runtime's name. The caller
-    controls it, so it is never trusted for authorization; credentials reach organs through
-    `credentials`, which only the sidecar fills.
+    `context` carries metadata such as the trace id. The caller controls it, so it is never
+    trusted for authorization. What the caller cannot forge travels beside it, filled only by
+    the sidecar: `caller`, the authenticated runtime (None for in-process calls), and
+    `credentials`, the decrypted credentials the function's card asked for.
     """
 
     op: str
     input: Any
     context: dict[str, str] = field(default_factory=dict)
+    caller: str | None = None
     credentials: Mapping[str, Any] = field(default_factory=dict)
 
 

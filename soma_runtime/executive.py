@@ -9,7 +9,7 @@ latency and error record of each function, and an organ that raises.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,11 @@ class PathwayStep:
     organ: str
     function: str
     context: dict[str, str] = field(default_factory=dict)
+
+
+# Runs after validation, before the organ: may fill the stimulus (credentials), answer in
+# the organ's place by returning a Response, or raise to refuse the call outright.
+BeforeCall = Callable[[str, FunctionCard, Stimulus], Awaitable[Response | None]]
 
 
 @dataclass(slots=True)
@@ -147,14 +152,16 @@ class Executive:
             return unsupported(function)
         return await self._call(route, stimulus)
 
-    async def stimulate(self, stimulus: Stimulus) -> Response:
+    async def stimulate(self, stimulus: Stimulus, before: BeforeCall | None = None) -> Response:
         """Route a stimulus by its op to whichever organ provides it."""
         route = self._routes.get(stimulus.op)
         if route is None:
             return unsupported(stimulus.op)
-        return await self._call(route, stimulus)
+        return await self._call(route, stimulus, before)
 
-    async def _call(self, route: _Route, stimulus: Stimulus) -> Response:
+    async def _call(
+        self, route: _Route, stimulus: Stimulus, before: BeforeCall | None = None
+    ) -> Response:
         started = time.perf_counter()
         stats = route.stats
         problem = route.validator.first_error(stimulus.input)
@@ -166,6 +173,11 @@ class Executive:
                 path=problem.path,
                 message=problem.message,
             )
+        if before is not None:
+            answer = await before(route.organ_name, route.card, stimulus)
+            if answer is not None:
+                stats.record(_elapsed_ms(started), answer.error)
+                return answer
         if not stats.try_admit():
             return Response.failure(
                 ErrorKind.OVERLOADED,

@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from soma_runtime.cards import FunctionCard, OrganCard, SubOrganCard
+from soma_runtime.config import SomaConfig
 from soma_runtime.contract import Response, Stimulus, unsupported
 
 
 @dataclass(frozen=True, slots=True)
 class OrganEnvironment:
-    """What the host tells an organ about where it runs."""
+    """What the host tells an organ about where it runs (and the configuration it runs under,
+    for built-in organs that share the sidecar's settings, such as the vault's)."""
 
     state_dir: Path
     runtime_dir: Path
+    config: SomaConfig | None = None
 
 
 class Organ(ABC):

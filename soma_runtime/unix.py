@@ -124,3 +124,34 @@ def is_descendant(pid: int, ancestor: int) -> bool:
         current = parent_pid(current)
         seen += 1
     return current == ancestor
+
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_NO_COOKIE = 0xFFFFFFFF
+_LOOPBACK = socket.inet_aton("127.0.0.1") + bytes(12)
+_DIAG_UID_OFFSET = 16 + 64  # nlmsghdr, then inet_diag_msg's fields before idiag_uid
+
+
+def loopback_peer_uid(client_port: int, server_port: int) -> int | None:
+    """The uid owning the client end of a TCP connection over IPv4 loopback, asked of the
+    kernel with one sock_diag netlink request (about 15 µs; reading /proc/net/tcp instead
+    costs milliseconds on a busy host). None when the kernel does not know the socket."""
+    sockid = struct.pack("!HH", client_port, server_port) + _LOOPBACK + _LOOPBACK
+    sockid += struct.pack("=III", 0, _NO_COOKIE, _NO_COOKIE)  # any interface, no cookie
+    request = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+    request += sockid
+    header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as netlink:
+            netlink.settimeout(1.0)
+            netlink.sendto(header + request, (0, 0))
+            answer = netlink.recv(8192)
+    except OSError:
+        return None
+    if len(answer) < _DIAG_UID_OFFSET + 4 or struct.unpack_from("=H", answer, 4)[0] == _NLMSG_ERROR:
+        return None
+    uid: int = struct.unpack_from("=I", answer, _DIAG_UID_OFFSET)[0]
+    return uid

@@ -205,12 +205,21 @@ class NotifySocket:
         self._reader.join(5)
 
 
+TEST_ORGANS = ("system", "tests.fixtures.organs:Acme")
+
+
 class SupervisorRun:
     """`soma supervise` on a config in `tmp`, with a notify socket; stopped at the end."""
 
-    def __init__(self, tmp: Path, body: str, watchdog_usec: int | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        body: str,
+        watchdog_usec: int | None = None,
+        organs: tuple[str, ...] = TEST_ORGANS,
+    ) -> None:
         self.tmp = tmp
-        self.config = write_config(tmp / "soma.toml", CONFIG_HEAD + body)
+        self.config = self.write(tmp, body, organs)
         self.notify = NotifySocket(tmp / "notify.sock")
         extra = {"NOTIFY_SOCKET": str(self.notify.path)}
         if watchdog_usec is not None:
@@ -219,6 +228,12 @@ class SupervisorRun:
         self.proc = Process(
             [SOMA, "supervise", "--config", str(self.config)], tmp / "supervisor.log", env=env
         )
+
+    @staticmethod
+    def write(tmp: Path, body: str, organs: tuple[str, ...] = ("system",)) -> Path:
+        """The configuration file a run uses (written before the run, for the CLI)."""
+        listed = ", ".join(f'"{o}"' for o in organs)
+        return write_config(tmp / "soma.toml", CONFIG_HEAD.format(organs=listed) + body)
 
     @property
     def run_dir(self) -> Path:
@@ -266,7 +281,7 @@ runtime_dir = "run"
 format = "json"
 
 [sidecar]
-organs = ["system", "tests.fixtures.organs:Acme"]
+organs = [{organs}]
 backoff_initial = 0.05
 backoff_max = 0.5
 """
@@ -278,10 +293,16 @@ def read_report(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def process_environ(pid: int) -> dict[str, str]:
+    """A process's environment, as /proc shows it to the same user."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    pairs = (item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+    return dict(pairs)  # type: ignore[arg-type]
+
+
 def runtime_token(pid: int) -> str:
     """What a same-uid attacker can do: read a runtime's token through /proc/<pid>/fd."""
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    fd = next(e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"SOMA_TOKEN_FD="))
+    fd = process_environ(pid)["SOMA_TOKEN_FD"]
     return Path(f"/proc/{pid}/fd/{fd}").read_text()
 
 

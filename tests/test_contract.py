@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,25 +16,88 @@ from jsonschema.validators import validator_for
 from sidecar.loading import resolve_organ_class
 from sidecar.organs import BUILTIN_ORGANS
 from soma_runtime import Executive, Organ, OrganEnvironment, Stimulus
+from soma_runtime.config import parse_config
 
-# One valid input per function, and inputs its schema must refuse. A built-in function
-# missing here fails `test_every_function_has_contract_inputs`.
+BLOB = base64.b64encode(b"claim form").decode()
+
+# One valid input per function (run in card order, so `vault.store` comes before
+# `vault.retrieve`), and inputs its schema must refuse. A built-in function missing here
+# fails `test_every_function_has_contract_inputs`. "{url}" is a local HTTP server's address.
 VALID: dict[str, dict[str, Any]] = {
     "system.echo": {"param": "value", "nested": {"list": [1, 2, 3]}},
     "system.ping": {},
+    "vault.store": {
+        "key": "claim-1",
+        "data": BLOB,
+        "metadata": {"kind": "form"},
+        "embedding": [0.1, 0.2, 0.3],
+    },
+    "vault.retrieve": {"key": "claim-1"},
+    "vault.delete": {"key": "claim-0"},
+    "vault.list": {"prefix": "claim-", "limit": 10},
+    "similarity.search": {"vector": [0.1, 0.2, 0.25], "k": 3},
+    "http.request": {"method": "GET", "url": "{url}/status"},
 }
 INVALID: dict[str, list[Any]] = {
     "system.echo": ["not an object", [1, 2]],
     "system.ping": [{"wrong": "schema"}, 7],
+    "vault.store": [
+        {"wrong": "schema"},
+        {"key": "../etc/passwd", "data": BLOB},
+        {"key": "a/b", "data": BLOB},
+        {"key": "k", "data": 5},
+    ],
+    "vault.retrieve": [{"wrong": "schema"}, {"key": ".."}, {"key": ""}],
+    "vault.delete": [{"wrong": "schema"}],
+    "vault.list": [{"limit": 0}, {"limit": 5000}, {"wrong": 1}],
+    "similarity.search": [
+        {"wrong": "schema"},
+        {"vector": []},
+        {"vector": ["a"]},
+        {"vector": [1.0], "k": 0},
+    ],
+    "http.request": [
+        {"wrong": "schema"},
+        {"url": "ftp://example.com"},
+        {"url": "http://x", "method": "BREW"},
+        {"url": "http://x", "body": "a", "json": {}},
+    ],
 }
 
 
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b'{"status": "ok"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def local_url() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def valid_input(name: str, url: str) -> dict[str, Any]:
+    return json.loads(json.dumps(VALID[name]).replace("{url}", url))  # type: ignore[no-any-return]
+
+
 @pytest.fixture(params=sorted(BUILTIN_ORGANS))
-async def organ(request: pytest.FixtureRequest, tmp_path: Path) -> Organ:
-    organ = resolve_organ_class(request.param)()
-    organ.configure(
-        {}, OrganEnvironment(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
+async def organ(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Organ]:
+    config = parse_config(
+        {"soma": {"state_dir": str(tmp_path / "state"), "runtime_dir": str(tmp_path / "run")}}
     )
+    organ = resolve_organ_class(request.param)()
+    organ.configure({}, OrganEnvironment(config.state_dir, config.runtime_dir, config))
     await organ.start()
     yield organ
     await organ.stop()
@@ -61,10 +129,11 @@ def test_every_function_has_contract_inputs(organ: Organ) -> None:
     assert names <= VALID.keys(), f"add contract inputs for {sorted(names - VALID.keys())}"
 
 
-async def test_stimulus_response_contract(organ: Organ) -> None:
+async def test_stimulus_response_contract(organ: Organ, local_url: str) -> None:
     executive = Executive([organ])
     for fn in organ.describe().all_functions():
-        response = await executive.stimulate(Stimulus(fn.name, VALID[fn.name], {"trace_id": "t"}))
+        stimulus = Stimulus(fn.name, valid_input(fn.name, local_url), {"trace_id": "t"})
+        response = await executive.stimulate(stimulus)
         assert response.ok, (fn.name, response.output)
         assert response.latency_ms > 0
         validator_for(fn.output_schema)(fn.output_schema).validate(response.output)
@@ -74,20 +143,21 @@ async def test_stimulus_response_contract(organ: Organ) -> None:
     assert response.output == {"error": "UnsupportedOperation", "op": "nonexistent.function"}
 
 
-async def test_valid_and_invalid_inputs(organ: Organ) -> None:
+async def test_valid_and_invalid_inputs(organ: Organ, local_url: str) -> None:
     executive = Executive([organ])
     card = organ.describe()
     for fn in card.all_functions():
-        executive.validate_stimulus(card.name, fn.name, VALID[fn.name])
+        executive.validate_stimulus(card.name, fn.name, valid_input(fn.name, local_url))
         for bad in INVALID[fn.name]:
             response = await executive.stimulate(Stimulus(fn.name, bad, {}))
             assert not response.ok
-            assert response.output["error"] == "InvalidInput"
+            assert response.output["error"] == "InvalidInput", (fn.name, bad)
             assert response.output["path"].startswith("$")
 
 
-async def test_sub_organ_routing(organ: Organ) -> None:
+async def test_sub_organ_routing(organ: Organ, local_url: str) -> None:
     for sub in organ.describe().sub_organs:
         for fn in sub.functions:
-            response = await organ.stimulate(Stimulus(fn.name, VALID[fn.name], {}))
+            stimulus = Stimulus(fn.name, valid_input(fn.name, local_url), {})
+            response = await organ.stimulate(stimulus)
             assert response.ok, (fn.name, response.output)

@@ -22,7 +22,7 @@ from soma_runtime.supervisor.identity import mint_identity
 from soma_runtime.supervisor.notify import Notifier
 from soma_runtime.supervisor.policy import backoff_delay, wants_restart
 from soma_runtime.supervisor.process import describe_exit
-from soma_runtime.unix import is_descendant, parent_pid
+from soma_runtime.unix import is_descendant, loopback_peer_uid, parent_pid
 from tests.helpers import REPO, Process, run_soma, wait_until
 
 
@@ -259,3 +259,14 @@ async def test_the_sidecar_admin_socket_refuses_anyone_but_its_supervisor(tmp_pa
         assert bad["ok"] is False and "runtime" in bad["message"]
     finally:
         assert sidecar.stop() == 0
+
+
+def test_loopback_peer_uid_names_the_client_sockets_owner() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()):
+            conn, (_, client_port) = server.accept()
+            with conn:
+                assert loopback_peer_uid(client_port, server.getsockname()[1]) == os.geteuid()
+        assert loopback_peer_uid(1, 2) is None  # no such connection

@@ -2,4 +2,6 @@
 
 BUILTIN_ORGANS: dict[str, str] = {
     "system": "sidecar.organs.system:SystemOrgan",
+    "vault": "sidecar.organs.vault:VaultOrgan",
+    "http": "sidecar.organs.http:HttpOrgan",
 }

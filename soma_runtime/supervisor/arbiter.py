@@ -20,7 +20,7 @@ from soma_runtime import jsonline
 from soma_runtime.config import SomaConfig
 from soma_runtime.layout import RuntimeLayout
 from soma_runtime.supervisor.child import State, Supervised
-from soma_runtime.supervisor.children import RuntimeChild, SidecarChild
+from soma_runtime.supervisor.children import RuntimeChild, SidecarChild, gateway_socket
 from soma_runtime.supervisor.control import same_user
 from soma_runtime.supervisor.notify import Notifier
 from soma_runtime.supervisor.sidecar_link import SidecarLink
@@ -35,12 +35,20 @@ class Supervisor:
         self.layout = RuntimeLayout(config.runtime_dir)
         self.notifier = notifier or Notifier()
         link = SidecarLink(self.layout.admin_socket)
-        self.sidecar = SidecarChild(config, link)
-        self.runtimes = [RuntimeChild(config, spec, link, self.layout) for spec in config.runtime]
+        self.gateway_sockets = {r.name: gateway_socket() for r in config.runtime if r.gateways}
+        self.sidecar = SidecarChild(config, link, self.gateway_sockets)
+        self.runtimes = [
+            RuntimeChild(config, spec, link, self.layout, self._port(spec.name))
+            for spec in config.runtime
+        ]
         for child in self.children:
             child.on_change = self._status_changed
         self._stop = asyncio.Event()
         self._ready = False
+
+    def _port(self, runtime: str) -> int | None:
+        sock = self.gateway_sockets.get(runtime)
+        return sock.getsockname()[1] if sock is not None else None
 
     @property
     def children(self) -> list[Supervised]:
@@ -85,6 +93,8 @@ class Supervisor:
             await self.sidecar.stop()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
             watchdog.cancel()
+            for sock in self.gateway_sockets.values():
+                sock.close()
             control.close()
             remove_socket(self.layout.supervisor_socket)
             log.info("stopped")

@@ -122,7 +122,7 @@ class Supervised:
             await self.exited()
             return 127, 0.0
         finally:
-            for fd in command.pass_fds:  # the child has its own copies now
+            for fd in command.close_after_spawn:  # the child has its own copies now
                 _close_quietly(fd)
         self._child = child
         self.pid = child.pid

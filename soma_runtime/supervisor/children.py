@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
 from soma_runtime.admin_protocol import Register
 from soma_runtime.config import RuntimeSection, SidecarSection, SomaConfig
+from soma_runtime.gateway_sockets import SOCKETS_ENV
 from soma_runtime.layout import RuntimeLayout
 from soma_runtime.supervisor.child import StartFailed, Supervised
-from soma_runtime.supervisor.identity import mint_identity
+from soma_runtime.supervisor.identity import Identity, mint_identity
 from soma_runtime.supervisor.process import ChildProcess, Command
 from soma_runtime.supervisor.sidecar_link import SidecarLink
 
@@ -37,13 +39,25 @@ def child_env(strip: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+def gateway_socket() -> socket.socket:
+    """A loopback listening socket for one runtime's gateway. The supervisor holds it for its
+    whole life and hands it to each sidecar it starts, so the port never changes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
 class SidecarChild(Supervised):
     kind = "sidecar"
 
-    def __init__(self, config: SomaConfig, link: SidecarLink) -> None:
+    def __init__(
+        self, config: SomaConfig, link: SidecarLink, gateway_sockets: dict[str, socket.socket]
+    ) -> None:
         super().__init__("sidecar", config.sidecar)
         self._config = config
         self._link = link
+        self._gateway_sockets = gateway_sockets
         self.ready = asyncio.Event()  # set while the sidecar serves
 
     @property
@@ -61,7 +75,10 @@ class SidecarChild(Supervised):
             "--config",
             str(self._config.source),
         ]
-        return Command(argv, child_env(_SYSTEMD_ONLY), self._config.source.parent)
+        env = child_env(_SYSTEMD_ONLY)
+        env[SOCKETS_ENV] = ",".join(f"{r}={s.fileno()}" for r, s in self._gateway_sockets.items())
+        fds = tuple(s.fileno() for s in self._gateway_sockets.values())
+        return Command(argv, env, self._config.source.parent, pass_fds=fds)
 
     async def started(self, child: ChildProcess) -> None:
         deadline = time.monotonic() + self.settings.start_timeout
@@ -83,28 +100,51 @@ class RuntimeChild(Supervised):
     kind = "runtime"
 
     def __init__(
-        self, config: SomaConfig, spec: RuntimeSection, link: SidecarLink, layout: RuntimeLayout
+        self,
+        config: SomaConfig,
+        spec: RuntimeSection,
+        link: SidecarLink,
+        layout: RuntimeLayout,
+        gateway_port: int | None,
     ) -> None:
         super().__init__(spec.name, spec)
         self.spec = spec
         self._config = config
         self._link = link
         self._layout = layout
-        self._digest = ""
+        self._gateway_port = gateway_port
+        self._identity: Identity | None = None
 
     def _registration(self, pid: int | None) -> Register:
+        assert self._identity is not None
         return Register(
-            runtime=self.name, token_sha256=self._digest, pid=pid, allow=self.spec.allow
+            runtime=self.name,
+            token_sha256=self._identity.digest,
+            pid=pid,
+            allow=self.spec.allow,
+            credentials=self.spec.credentials,
+            placeholder_sha256=self._identity.placeholder_digest if self.spec.gateways else None,
+            gateways=self.spec.gateways,
         )
+
+    def _gateway_env(self, placeholder: str) -> dict[str, str]:
+        """Each gateway's base URL and the placeholder, under the names its SDK reads."""
+        env = {}
+        for gateway in self._config.gateway:
+            if gateway.name in self.spec.gateways:
+                env[gateway.base_url_env] = f"http://127.0.0.1:{self._gateway_port}/{gateway.name}"
+                env[gateway.api_key_env] = placeholder
+        return env
 
     async def prepare(self) -> Command:
         identity = mint_identity()
-        self._digest = identity.digest
+        self._identity = identity
         # Registered before the process exists: its first handshake may come at once.
         await self._link.register(self._registration(pid=None))
         grpc_path = self._layout.channel_socket(self.name)
         env = child_env(_SYSTEMD_ONLY + _SIDECAR_ONLY)
         env.update(self.spec.env)
+        env.update(self._gateway_env(identity.placeholder))
         env.update(
             {
                 "SOMA_RUNTIME": self.name,
@@ -114,7 +154,8 @@ class RuntimeChild(Supervised):
             }
         )
         cwd = self._config.resolve(self.spec.cwd) if self.spec.cwd else self._config_dir()
-        return Command(list(self.spec.command), env, cwd, pass_fds=(identity.token_fd,))
+        fds = (identity.token_fd,)
+        return Command(list(self.spec.command), env, cwd, pass_fds=fds, close_after_spawn=fds)
 
     def _config_dir(self) -> Path:
         return self._config.source.parent if self._config.source else Path.cwd()
@@ -123,5 +164,5 @@ class RuntimeChild(Supervised):
         await self._link.register(self._registration(pid=child.pid))
 
     async def exited(self) -> None:
-        # The token dies with the process: a restart gets a new one.
+        # The token and placeholder die with the process: a restart gets new ones.
         await self._link.unregister(self.name)

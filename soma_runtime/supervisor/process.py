@@ -29,7 +29,10 @@ class Command:
     argv: list[str]
     env: dict[str, str]
     cwd: Path
+    # Descriptors the child inherits; those in `close_after_spawn` are this start's alone
+    # (the supervisor closes its copies once the child has its own).
     pass_fds: tuple[int, ...] = field(default=())
+    close_after_spawn: tuple[int, ...] = field(default=())
 
 
 def _die_with(parent: int) -> Callable[[], None]:

@@ -1,0 +1,125 @@
+"""Credential injection: what a call needs, whether its runtime may have it, and the value.
+
+A function's card lists the credentials it needs (by name, or `input:<field>` for the one its
+input names). For each, the sidecar checks the calling runtime's `credentials`, decrypts the
+secret at call time (the use is audited), and hands the organ a `Credential` beside the
+stimulus. A `Credential` attaches itself only to requests for its own hosts, over https (or
+http to loopback).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sidecar.vault.async_vault import AsyncVault
+from sidecar.vault.store import Vault, VaultError
+from soma_runtime.cards import FunctionCard
+from soma_runtime.config import CredentialSection
+from soma_runtime.hosts import host_allowed, secure_url, upstream_host
+from soma_runtime.redaction import redactor
+
+INPUT_PREFIX = "input:"
+
+
+class CredentialDenied(Exception):
+    """The runtime may not use that credential (answered PERMISSION_DENIED)."""
+
+    def __init__(self, runtime: str, credential: str) -> None:
+        super().__init__(f"runtime {runtime!r} may not use credential {credential!r}")
+        self.credential = credential
+
+
+class HostNotAllowed(Exception):
+    """The request's URL is not one the credential may be sent to."""
+
+
+class Credential:
+    """A decrypted credential bound to its hosts. Its value is not in its repr or str."""
+
+    __slots__ = ("_value", "hosts", "inject", "name")
+
+    def __init__(self, settings: CredentialSection, value: str) -> None:
+        self.name = settings.name
+        self.hosts = tuple(settings.hosts)
+        self.inject = settings.inject
+        self._value = value
+
+    def __repr__(self) -> str:
+        return f"Credential({self.name!r}, hosts={list(self.hosts)!r})"
+
+    __str__ = __repr__
+
+    def allows(self, url: str) -> bool:
+        """Whether this credential may go to `url`: one of its hosts, over https
+        (or http to a loopback host)."""
+        return secure_url(url) and host_allowed(upstream_host(url), list(self.hosts))
+
+    def apply(self, url: str, headers: dict[str, str]) -> str:
+        """Attach the credential to a request for `url` (adds a header, or returns the URL with
+        the query parameter); `HostNotAllowed` for any other host."""
+        if not self.allows(url):
+            raise HostNotAllowed(f"credential {self.name!r} is not sent to {upstream_host(url)!r}")
+        if self.inject.kind == "bearer":
+            headers["Authorization"] = f"Bearer {self._value}"
+        elif self.inject.kind == "header":
+            assert self.inject.name is not None
+            headers[self.inject.name] = self._value
+        else:
+            assert self.inject.name is not None
+            parts = urlsplit(url)
+            query = [
+                (k, v)
+                for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                if k != self.inject.name
+            ]
+            query.append((self.inject.name, self._value))
+            return urlunsplit(parts._replace(query=urlencode(query)))
+        return url
+
+
+def needed(card: FunctionCard, input: Mapping[str, Any]) -> list[str]:
+    """The credential names a call of `card` with `input` needs."""
+    names = []
+    for ref in card.credentials:
+        if ref.startswith(INPUT_PREFIX):
+            value = input.get(ref[len(INPUT_PREFIX) :])
+            if isinstance(value, str) and value:
+                names.append(value)
+        else:
+            names.append(ref)
+    return names
+
+
+class CredentialBroker:
+    """Resolves credentials for calls; the vault is only opened if some call needs it."""
+
+    def __init__(self, settings: list[CredentialSection], vault: AsyncVault) -> None:
+        self._settings = {c.name: c for c in settings}
+        self._vault = vault
+
+    def settings(self, name: str) -> CredentialSection | None:
+        return self._settings.get(name)
+
+    async def resolve(
+        self, names: list[str], *, runtime: str, allowed: frozenset[str], organ: str, op: str
+    ) -> dict[str, Credential]:
+        """Decrypt each credential in `names` for `runtime`; `CredentialDenied` if it may not
+        use one, `VaultError` if a value cannot be read."""
+        for name in names:
+            if name not in allowed or name not in self._settings:
+                raise CredentialDenied(runtime, name)
+        resolved = {}
+        for name in names:
+            settings = self._settings[name]
+            raw = await self._vault.run(
+                Vault.reveal, settings.secret_name, runtime=runtime, organ=organ, op=op
+            )
+            try:
+                value = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise VaultError(f"secret {settings.secret_name!r} is not UTF-8 text") from None
+            redactor.add(value)
+            resolved[name] = Credential(settings, value)
+        return resolved

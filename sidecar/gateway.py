@@ -1,0 +1,311 @@
+"""The outbound gateway: model SDKs call the sidecar with a placeholder key; the sidecar
+forwards to the real upstream with the real credential, streaming both ways unchanged.
+
+Each runtime that uses gateways has its own loopback port (the supervisor opens the listening
+sockets, so the port survives sidecar restarts) and its own placeholder. A request is
+forwarded only when it arrives on that runtime's port, from a process of the sidecar's user
+(read from the kernel's TCP table), with the runtime's current placeholder where the SDK puts
+its key, for a gateway the runtime may use. The placeholder is then replaced by the
+credential, which is attached only for the gateway's upstream host. Server-sent events and
+any other streamed body pass through as raw bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import httpx2
+import structlog
+import uvicorn
+
+from sidecar.access import Channel
+from sidecar.credentials import CredentialBroker, CredentialDenied
+from sidecar.vault.store import VaultError
+from soma_runtime.config import GatewaySection
+from soma_runtime.gateway_sockets import SOCKETS_ENV
+from soma_runtime.unix import loopback_peer_uid
+
+log = structlog.get_logger(component="gateway")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# Headers that describe one hop, not the message: never forwarded either way.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+
+
+class GatewayRefusal(Exception):
+    """The request is answered by the gateway itself, with this status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def sockets_from_env(environ: MutableMapping[str, str] | None = None) -> dict[str, socket.socket]:
+    """The listening sockets the supervisor passed, by runtime (`claims=7,triage=8`)."""
+    raw = (os.environ if environ is None else environ).get(SOCKETS_ENV, "")
+    sockets = {}
+    for item in filter(None, raw.split(",")):
+        runtime, _, fd = item.partition("=")
+        sockets[runtime] = socket.socket(fileno=int(fd))
+    return sockets
+
+
+class Gateway:
+    """The ASGI application behind every runtime's gateway port."""
+
+    def __init__(
+        self,
+        gateways: list[GatewaySection],
+        broker: CredentialBroker,
+        channel_of: Callable[[str], Channel | None],
+        ports: dict[int, str],
+    ) -> None:
+        self._gateways = {g.name: g for g in gateways}
+        self._broker = broker
+        self._channel_of = channel_of
+        self._ports = ports
+        self._client = httpx2.AsyncClient(follow_redirects=False, trust_env=False)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        runtime = self._ports.get(scope["server"][1], "?")
+        gateway_name, _, rest = scope["path"].lstrip("/").partition("/")
+        status, sent = 0, 0
+        try:
+            status, sent = await self._forward(scope, receive, send, runtime, gateway_name, rest)
+        except GatewayRefusal as refusal:
+            status = refusal.status
+            level = log.warning if status in (401, 403) else log.error
+            level(
+                "gateway_refused",
+                runtime=runtime,
+                gateway=gateway_name,
+                status=status,
+                reason=refusal.message,
+            )
+            await _error(send, status, refusal.message)
+        log.info(
+            "gateway",
+            runtime=runtime,
+            gateway=gateway_name,
+            method=scope["method"],
+            path="/" + rest,
+            status=status,
+            bytes=sent,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    def _admit(
+        self, scope: Scope, runtime: str, gateway_name: str
+    ) -> tuple[GatewaySection, Channel]:
+        gateway = self._gateways.get(gateway_name)
+        if gateway is None:
+            raise GatewayRefusal(404, f"no gateway named {gateway_name!r}")
+        channel = self._channel_of(runtime)
+        if channel is None or channel.placeholder is None:
+            raise GatewayRefusal(401, "the runtime of this port is not running")
+        if gateway_name not in channel.gateways:
+            raise GatewayRefusal(403, f"runtime {runtime!r} may not use gateway {gateway_name!r}")
+        client_port, server_port = scope["client"][1], scope["server"][1]
+        if loopback_peer_uid(client_port, server_port) != os.geteuid():
+            raise GatewayRefusal(403, "the connection does not come from the sidecar's user")
+        return gateway, channel
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, runtime: str, gateway_name: str, rest: str
+    ) -> tuple[int, int]:
+        gateway, channel = self._admit(scope, runtime, gateway_name)
+        settings = self._broker.settings(gateway.credential)
+        assert settings is not None  # the config guarantees it
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1")
+            for k, v in scope["headers"]
+            if k.decode("latin-1").lower() not in HOP_BY_HOP
+        }
+        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        presented = _take_placeholder(settings.inject.kind, settings.inject.name, headers, query)
+        if presented is None or not channel.placeholder_matches(presented):
+            raise GatewayRefusal(401, "missing or wrong placeholder key for this runtime")
+        declared = headers.get("content-length")
+        if (
+            declared is not None
+            and declared.isdigit()
+            and int(declared) > gateway.max_request_bytes
+        ):
+            raise GatewayRefusal(
+                413, f"request bodies are limited to {gateway.max_request_bytes} bytes"
+            )
+        try:
+            credentials = await self._broker.resolve(
+                [gateway.credential],
+                runtime=runtime,
+                allowed=frozenset({gateway.credential}),
+                organ="gateway",
+                op=gateway.name,
+            )
+        except (VaultError, CredentialDenied) as exc:
+            raise GatewayRefusal(503, f"credential unavailable: {exc}") from None
+        url = gateway.upstream.rstrip("/") + ("/" + rest if rest else "")
+        if query:
+            url += "?" + urlencode(query)
+        url = credentials[gateway.credential].apply(url, headers)
+        body = _body(receive, gateway.max_request_bytes)
+        request = self._client.build_request(
+            scope["method"],
+            url,
+            headers=headers,
+            content=body,
+            timeout=httpx2.Timeout(gateway.timeout, connect=10.0),
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+        except _TooLarge as exc:
+            raise GatewayRefusal(413, str(exc)) from None
+        except httpx2.TimeoutException:
+            raise GatewayRefusal(
+                504, f"{gateway.name}: the upstream did not answer in time"
+            ) from None
+        except httpx2.HTTPError as exc:
+            raise GatewayRefusal(
+                502, f"{gateway.name}: upstream unreachable ({type(exc).__name__})"
+            ) from None
+        return await _relay(response, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _take_placeholder(
+    kind: str, name: str | None, headers: dict[str, str], query: list[tuple[str, str]]
+) -> str | None:
+    """Remove the placeholder from where the SDK put its key, and return it."""
+    if kind == "bearer":
+        value = headers.pop("authorization", "")
+        scheme, _, token = value.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+    assert name is not None
+    if kind == "header":
+        return headers.pop(name.lower(), None)
+    found = [v for k, v in query if k == name]
+    query[:] = [(k, v) for k, v in query if k != name]
+    return found[0] if found else None
+
+
+async def _body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > limit:
+            raise _TooLarge(f"request bodies are limited to {limit} bytes")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _relay(response: httpx2.Response, send: Send) -> tuple[int, int]:
+    """Stream the upstream's answer back unchanged (raw bytes: compression and SSE intact)."""
+    sent = 0
+    try:
+        headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in response.headers.multi_items()
+            if k.lower() not in HOP_BY_HOP
+        ]
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        async for chunk in response.aiter_raw():
+            sent += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        await response.aclose()
+    return response.status_code, sent
+
+
+async def _error(send: Send, status: int, message: str) -> None:
+    body = json.dumps({"error": {"type": "soma_gateway", "message": message}}).encode()
+    with contextlib.suppress(Exception):  # the response may already have started
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the sidecar's loop: the sidecar, not uvicorn, owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class GatewayServer:
+    """Serves `Gateway` on the inherited listening sockets."""
+
+    def __init__(self, app: Gateway, sockets: list[socket.socket], grace: float) -> None:
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=math.ceil(grace),
+        )
+        self._server = _EmbeddedServer(config)
+        self._sockets = sockets
+        self._app = app
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # The sockets already listen, so connections queue until uvicorn accepts them.
+        self._task = asyncio.create_task(self._server.serve(sockets=self._sockets))
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            await self._task
+        await self._app.aclose()

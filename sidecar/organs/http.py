@@ -1,0 +1,246 @@
+"""The `http` organ: one outbound HTTP request, with an injected credential bound to its hosts.
+
+The caller names a credential in the input; the sidecar checks the runtime may use it and
+hands it over beside the stimulus. The credential is attached only while the request goes to
+one of the credential's hosts over https (or http to loopback): a redirect to any other host
+continues without it. Redirects are followed by hand for exactly that reason. Responses are
+bounded (`max_response_bytes`), requests time out, and error messages name hosts, never
+URLs (a query parameter may carry a credential).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx2
+import structlog
+
+from sidecar.credentials import Credential
+from soma_runtime import (
+    FunctionCard,
+    OrganCard,
+    OrganEnvironment,
+    OrganFailure,
+    ResidencyPolicy,
+    RoutedOrgan,
+    SloConfig,
+    Stimulus,
+)
+from soma_runtime import function as organ_function
+from soma_runtime.hosts import upstream_host
+
+log = structlog.get_logger(component="http")
+
+VERSION = "0.1.0"
+MAX_REDIRECTS = 5
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+DEFAULT_MAX_RESPONSE = 1024 * 1024
+LIMIT_MAX_RESPONSE = 16 * 1024 * 1024
+
+_REQUEST = FunctionCard(
+    name="http.request",
+    description=(
+        "Make one outbound HTTP request, optionally with a credential the sidecar injects; the "
+        "credential is only ever sent to its own hosts. Returns status, headers and body."
+    ),
+    tags=["network", "http", "write", "credentials"],
+    examples=[
+        "Call a REST API with the team's API key without ever seeing the key",
+        "Fetch a JSON document from a public URL",
+        "POST a webhook payload with a bearer token injected by the sidecar",
+    ],
+    input_schema={
+        "type": "object",
+        "properties": {
+            "method": {"enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]},
+            "url": {"type": "string", "pattern": "^https?://", "maxLength": 8192},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "body": {"type": "string", "description": "Request body as text."},
+            "json": {"description": "Request body as JSON (sets Content-Type)."},
+            "credential": {"type": "string", "description": "Name of a credential to inject."},
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 300},
+            "max_response_bytes": {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX_RESPONSE},
+            "follow_redirects": {"type": "boolean"},
+        },
+        "required": ["url"],
+        "additionalProperties": False,
+        "not": {"required": ["body", "json"]},
+    },
+    output_schema={
+        "type": "object",
+        "properties": {
+            "status": {"type": "integer"},
+            "headers": {"type": "object"},
+            "body": {"type": "string", "description": "The body, when it is UTF-8 text."},
+            "body_base64": {"type": "string", "description": "The body, otherwise."},
+            "url": {"type": "string", "description": "The final URL, after redirects."},
+            "redirects": {"type": "integer"},
+            "credential_dropped": {
+                "type": "boolean",
+                "description": "True when a redirect left the credential's hosts.",
+            },
+        },
+        "required": ["status", "headers", "url", "redirects"],
+    },
+    slo=SloConfig(p95_latency_ms=2000, max_error_rate=0.01, queue_cap=256),
+    residency=ResidencyPolicy.GLOBAL,
+    idempotent=False,
+    side_effects=["network call to the URL's host"],
+    credentials=["input:credential"],
+)
+
+
+class HttpOrgan(RoutedOrgan):
+    """Outbound HTTP for agents, with credentials they never hold."""
+
+    card = OrganCard(
+        name="http",
+        version=VERSION,
+        description="Outbound HTTP requests with credentials injected by the sidecar and bound to "
+        "their hosts.",
+        division="network",
+        subsystem="http",
+        tags=["network", "http", "credentials", "integration"],
+        execution_modes=["sidecar"],
+        functions=[],
+        author="Soma Runtime",
+        repository="https://github.com/soma-runtime/soma-runtime",
+    )
+
+    def __init__(self) -> None:
+        self.max_response_bytes = DEFAULT_MAX_RESPONSE
+        self._client: httpx2.AsyncClient | None = None
+
+    def configure(self, settings: Mapping[str, Any], env: OrganEnvironment) -> None:
+        """`max_response_bytes`: the default limit on a response body (1 MiB)."""
+        unknown = set(settings) - {"max_response_bytes"}
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}")
+        limit = settings.get("max_response_bytes", self.max_response_bytes)
+        if not isinstance(limit, int) or not 1 <= limit <= LIMIT_MAX_RESPONSE:
+            raise ValueError(
+                f"max_response_bytes must be an integer from 1 to {LIMIT_MAX_RESPONSE}"
+            )
+        self.max_response_bytes = limit
+
+    async def start(self) -> None:
+        # trust_env=False: no proxies or .netrc credentials picked up behind the config's back.
+        self._client = httpx2.AsyncClient(follow_redirects=False, trust_env=False)
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    @organ_function(_REQUEST)
+    async def request(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
+        credential = self._credential(input, stimulus)
+        method = input.get("method", "GET")
+        url = input["url"]
+        headers = dict(input.get("headers", {}))
+        content: bytes | None = None
+        if "body" in input:
+            content = input["body"].encode()
+        elif "json" in input:
+            content = json.dumps(input["json"]).encode()
+            headers.setdefault("Content-Type", "application/json")
+        if credential is not None and not credential.allows(url):
+            raise OrganFailure(
+                "HostNotAllowed",
+                f"credential {credential.name!r} is not sent to {upstream_host(url)!r}",
+                credential=credential.name,
+            )
+        timeout = float(input.get("timeout_s", 30.0))
+        limit = int(input.get("max_response_bytes", self.max_response_bytes))
+        dropped = False
+        for redirects in range(MAX_REDIRECTS + 1):
+            send_headers = dict(headers)
+            send_url = url
+            if credential is not None:
+                if credential.allows(url):
+                    send_url = credential.apply(url, send_headers)
+                elif not dropped:
+                    dropped = True
+                    log.warning(
+                        "credential_dropped",
+                        credential=credential.name,
+                        host=upstream_host(url),
+                        op=stimulus.op,
+                    )
+            reply = await self._send(method, send_url, url, send_headers, content, timeout, limit)
+            location = reply.headers.get("location")
+            if not (input.get("follow_redirects", True) and reply.status in REDIRECTS and location):
+                return reply.output(url, redirects, dropped)
+            url = urljoin(url, location)
+            if reply.status == 303 or (reply.status in (301, 302) and method == "POST"):
+                method, content = "GET", None
+                headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+        raise OrganFailure("TooManyRedirects", f"more than {MAX_REDIRECTS} redirects")
+
+    @staticmethod
+    def _credential(input: dict[str, Any], stimulus: Stimulus) -> Credential | None:
+        name = input.get("credential")
+        if not name:
+            return None
+        credential = stimulus.credentials.get(name)
+        if not isinstance(credential, Credential):
+            raise OrganFailure("CredentialUnavailable", f"credential {name!r} was not provided")
+        return credential
+
+    async def _send(
+        self,
+        method: str,
+        send_url: str,
+        url: str,
+        headers: dict[str, str],
+        content: bytes | None,
+        timeout: float,
+        limit: int,
+    ) -> _Reply:
+        assert self._client is not None, "the organ was not started"
+        host = upstream_host(url)
+        try:
+            async with self._client.stream(
+                method, send_url, headers=headers, content=content, timeout=timeout
+            ) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise OrganFailure(
+                            "ResponseTooLarge", f"the response from {host!r} exceeds {limit} bytes"
+                        )
+                return _Reply(response.status_code, response.headers, bytes(body))
+        except httpx2.TimeoutException:
+            raise OrganFailure("Timeout", f"{host!r} did not answer within {timeout}s") from None
+        except httpx2.HTTPError as exc:
+            # The exception text can contain the URL, and a query credential with it.
+            raise OrganFailure(
+                "Unreachable", f"request to {host!r} failed: {type(exc).__name__}"
+            ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    headers: httpx2.Headers
+    body: bytes
+
+    def output(self, url: str, redirects: int, dropped: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": self.status,
+            "headers": dict(self.headers.items()),
+            "url": url,
+            "redirects": redirects,
+        }
+        try:
+            out["body"] = self.body.decode("utf-8")
+        except UnicodeDecodeError:
+            out["body_base64"] = base64.b64encode(self.body).decode()
+        if dropped:
+            out["credential_dropped"] = True
+        return out

@@ -1,0 +1,1 @@
+"""The credential vault: secrets and blobs in SQLite, sealed with envelope encryption."""

@@ -1,0 +1,48 @@
+"""The vault for asyncio code: every database call runs on one dedicated thread.
+
+One thread keeps SQLite's connection single-threaded and the event loop free. The vault is
+opened by the first call that needs it; if it cannot be opened (a corrupt database, no key),
+that call and later ones raise the reason (each retries the open, so a repaired vault is
+picked up), and everything that does not need the vault keeps working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import structlog
+
+from sidecar.vault.store import Vault, VaultUnavailable
+
+log = structlog.get_logger(component="vault")
+T = TypeVar("T")
+
+
+class AsyncVault:
+    def __init__(self, opener: Callable[[], Vault]) -> None:
+        self._opener = opener
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault")
+        self._vault: Vault | None = None
+
+    def _on_thread(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        if self._vault is None:
+            try:
+                self._vault = self._opener()
+            except VaultUnavailable as exc:
+                log.error("vault_unavailable", reason=str(exc))
+                raise
+        return fn(self._vault, *args, **kwargs)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(vault, *args, **kwargs)` on the vault's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._on_thread, fn, args, kwargs)
+
+    async def close(self) -> None:
+        vault, self._vault = self._vault, None
+        if vault is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, vault.close)
+        self._executor.shutdown(wait=True)

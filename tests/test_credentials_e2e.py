@@ -1,0 +1,259 @@
+"""Credentials end to end: secrets set with the CLI, injected by the sidecar into the http
+organ and the model gateway, bound to their hosts, never in a runtime or a log."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+from tests.helpers import (
+    SupervisorRun,
+    child_env,
+    process_environ,
+    read_report,
+    run_soma,
+    wait_until,
+)
+
+UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
+APIKEY_VALUE = "ak-never-used-0123456789"
+SECRETS = (UPSTREAM_KEY, APIKEY_VALUE)
+
+ORGANS = ("system", "http")
+BODY = """
+[[credential]]
+name = "upstream"
+hosts = ["127.0.0.1"]
+
+[[credential]]
+name = "apikey"
+inject = {{ kind = "header", name = "X-Api-Key" }}
+hosts = ["127.0.0.1"]
+
+[[gateway]]
+name = "model"
+upstream = "{upstream}/v1"
+credential = "upstream"
+base_url_env = "OPENAI_BASE_URL"
+api_key_env = "OPENAI_API_KEY"
+
+[[gateway]]
+name = "forbidden"
+upstream = "{upstream}/v1"
+credential = "upstream"
+base_url_env = "FORBIDDEN_BASE_URL"
+api_key_env = "FORBIDDEN_API_KEY"
+max_request_bytes = 4096
+
+[[runtime]]
+name = "agent"
+command = ["python", "-m", "tests.fixtures.agents", "credentials", "agent.jsonl"]
+allow = ["http.request"]
+credentials = ["upstream"]
+gateways = ["model"]
+env = {{ UPSTREAM = "{upstream}", OTHER = "{other}" }}
+
+[[runtime]]
+name = "bystander"
+command = ["python", "-c", "import signal; signal.pause()"]
+allow = ["system.*"]
+"""
+
+
+def set_secret(config: Path, name: str, value: str) -> None:
+    soma = str(Path(sys.executable).parent / "soma")
+    result = subprocess.run(
+        [soma, "secrets", "set", name, "--config", str(config)],
+        input=value + "\n",
+        text=True,
+        capture_output=True,
+        env=child_env(),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert value not in result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    server = FakeUpstream()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def scenario(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream
+) -> Iterator[SupervisorRun]:
+    tmp = tmp_path_factory.mktemp("credentials")
+    body = BODY.format(upstream=upstream.url, other=upstream.other_host_url)
+    config = SupervisorRun.write(tmp, body, ORGANS)  # the CLI reads it before the run starts
+    set_secret(config, "upstream", UPSTREAM_KEY)
+    set_secret(config, "apikey", APIKEY_VALUE)
+    run = SupervisorRun(tmp, body, organs=ORGANS)
+    run.wait_ready()
+    wait_until(
+        lambda: any(r.get("ready") for r in read_report(tmp / "agent.jsonl")),
+        60,
+        "the agent to report",
+    )
+    yield run
+    assert run.stop() == 0, run.proc.output()
+
+
+def agent_report(run: SupervisorRun) -> dict[str, object]:
+    return read_report(run.tmp / "agent.jsonl")[0]
+
+
+def test_an_allowed_credential_is_injected(scenario: SupervisorRun, upstream: FakeUpstream) -> None:
+    report = agent_report(scenario)
+    assert report["echo_status"] == 200 and report["echo_saw_auth"] is True
+    echo = next(
+        r
+        for r in upstream.requests
+        if r.path == "/v1/echo" and r.headers.get("host", "").startswith("127.0.0.1")
+    )
+    assert echo.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+def test_a_credential_the_runtime_may_not_use_is_permission_denied(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    assert agent_report(scenario)["not_allowed"] == "PERMISSION_DENIED"
+    assert all(r.headers.get("x-api-key") != APIKEY_VALUE for r in upstream.requests)
+    wait_until(
+        lambda: any(e.get("credential") == "apikey" for e in scenario.events("credential_denied")),
+        what="the deny logged",
+    )
+
+
+def test_a_credential_is_never_sent_to_another_host(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    report = agent_report(scenario)
+    assert report["other_host"] == "HostNotAllowed"
+    redirect = report["redirect"]
+    assert redirect == {"status": 200, "dropped": True, "auth_at_other": None}
+    at_other = [r for r in upstream.requests if r.headers.get("host", "").startswith("localhost")]
+    assert at_other  # the redirect was followed...
+    assert all("authorization" not in r.headers for r in at_other)  # ...without the credential
+
+
+def test_the_gateway_swaps_the_placeholder_for_the_real_key(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    report = agent_report(scenario)
+    assert report["gateway_status"] == 200
+    assert report["gateway_answer"]["choices"][0]["message"]["content"] == "hello"
+    completions = [r for r in upstream.requests if r.path == "/v1/chat/completions"]
+    assert len(completions) == 2  # the plain and the streamed call; the wrong key never arrived
+    assert {r.headers["authorization"] for r in completions} == {f"Bearer {UPSTREAM_KEY}"}
+    assert json.loads(completions[0].body) == {"model": "m", "messages": []}
+    assert report["wrong_key_status"] == 401
+
+
+def test_the_gateway_streams_server_sent_events_through(scenario: SupervisorRun) -> None:
+    report = agent_report(scenario)
+    assert report["stream_type"] == "text/event-stream"
+    assert report["stream_events"] == ['{"n": 0}', '{"n": 1}', '{"n": 2}', "[DONE]"]
+    # streamed as produced, not buffered: the events arrived spread over the upstream's gaps
+    assert report["stream_spread_s"] >= 2.5 * FakeUpstream.EVENT_GAP_S
+
+
+def agent_gateway(run: SupervisorRun) -> tuple[int, str, str]:
+    """The agent's gateway port, base URL and placeholder, as a same-user process reads them."""
+    environ = process_environ(run.child("agent")["pid"])
+    base_url = environ["OPENAI_BASE_URL"]
+    return int(base_url.rsplit(":", 1)[1].split("/")[0]), base_url, environ["OPENAI_API_KEY"]
+
+
+def test_the_runtime_environment_holds_only_the_placeholder(scenario: SupervisorRun) -> None:
+    port, base_url, placeholder = agent_gateway(scenario)
+    assert placeholder.startswith("soma_pk_") and len(placeholder) > 40
+    assert base_url == f"http://127.0.0.1:{port}/model"
+    assert "OPENAI_API_KEY" not in process_environ(scenario.child("bystander")["pid"])
+    seen_inside = agent_report(scenario)["environ"]
+    assert seen_inside["OPENAI_API_KEY"] == placeholder  # os.environ, as the agent saw it
+    assert not any(secret in str(seen_inside) for secret in SECRETS)
+
+
+def test_every_use_is_audited(scenario: SupervisorRun) -> None:
+    result = run_soma("secrets", "audit", "upstream", "--config", str(scenario.config))
+    assert result.returncode == 0, result.stderr
+    uses = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {(u["runtime"], u["organ"], u["op"]) for u in uses if u["action"] == "use"} >= {
+        ("agent", "http", "http.request"),
+        ("agent", "gateway", "model"),
+    }
+    listing = run_soma("secrets", "list", "--config", str(scenario.config))
+    assert "agent (upstream, gateway model)" in listing.stdout
+    assert not any(secret in result.stdout + listing.stdout for secret in SECRETS)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_leaked_placeholder_is_worthless_to_another_user(scenario: SupervisorRun) -> None:
+    port, _, placeholder = agent_gateway(scenario)
+    request = (
+        f"POST /model/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {placeholder}\r\n"
+        "Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+    ).encode()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        os.setgid(65534)
+        os.setuid(65534)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        os.write(write, answer.split(b"\r\n", 1)[0])
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read, "rb") as stream:
+        assert stream.read() == b"HTTP/1.1 403 Forbidden"
+
+
+def test_gateway_refusals(scenario: SupervisorRun, upstream: FakeUpstream) -> None:
+    port, _, placeholder = agent_gateway(scenario)
+    base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {placeholder}"}
+    before = len(upstream.requests)
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        assert http.post(f"{base}/nope/x", headers=auth, json={}).status_code == 404
+        assert (
+            http.post(f"{base}/forbidden/chat/completions", headers=auth, json={}).status_code
+            == 403
+        )
+        too_big = http.post(
+            f"{base}/model/chat/completions", headers=auth, content=b"x" * (40 * 1024 * 1024)
+        )
+        assert too_big.status_code == 413
+        assert "soma_gateway" in too_big.text
+    assert len(upstream.requests) == before  # none of them reached the upstream
+    wait_until(
+        lambda: {e["status"] for e in scenario.events("gateway_refused")} >= {404, 403, 413},
+        what="the refusals logged",
+    )
+
+
+def test_no_secret_in_any_log_line_or_runtime_environment(scenario: SupervisorRun) -> None:
+    """Last of the module: the whole scenario has run."""
+    logs = scenario.proc.output()
+    assert '"event": "gateway"' in logs and '"op": "http.request"' in logs  # it all happened
+    hits = [secret for secret in SECRETS if secret in logs]
+    for child in scenario.status()["children"]:
+        environ = str(process_environ(child["pid"]))
+        hits += [f"{child['name']} env" for s in SECRETS if s in environ]
+    assert hits == []

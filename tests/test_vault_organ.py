@@ -1,0 +1,159 @@
+"""The vault organ and its similarity sub-organ, in process and through a real sidecar."""
+
+from __future__ import annotations
+
+import base64
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sdk
+from sidecar.organs.vault import VaultOrgan
+from soma_runtime import Executive, OrganEnvironment, Stimulus
+from soma_runtime.config import parse_config
+from tests.helpers import SOMA, Process, start_sidecar
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture
+async def executive(tmp_path: Path) -> AsyncIterator[Executive]:
+    config = parse_config({"soma": {"state_dir": str(tmp_path / "state")}})
+    organ = VaultOrgan()
+    organ.configure(
+        {"max_blob_bytes": 1000}, OrganEnvironment(config.state_dir, config.runtime_dir, config)
+    )
+    executive = Executive([organ])
+    await executive.start()
+    yield executive
+    await executive.stop()
+
+
+async def call(
+    executive: Executive, op: str, input: dict[str, Any], caller: str | None = "claims"
+) -> Any:
+    response = await executive.stimulate(Stimulus(op, input, {}, caller=caller))
+    return response.output
+
+
+async def test_store_retrieve_list_delete(executive: Executive) -> None:
+    stored = await call(
+        executive,
+        "vault.store",
+        {"key": "doc-1", "data": b64(b"hello"), "metadata": {"kind": "note"}},
+    )
+    assert stored == {"stored": True, "key": "doc-1", "revision": 1, "size_bytes": 5}
+    again = await call(executive, "vault.store", {"key": "doc-1", "data": b64(b"hello!")})
+    assert again["revision"] == 2
+    got = await call(executive, "vault.retrieve", {"key": "doc-1"})
+    assert base64.b64decode(got["data"]) == b"hello!" and got["metadata"] == {}
+    for i in range(3):
+        await call(executive, "vault.store", {"key": f"page-{i}", "data": b64(b"p")})
+    first = await call(executive, "vault.list", {"prefix": "page-", "limit": 2})
+    assert [i["key"] for i in first["items"]] == ["page-0", "page-1"]
+    rest = await call(executive, "vault.list", {"prefix": "page-", "after": first["next_after"]})
+    assert [i["key"] for i in rest["items"]] == ["page-2"] and "next_after" not in rest
+    assert await call(executive, "vault.delete", {"key": "doc-1"}) == {"deleted": True}
+    assert await call(executive, "vault.delete", {"key": "doc-1"}) == {"deleted": False}
+    missing = await call(executive, "vault.retrieve", {"key": "doc-1"})
+    assert missing["error"] == "NotFound"
+
+
+async def test_runtimes_have_their_own_namespaces(executive: Executive) -> None:
+    await call(executive, "vault.store", {"key": "k", "data": b64(b"claims' own")}, "claims")
+    other = await call(executive, "vault.retrieve", {"key": "k"}, caller="triage")
+    assert other["error"] == "NotFound"
+    assert (await call(executive, "vault.list", {}, caller="triage"))["items"] == []
+
+
+async def test_bad_blobs_are_refused(executive: Executive) -> None:
+    bad = await call(executive, "vault.store", {"key": "k", "data": "not base64!"})
+    assert bad["error"] == "InvalidInput" and bad["path"] == "$.data"
+    big = await call(executive, "vault.store", {"key": "k", "data": b64(b"x" * 1001)})
+    assert big["error"] == "TooLarge"
+    meta = await call(
+        executive, "vault.store", {"key": "k", "data": "", "metadata": {"m": "x" * 20000}}
+    )
+    assert meta["error"] == "TooLarge" and meta["path"] == "$.metadata"
+    for key in ("../x", "a/b", ".hidden", "x" * 256, "a..b"):
+        answer = await call(executive, "vault.store", {"key": key, "data": ""})
+        assert answer["error"] == "InvalidInput", key
+
+
+async def test_similarity_search_ranks_by_cosine(executive: Executive) -> None:
+    vectors = {
+        "north": [0.0, 1.0],
+        "east": [1.0, 0.0],
+        "north-east": [1.0, 1.0],
+        "south": [0.0, -1.0],
+        "three-d": [1.0, 0.0, 0.0],
+    }
+    for key, vector in vectors.items():
+        await call(
+            executive,
+            "vault.store",
+            {"key": key, "data": b64(key.encode()), "metadata": {"name": key}, "embedding": vector},
+        )
+    found = await call(executive, "similarity.search", {"vector": [0.1, 1.0], "k": 3})
+    assert [m["key"] for m in found["matches"]] == ["north", "north-east", "east"]
+    assert found["matches"][0]["metadata"] == {"name": "north"}
+    assert found["matches"][0]["score"] == pytest.approx(0.995, abs=0.001)
+    positive = await call(executive, "similarity.search", {"vector": [0.0, 1.0], "min_score": 0.5})
+    assert [m["key"] for m in positive["matches"]] == ["north", "north-east"]
+    assert (await call(executive, "similarity.search", {"vector": [1.0] * 7}))["matches"] == []
+    await call(executive, "vault.delete", {"key": "north"})  # the index follows writes
+    after = await call(executive, "similarity.search", {"vector": [0.0, 1.0], "k": 1})
+    assert [m["key"] for m in after["matches"]] == ["north-east"]
+    elsewhere = await call(executive, "similarity.search", {"vector": [0.0, 1.0]}, "triage")
+    assert elsewhere["matches"] == []
+
+
+def test_over_the_wire_and_with_a_damaged_vault(tmp_path: Path) -> None:
+    proc, target = start_sidecar(tmp_path, ["system", "vault"])
+    try:
+        with sdk.Client(target) as client:
+            client.call("vault.store", {"key": "a", "data": b64(b"A"), "embedding": [1.0, 0.0]})
+            assert base64.b64decode(client.call("vault.retrieve", {"key": "a"})["data"]) == b"A"
+            hits = client.call("similarity.search", {"vector": [1.0, 0.1]})["matches"]
+            assert [h["key"] for h in hits] == ["a"]
+            with pytest.raises(sdk.OrganError) as missing:
+                client.call("vault.retrieve", {"key": "zzz"})
+            assert missing.value.kind == "NotFound"
+        state = tmp_path / "state"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in state.iterdir())
+    finally:
+        assert proc.stop() == 0
+    (tmp_path / "state" / "vault.db").write_bytes(b"garbage" * 1000)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / "state" / f"vault.db{suffix}").unlink(missing_ok=True)
+    proc, target = start_sidecar(tmp_path, ["system", "vault"])
+    try:
+        with sdk.Client(target) as client:
+            with pytest.raises(sdk.OrganError) as damaged:
+                client.call("vault.retrieve", {"key": "a"})
+            assert damaged.value.kind == "VaultError"
+            assert "vault.db cannot be used" in str(damaged.value)
+            assert client.call("system.echo", {"still": "serving"}) == {"still": "serving"}
+    finally:
+        assert proc.stop() == 0
+
+
+def test_the_sidecar_refuses_a_kek_others_can_read(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "kek").write_bytes(b"k" * 32)
+    (state / "kek").chmod(0o644)
+    config = tmp_path / "soma.toml"
+    config.write_text(
+        f'[soma]\nstate_dir = "state"\n[sidecar]\nsocket = "{tmp_path}/run/s.sock"\n'
+        'organs = ["system", "vault"]\n'
+    )
+    proc = Process([SOMA, "sidecar", "--config", str(config)], tmp_path / "log")
+    assert proc.wait() == 2
+    assert "readable by others" in proc.output()
