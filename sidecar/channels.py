@@ -9,6 +9,7 @@ of its descendants. A stolen token is useless from any other process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,9 @@ class ChannelRegistry:
             return
         host.channel.reset(None, None, False)
         host.handshake.close()
-        await host.handshake.wait_closed()
+        with contextlib.suppress(TimeoutError):  # Python 3.12+ also waits for connections
+            async with asyncio.timeout(1.0):
+                await host.handshake.wait_closed()
         remove_socket(host.auth_path)
         await host.grpc.stop(grace)
         log.info("channel_closed", runtime=name)

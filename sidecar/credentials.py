@@ -18,7 +18,7 @@ from sidecar.vault.store import Vault, VaultError
 from soma_runtime.cards import FunctionCard
 from soma_runtime.config import CredentialSection
 from soma_runtime.hosts import host_allowed, secure_url, upstream_host
-from soma_runtime.redaction import redactor
+from soma_runtime.redaction import REDACTED, redactor
 
 INPUT_PREFIX = "input:"
 
@@ -56,27 +56,40 @@ class Credential:
         (or http to a loopback host)."""
         return secure_url(url) and host_allowed(upstream_host(url), list(self.hosts))
 
-    def apply(self, url: str, headers: dict[str, str]) -> str:
-        """Attach the credential to a request for `url` (adds a header, or returns the URL with
-        the query parameter); `HostNotAllowed` for any other host."""
+    def attach(self, url: str) -> tuple[str, dict[str, str]]:
+        """The URL and the headers to send for a request to `url` with this credential
+        (a header, or a query parameter in the URL); `HostNotAllowed` for any other host."""
         if not self.allows(url):
             raise HostNotAllowed(f"credential {self.name!r} is not sent to {upstream_host(url)!r}")
         if self.inject.kind == "bearer":
-            headers["Authorization"] = f"Bearer {self._value}"
-        elif self.inject.kind == "header":
-            assert self.inject.name is not None
-            headers[self.inject.name] = self._value
-        else:
-            assert self.inject.name is not None
-            parts = urlsplit(url)
-            query = [
-                (k, v)
-                for k, v in parse_qsl(parts.query, keep_blank_values=True)
-                if k != self.inject.name
-            ]
-            query.append((self.inject.name, self._value))
-            return urlunsplit(parts._replace(query=urlencode(query)))
-        return url
+            return url, {"Authorization": f"Bearer {self._value}"}
+        assert self.inject.name is not None
+        if self.inject.kind == "header":
+            return url, {self.inject.name: self._value}
+        query = [
+            *parse_qsl(urlsplit(self.strip(url)).query, keep_blank_values=True),
+            (self.inject.name, self._value),
+        ]
+        return urlunsplit(urlsplit(url)._replace(query=urlencode(query))), {}
+
+    def strip(self, url: str) -> str:
+        """`url` without this credential's query parameter (a redirect may carry it back)."""
+        if self.inject.kind != "query":
+            return url
+        parts = urlsplit(url)
+        query = [
+            (k, v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            if k != self.inject.name
+        ]
+        return urlunsplit(parts._replace(query=urlencode(query)))
+
+    def scrub(self, text: str) -> str:
+        """`text` with this credential's value replaced, for anything echoed back to a caller."""
+        return text.replace(self._value, REDACTED)
+
+    def scrub_bytes(self, data: bytes) -> bytes:
+        return data.replace(self._value.encode(), REDACTED.encode())
 
 
 def needed(card: FunctionCard, input: Mapping[str, Any]) -> list[str]:

@@ -28,7 +28,7 @@ import structlog
 import uvicorn
 
 from sidecar.access import Channel
-from sidecar.credentials import CredentialBroker, CredentialDenied
+from sidecar.credentials import Credential, CredentialBroker, CredentialDenied
 from sidecar.vault.store import VaultError
 from soma_runtime.config import GatewaySection
 from soma_runtime.gateway_sockets import SOCKETS_ENV
@@ -100,7 +100,9 @@ class Gateway:
             return
         started = time.perf_counter()
         runtime = self._ports.get(scope["server"][1], "?")
-        gateway_name, _, rest = scope["path"].lstrip("/").partition("/")
+        # The raw path: still percent-encoded, so %2F or %3F in an upstream path stay as sent.
+        raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        gateway_name, _, rest = raw_path.lstrip("/").partition("/")
         status, sent = 0, 0
         try:
             status, sent = await self._forward(scope, receive, send, runtime, gateway_name, rest)
@@ -148,16 +150,14 @@ class Gateway:
         gateway, channel = self._admit(scope, runtime, gateway_name)
         settings = self._broker.settings(gateway.credential)
         assert settings is not None  # the config guarantees it
-        headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1")
-            for k, v in scope["headers"]
-            if k.decode("latin-1").lower() not in HOP_BY_HOP
-        }
+        # Pairs, not a dict: a header may repeat (two anthropic-beta values, say).
+        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+        headers = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         presented = _take_placeholder(settings.inject.kind, settings.inject.name, headers, query)
         if presented is None or not channel.placeholder_matches(presented):
             raise GatewayRefusal(401, "missing or wrong placeholder key for this runtime")
-        declared = headers.get("content-length")
+        declared = next((v for k, v in headers if k == "content-length"), None)
         if (
             declared is not None
             and declared.isdigit()
@@ -176,16 +176,19 @@ class Gateway:
             )
         except (VaultError, CredentialDenied) as exc:
             raise GatewayRefusal(503, f"credential unavailable: {exc}") from None
+        credential = credentials[gateway.credential]
         url = gateway.upstream.rstrip("/") + ("/" + rest if rest else "")
         if query:
             url += "?" + urlencode(query)
-        url = credentials[gateway.credential].apply(url, headers)
-        body = _body(receive, gateway.max_request_bytes)
+        url, extra = credential.attach(url)
+        replaced = {name.lower() for name in extra}
+        headers = [(k, v) for k, v in headers if k not in replaced] + list(extra.items())
+        body_done = asyncio.Event()
         request = self._client.build_request(
             scope["method"],
             url,
             headers=headers,
-            content=body,
+            content=_body(receive, gateway.max_request_bytes, body_done),
             timeout=httpx2.Timeout(gateway.timeout, connect=10.0),
         )
         try:
@@ -200,7 +203,7 @@ class Gateway:
             raise GatewayRefusal(
                 502, f"{gateway.name}: upstream unreachable ({type(exc).__name__})"
             ) from None
-        return await _relay(response, send)
+        return await _relay(response, send, _disconnected(receive, body_done), credential)
 
 
 class _TooLarge(Exception):
@@ -208,43 +211,60 @@ class _TooLarge(Exception):
 
 
 def _take_placeholder(
-    kind: str, name: str | None, headers: dict[str, str], query: list[tuple[str, str]]
+    kind: str, name: str | None, headers: list[tuple[str, str]], query: list[tuple[str, str]]
 ) -> str | None:
     """Remove the placeholder from where the SDK put its key, and return it."""
-    if kind == "bearer":
-        value = headers.pop("authorization", "")
-        scheme, _, token = value.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else None
-    assert name is not None
-    if kind == "header":
-        return headers.pop(name.lower(), None)
-    found = [v for k, v in query if k == name]
-    query[:] = [(k, v) for k, v in query if k != name]
-    return found[0] if found else None
+    if kind == "query":
+        pairs, key = query, name
+    else:
+        pairs, key = headers, "authorization" if kind == "bearer" else (name or "").lower()
+    found = [v for k, v in pairs if k == key]
+    pairs[:] = [(k, v) for k, v in pairs if k != key]
+    if not found:
+        return None
+    if kind != "bearer":
+        return found[0]
+    scheme, _, token = found[0].partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
-async def _body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
+async def _body(receive: Receive, limit: int, done: asyncio.Event) -> AsyncIterator[bytes]:
     received = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        chunk = message.get("body", b"")
-        received += len(chunk)
-        if received > limit:
-            raise _TooLarge(f"request bodies are limited to {limit} bytes")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
-
-
-async def _relay(response: httpx2.Response, send: Send) -> tuple[int, int]:
-    """Stream the upstream's answer back unchanged (raw bytes: compression and SSE intact)."""
-    sent = 0
     try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                raise _TooLarge(f"request bodies are limited to {limit} bytes")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+    finally:
+        done.set()
+
+
+async def _disconnected(receive: Receive, body_done: asyncio.Event) -> None:
+    """Returns when the client goes away (listening only once its body has been read)."""
+    await body_done.wait()
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _relay(
+    response: httpx2.Response, send: Send, disconnected: Awaitable[None], credential: Credential
+) -> tuple[int, int]:
+    """Stream the upstream's answer back unchanged (raw bytes: compression and SSE intact),
+    and stop reading it as soon as the client disconnects."""
+    sent = 0
+
+    async def pump() -> None:
+        nonlocal sent
         headers = [
-            (k.encode("latin-1"), v.encode("latin-1"))
+            (k.encode("latin-1"), credential.scrub(v).encode("latin-1"))
             for k, v in response.headers.multi_items()
             if k.lower() not in HOP_BY_HOP
         ]
@@ -255,6 +275,18 @@ async def _relay(response: httpx2.Response, send: Send) -> tuple[int, int]:
             sent += len(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    relay, gone = asyncio.ensure_future(pump()), asyncio.ensure_future(disconnected)
+    try:
+        await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not relay.done():
+            log.info("client_gone", status=response.status_code, bytes=sent)
+        relay.cancel()
+        gone.cancel()
+        await asyncio.gather(relay, gone, return_exceptions=True)
+        if relay.done() and not relay.cancelled() and (error := relay.exception()) is not None:
+            # The answer had started: all that is left is to say why it stopped.
+            log.warning("relay_failed", status=response.status_code, error=type(error).__name__)
     finally:
         await response.aclose()
     return response.status_code, sent

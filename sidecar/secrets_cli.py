@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from sidecar.vault.kek import KekError
 from sidecar.vault.open import open_vault
 from sidecar.vault.store import MAX_SECRET_BYTES, VaultError
 from soma_runtime.config import ConfigError, SomaConfig, load_config
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         return int(args.secrets_handler(args, config))
-    except (ConfigError, VaultError) as exc:
+    except (ConfigError, VaultError, KekError, sqlite3.Error) as exc:
         print(f"soma secrets: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except OSError as exc:

@@ -21,6 +21,8 @@ import structlog
 from soma_runtime.unix import Peer, peer_credentials, prepare_socket_path, private_umask
 
 MAX_LINE = 64 * 1024
+# A connection silent this long is closed: none may hold a server open (or its shutdown up).
+IDLE_TIMEOUT = 10.0
 
 log = structlog.get_logger(component="jsonline")
 
@@ -61,11 +63,15 @@ async def serve(path: Path, handler: Handler, gate: Gate) -> asyncio.Server:
                 )
                 writer.write(encode({"ok": False, "error": "refused", "message": refusal}))
                 return
-            while line := await reader.readline():
+            while True:
+                async with asyncio.timeout(IDLE_TIMEOUT):
+                    line = await reader.readline()
+                if not line:
+                    break
                 writer.write(encode(await _answer(handler, line, peer)))
                 await writer.drain()
-        except (ConnectionError, ValueError, asyncio.LimitOverrunError):
-            pass  # the peer went away or sent an over-long line: drop the connection
+        except (ConnectionError, ValueError, asyncio.LimitOverrunError, TimeoutError):
+            pass  # the peer went away, idled, or sent an over-long line: drop the connection
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):

@@ -18,10 +18,12 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: bytes
+    header_list: list[tuple[str, str]]
 
 
 class FakeUpstream:
-    """`/v1/echo` answers with the auth it saw; `/v1/redirect?to=URL` redirects;
+    """`/v1/echo` answers with the auth it saw; `/v1/redirect?to=URL` redirects (with
+    `keep_query`, carrying the request's query string along);
     `/v1/chat/completions` answers like a model API, as server-sent events when asked to
     stream (0.3 s between events)."""
 
@@ -29,20 +31,15 @@ class FakeUpstream:
 
     def __init__(self) -> None:
         self.requests: list[Seen] = []
+        self.aborted_streams = 0  # streams whose reader went away before the end
         upstream = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def _record(self) -> bytes:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                upstream.requests.append(
-                    Seen(
-                        self.command,
-                        self.path,
-                        {k.lower(): v for k, v in self.headers.items()},
-                        body,
-                    )
-                )
+                pairs = [(k.lower(), v) for k, v in self.headers.items()]
+                upstream.requests.append(Seen(self.command, self.path, dict(pairs), body, pairs))
                 return body
 
             def _json(self, status: int, payload: Any) -> None:
@@ -86,8 +83,12 @@ class FakeUpstream:
                         },
                     )
                 elif parts.path.endswith("/redirect"):
+                    params = parse_qs(parts.query)
+                    location = params["to"][0]
+                    if "keep_query" in params:  # like nginx's `return 301 ...$request_uri`
+                        location += "?" + parts.query
                     self.send_response(302)
-                    self.send_header("Location", parse_qs(parts.query)["to"][0])
+                    self.send_header("Location", location)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                 elif parts.path.endswith("/big"):
@@ -104,12 +105,15 @@ class FakeUpstream:
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
                 self.end_headers()
-                for n in range(3):
-                    self.wfile.write(f'data: {{"n": {n}}}\n\n'.encode())
+                try:
+                    for n in range(3):
+                        self.wfile.write(f'data: {{"n": {n}}}\n\n'.encode())
+                        self.wfile.flush()
+                        time.sleep(upstream.EVENT_GAP_S)  # a model producing tokens
+                    self.wfile.write(b"data: [DONE]\n\n")
                     self.wfile.flush()
-                    time.sleep(upstream.EVENT_GAP_S)  # a model producing tokens
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    upstream.aborted_streams += 1
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -248,6 +248,39 @@ def test_gateway_refusals(scenario: SupervisorRun, upstream: FakeUpstream) -> No
     )
 
 
+def test_the_gateway_keeps_paths_and_repeated_headers_as_sent(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    port, _, placeholder = agent_gateway(scenario)
+    headers = [("Authorization", f"Bearer {placeholder}"), ("X-Multi", "one"), ("X-Multi", "two")]
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        http.get(f"http://127.0.0.1:{port}/model/files/a%2Fb%3Fc", headers=headers)
+    seen = upstream.requests[-1]
+    assert seen.path == "/v1/files/a%2Fb%3Fc"
+    assert [v for k, v in seen.header_list if k == "x-multi"] == ["one", "two"]
+
+
+def test_a_client_that_goes_away_stops_the_upstream_stream(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    port, _, placeholder = agent_gateway(scenario)
+    before = upstream.aborted_streams
+    with (
+        httpx2.Client(trust_env=False, timeout=10) as http,
+        http.stream(
+            "POST",
+            f"http://127.0.0.1:{port}/model/chat/completions",
+            headers={"Authorization": f"Bearer {placeholder}"},
+            json={"stream": True},
+        ) as stream,
+    ):
+        first = next(stream.iter_lines())
+        assert first.startswith("data: ")
+    # the gateway noticed the disconnect and closed its upstream connection mid-stream
+    wait_until(lambda: upstream.aborted_streams > before, 10, "the upstream stream to be cut")
+    wait_until(lambda: scenario.events("client_gone"), what="the disconnect logged")
+
+
 def test_no_secret_in_any_log_line_or_runtime_environment(scenario: SupervisorRun) -> None:
     """Last of the module: the whole scenario has run."""
     logs = scenario.proc.output()

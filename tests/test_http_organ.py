@@ -56,7 +56,7 @@ async def request(
     [
         ("bearer", None, ("authorization", f"Bearer {SECRET}")),
         ("header", "X-Api-Key", ("x-api-key", SECRET)),
-        ("query", "key", ("query", {"key": [SECRET], "q": ["1"]})),
+        ("query", "key", ("path", f"/v1/echo?q=1&key={SECRET}")),
     ],
 )
 async def test_each_injection_kind(
@@ -64,7 +64,7 @@ async def test_each_injection_kind(
     upstream: FakeUpstream,
     kind: str,
     name: str | None,
-    where: tuple[str, object],
+    where: tuple[str, str],
 ) -> None:
     out = await request(
         executive,
@@ -72,8 +72,39 @@ async def test_each_injection_kind(
         credential(kind, name),
     )
     assert out["status"] == 200
-    assert json.loads(out["body"])[where[0]] == where[1]
-    assert SECRET not in out["url"]  # the caller never sees the value
+    received = upstream.requests[-1]
+    field, value = where
+    assert (received.path if field == "path" else received.headers[field]) == value
+    # the upstream echoed what it got; the agent sees the answer without the value
+    assert SECRET not in json.dumps(out)
+    assert "[REDACTED]" in out["body"]
+
+
+async def test_a_redirect_echoing_a_query_credential_never_carries_it_on(
+    executive: Executive, upstream: FakeUpstream
+) -> None:
+    """A redirect keeping the query string (`$request_uri`) brings the credential back in its
+    Location: it is stripped before the next hop and never returned."""
+    before = len(upstream.requests)
+    target = f"{upstream.other_host_url}/v1/echo"
+    out = await request(
+        executive,
+        {"url": f"{upstream.url}/v1/redirect?to={target}", "credential": "api"},
+        credential("query", "key"),
+    )
+    assert out["credential_dropped"] is True
+    assert SECRET not in json.dumps(out)
+    assert all(SECRET not in r.path for r in upstream.requests[before + 1 :])
+    kept = await request(
+        executive,
+        {
+            "url": f"{upstream.url}/v1/redirect?to={target}",
+            "credential": "api",
+            "follow_redirects": False,
+        },
+        credential("query", "key"),
+    )
+    assert SECRET not in json.dumps(kept)
 
 
 async def test_a_credential_is_refused_for_other_hosts(
@@ -145,7 +176,11 @@ def test_host_binding_rules() -> None:
     assert cred.allows("https://eu.example.org/") and not cred.allows("https://example.org/")
     assert credential().allows("http://127.0.0.1:8080/")  # loopback may be plain http
     with pytest.raises(HostNotAllowed):
-        cred.apply("https://evil.net/", {})
+        cred.attach("https://evil.net/")
+    assert cred.attach("https://api.example.com/v1") == (
+        "https://api.example.com/v1",
+        {"Authorization": f"Bearer {SECRET}"},
+    )
     assert SECRET not in repr(cred) and SECRET not in str(cred)
 
 

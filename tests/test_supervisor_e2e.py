@@ -466,3 +466,21 @@ def test_a_restarted_runtime_gets_a_fresh_token_and_the_old_one_is_dead(tmp_path
         assert run.child("alpha")["last_exit"] == "signal SIGKILL"
     finally:
         assert run.stop() == 0
+
+
+HELPER = """
+[[runtime]]
+name = "parent"
+command = ["python", "-m", "tests.fixtures.agents", "helper", "parent.jsonl"]
+"""
+
+
+def test_stopping_a_runtime_stops_the_helpers_it_started(tmp_path: Path) -> None:
+    run = SupervisorRun(tmp_path, HELPER)
+    run.wait_ready()
+    report = tmp_path / "parent.jsonl"
+    wait_until(lambda: any("helper" in r for r in read_report(report)), what="the helper")
+    helper = next(r["helper"] for r in read_report(report) if "helper" in r)
+    assert pid_alive(helper)
+    assert run.stop() == 0
+    wait_until(lambda: not pid_alive(helper), 5, "the helper to be gone")

@@ -270,3 +270,17 @@ def test_loopback_peer_uid_names_the_client_sockets_owner() -> None:
             with conn:
                 assert loopback_peer_uid(client_port, server.getsockname()[1]) == os.geteuid()
         assert loopback_peer_uid(1, 2) is None  # no such connection
+
+
+def test_a_childs_json_log_line_cannot_impersonate_or_break_the_pump() -> None:
+    import io
+
+    from soma_runtime.logs import configure_logging
+    from soma_runtime.supervisor.process import _log_line
+
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    _log_line("claims", "stderr", '{"event": "hello", "child": "sidecar", "self": 1, "x": 2}')
+    record = json.loads(out.getvalue())
+    assert record["child"] == "claims" and record["child_child"] == "sidecar"
+    assert record["event"] == "hello" and record["x"] == 2

@@ -249,3 +249,22 @@ def test_blobs(vault: Vault) -> None:
     assert vault.get_blob("claims", "doc-1") is None
     triage = vault.get_blob("triage", "doc-1")
     assert triage is not None and triage.data == b"other namespace"
+
+
+def test_a_running_sidecar_follows_a_rotation_done_by_another_process(tmp_path: Path) -> None:
+    """`soma secrets rotate-kek` while the sidecar runs: the sidecar's open vault picks the new
+    key up from disk, and a record it sealed under the old key just before still opens."""
+    sidecar = open_vault(make_config(tmp_path), durable=False)
+    sidecar.set_secret("api", b"value-1")
+    old = sidecar.provider.current()
+    cli = open_vault(make_config(tmp_path))
+    cli.rotate_kek()
+    assert reveal(sidecar, "api") == b"value-1"  # re-wrapped under a key it never loaded
+    assert sidecar.provider.current().kek_id != old.kek_id
+    sidecar.put_blob("ns", "after", b"sealed under the new key", {}, None)
+    # a write that raced the rotation, sealed under the old key: found as "kek.previous"
+    assert sidecar.provider.find(old.kek_id) is not None
+    reopened = open_vault(make_config(tmp_path))
+    blob = reopened.get_blob("ns", "after")
+    assert blob is not None and blob.data == b"sealed under the new key"
+    assert (tmp_path / "state" / "kek.previous").exists()

@@ -158,11 +158,12 @@ class HttpOrgan(RoutedOrgan):
         limit = int(input.get("max_response_bytes", self.max_response_bytes))
         dropped = False
         for redirects in range(MAX_REDIRECTS + 1):
-            send_headers = dict(headers)
-            send_url = url
+            send_url, send_headers = url, dict(headers)
             if credential is not None:
+                url = send_url = credential.strip(url)  # a redirect may echo a query credential
                 if credential.allows(url):
-                    send_url = credential.apply(url, send_headers)
+                    send_url, extra = credential.attach(url)
+                    send_headers.update(extra)
                 elif not dropped:
                     dropped = True
                     log.warning(
@@ -172,7 +173,9 @@ class HttpOrgan(RoutedOrgan):
                         op=stimulus.op,
                     )
             reply = await self._send(method, send_url, url, send_headers, content, timeout, limit)
-            location = reply.headers.get("location")
+            if credential is not None:
+                reply = reply.scrubbed(credential)
+            location = reply.header("location")
             if not (input.get("follow_redirects", True) and reply.status in REDIRECTS and location):
                 return reply.output(url, redirects, dropped)
             url = urljoin(url, location)
@@ -214,7 +217,8 @@ class HttpOrgan(RoutedOrgan):
                         raise OrganFailure(
                             "ResponseTooLarge", f"the response from {host!r} exceeds {limit} bytes"
                         )
-                return _Reply(response.status_code, response.headers, bytes(body))
+                received = list(response.headers.multi_items())
+                return _Reply(response.status_code, received, bytes(body))
         except httpx2.TimeoutException:
             raise OrganFailure("Timeout", f"{host!r} did not answer within {timeout}s") from None
         except httpx2.HTTPError as exc:
@@ -227,13 +231,22 @@ class HttpOrgan(RoutedOrgan):
 @dataclass(frozen=True, slots=True)
 class _Reply:
     status: int
-    headers: httpx2.Headers
+    headers: list[tuple[str, str]]
     body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+    def scrubbed(self, credential: Credential) -> _Reply:
+        """Without the credential's value: an upstream echoing the key back (in a Location,
+        a header or the body) must not hand it to the agent."""
+        headers = [(k, credential.scrub(v)) for k, v in self.headers]
+        return _Reply(self.status, headers, credential.scrub_bytes(self.body))
 
     def output(self, url: str, redirects: int, dropped: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
             "status": self.status,
-            "headers": dict(self.headers.items()),
+            "headers": dict(self.headers),
             "url": url,
             "redirects": redirects,
         }

@@ -9,12 +9,14 @@ picked up), and everything that does not need the vault keeps working.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import structlog
 
+from sidecar.vault.kek import KekError
 from sidecar.vault.store import Vault, VaultUnavailable
 
 log = structlog.get_logger(component="vault")
@@ -34,7 +36,12 @@ class AsyncVault:
             except VaultUnavailable as exc:
                 log.error("vault_unavailable", reason=str(exc))
                 raise
-        return fn(self._vault, *args, **kwargs)
+        try:
+            return fn(self._vault, *args, **kwargs)
+        except sqlite3.Error as exc:  # "database is locked" after the busy timeout, a full disk
+            raise VaultUnavailable(f"the vault database {self._vault.path}: {exc}") from None
+        except KekError as exc:  # a key file that went missing or bad while running
+            raise VaultUnavailable(str(exc)) from None
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(vault, *args, **kwargs)` on the vault's thread."""

@@ -12,11 +12,13 @@ opens which row, including in the middle of a rotation.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import os
 import stat
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -89,6 +91,11 @@ class KekProvider(ABC):
     def recover(self, kek_ids_in_use: set[str]) -> None:  # noqa: B027 - optional
         """Finish a rotation a crash interrupted, given the KEK ids the vault's rows name."""
 
+    @contextlib.contextmanager
+    def rotating(self) -> Iterator[None]:
+        """Held for a whole rotation, so two rotations never interleave."""
+        yield
+
 
 def _read_key(path: Path) -> bytes:
     """32 raw bytes, or 64 hex digits (systemd-creds and text editors add a newline)."""
@@ -147,41 +154,84 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class KeyFileProvider(KekProvider):
-    """A 32-byte key file (0600), created on first use; rotations stage `<file>.next`."""
+    """A 32-byte key file (0600), created on first use.
+
+    A rotation stages `<file>.next`, and when it completes moves the replaced key to
+    `<file>.previous`. Another process (the sidecar) may be using the vault during a rotation
+    (`soma secrets rotate-kek`): the key file is re-read whenever it changes on disk, and the
+    previous key stays findable, so a record sealed under the old key just before the switch
+    still opens (the next rotation re-wraps it).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.next_path = path.with_name(path.name + ".next")
+        self.previous_path = path.with_name(path.name + ".previous")
         self.description = f"key file {path}"
         if not path.exists():
             with contextlib.suppress(FileExistsError):  # another process created it first
                 _write_new_key(path, replace=False)
-        self._current = LocalKek(_read_key(path))
+        self._loaded: tuple[int, int, int] | None = None
+        self._current = self._reload()
 
-    def current(self) -> Kek:
+    def _reload(self) -> LocalKek:
+        info = self.path.stat()
+        self._loaded = (info.st_ino, info.st_mtime_ns, info.st_size)
+        self._current = LocalKek(_read_key(self.path))
         return self._current
 
-    def _staged(self) -> LocalKek | None:
-        return LocalKek(_read_key(self.next_path)) if self.next_path.exists() else None
+    def current(self) -> Kek:
+        try:
+            info = self.path.stat()
+        except OSError as exc:
+            raise KekError(
+                f"cannot read the key-encryption key {self.path}: {exc.strerror}"
+            ) from None
+        if (info.st_ino, info.st_mtime_ns, info.st_size) != self._loaded:
+            return self._reload()  # rotated by another process
+        return self._current
+
+    @staticmethod
+    def _optional(path: Path) -> LocalKek | None:
+        return LocalKek(_read_key(path)) if path.exists() else None
 
     def find(self, kek_id: str) -> Kek | None:
-        if kek_id == self._current.kek_id:
-            return self._current
-        staged = self._staged()
-        return staged if staged is not None and staged.kek_id == kek_id else None
+        for kek in (
+            self.current(),
+            self._optional(self.next_path),
+            self._optional(self.previous_path),
+        ):
+            if kek is not None and kek.kek_id == kek_id:
+                return kek
+        return None
+
+    @contextlib.contextmanager
+    def rotating(self) -> Iterator[None]:
+        with private_umask():
+            fd = os.open(
+                self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
+            )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def stage_rotation(self) -> Kek:
         # Replaces the key of a rotation that never committed, if there is one.
         return LocalKek(_write_new_key(self.next_path, replace=True))
 
     def complete_rotation(self, kek: Kek) -> None:
+        held = self.path.with_name(f".{self.path.name}.{os.getpid()}.previous")
+        held.unlink(missing_ok=True)
+        os.link(self.path, held)
+        os.replace(held, self.previous_path)
         os.replace(self.next_path, self.path)
         _fsync_dir(self.path.parent)
-        assert isinstance(kek, LocalKek)
-        self._current = kek
+        self._reload()
 
     def recover(self, kek_ids_in_use: set[str]) -> None:
-        staged = self._staged()
+        staged = self._optional(self.next_path)
         if staged is not None and staged.kek_id in kek_ids_in_use:
             self.complete_rotation(staged)  # the re-wrap committed; the rename did not happen
 

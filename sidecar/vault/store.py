@@ -253,6 +253,10 @@ class Vault:
 
     def rotate_kek(self) -> int:
         """Re-wrap every data key under a new KEK in one transaction; the rows re-wrapped."""
+        with self.provider.rotating():
+            return self._rotate()
+
+    def _rotate(self) -> int:
         new = self.provider.stage_rotation()
         count = 0
         with self._transaction() as db:

@@ -101,16 +101,26 @@ class ChildProcess:
     async def stop(self, timeout: float) -> int:
         """SIGTERM, then SIGKILL after `timeout` seconds; the exit code (negative: signal)."""
         if self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(signal.SIGTERM)
+            self._signal_group(signal.SIGTERM)
             try:
                 async with asyncio.timeout(timeout):
                     return await self._proc.wait()
             except TimeoutError:
                 log.warning("kill", child=self.name, pid=self.pid, after_s=timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    self._proc.kill()
-        return await self._proc.wait()
+                self._signal_group(signal.SIGKILL)
+        code = await self._proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)  # helpers that outlived their leader
+        return code
+
+    def _signal_group(self, signum: int) -> None:
+        """Signal the child's whole process group (it leads its own): helpers it started
+        stop with it."""
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signum)
 
     async def close(self) -> None:
         """Let the output pumps finish what the child wrote (they end at EOF)."""
@@ -129,7 +139,11 @@ async def _pump(name: str, stream_name: str, reader: asyncio.StreamReader) -> No
             line = await reader.read(MAX_LINE)
         if not line:
             return
-        _log_line(name, stream_name, line.decode("utf-8", errors="replace").rstrip("\r\n"))
+        text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        try:
+            _log_line(name, stream_name, text)
+        except Exception:  # never stop reading: a full pipe would block the child
+            log.exception("output_unloggable", child=name, stream=stream_name)
 
 
 def _log_line(name: str, stream_name: str, text: str) -> None:
@@ -148,9 +162,11 @@ def _log_line(name: str, stream_name: str, text: str) -> None:
     event = fields.pop("event")
     level = str(fields.pop("level", "info")).lower()
     fields.pop("timestamp", None)
-    method = (
-        getattr(log, level, None)
-        if level in {"debug", "info", "warning", "error", "critical"}
-        else None
-    )
+    # The child cannot speak for another child, nor collide with the logger's own parameters.
+    fields = {(f"child_{k}" if k in _RESERVED else str(k)): v for k, v in fields.items()}
+    method = getattr(log, level, None) if level in _LEVELS else None
     (method or log.info)(event, child=name, **fields)
+
+
+_LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
+_RESERVED = frozenset({"child", "self", "event"})

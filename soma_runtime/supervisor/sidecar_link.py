@@ -16,6 +16,7 @@ from soma_runtime import jsonline
 from soma_runtime.admin_protocol import Ping, Register, Unregister
 
 log = structlog.get_logger(component="supervisor")
+_ATTEMPTS = 6  # about 3 s in all
 
 
 class SidecarLink:
@@ -54,12 +55,22 @@ class SidecarLink:
                 await self._send(Unregister(runtime=runtime).model_dump())
 
     async def _send(self, message: jsonline.Message) -> None:
-        if not self._up:
-            return  # sent again by sidecar_up()
-        try:
-            answer = await jsonline.request(self.admin_socket, message)
-        except (OSError, TimeoutError) as exc:
-            log.warning("admin_unreachable", op=message["op"], error=str(exc))
+        """Deliver one message, retrying a sidecar that is slow to answer. One that stays
+        unreachable gets a warning; if it was dying, sidecar_up() sends everything again."""
+        delay = 0.05
+        for attempt in range(_ATTEMPTS):
+            if not self._up:
+                return
+            try:
+                answer = await jsonline.request(self.admin_socket, message)
+                break
+            except (OSError, TimeoutError) as exc:
+                log.warning(
+                    "admin_unreachable", op=message["op"], attempt=attempt + 1, error=str(exc)
+                )
+                await asyncio.sleep(delay)
+                delay *= 2
+        else:
             return
         if not answer.get("ok"):
             log.error(
