@@ -36,6 +36,7 @@ cards: $(STAMP)
 	$(BIN)/soma cards export
 
 bench: $(STAMP)
+	$(BIN)/python -m benchmarks.echo
 	$(BIN)/python -m benchmarks.vault_and_gateway
 
 clean:
