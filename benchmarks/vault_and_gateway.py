@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import base64
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,7 +21,7 @@ import httpx2
 
 import sdk
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import SupervisorRun, process_environ, start_sidecar, wait_until
+from tests.helpers import SupervisorRun, process_environ, set_secret, start_sidecar, wait_until
 
 BATCHES, PER_BATCH = 10, 100
 
@@ -89,20 +87,7 @@ def gateway_figures(tmp: Path) -> None:
     upstream = FakeUpstream()
     body = GATEWAY.format(upstream=upstream.url)
     config = SupervisorRun.write(tmp, body)
-    subprocess.run(
-        [
-            str(Path(sys.executable).parent / "soma"),
-            "secrets",
-            "set",
-            "model",
-            "--config",
-            str(config),
-        ],
-        input="sk-bench-0123456789",
-        text=True,
-        check=True,
-        capture_output=True,
-    )
+    set_secret(config, "model", "sk-bench-0123456789")
     run = SupervisorRun(tmp, body)
     try:
         run.wait_ready()

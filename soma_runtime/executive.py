@@ -108,10 +108,6 @@ class Executive:
     def get_organ_card(self, name: str) -> OrganCard | None:
         return self._cards.get(name)
 
-    def function_card(self, op: str) -> FunctionCard | None:
-        route = self._routes.get(op)
-        return route.card if route is not None else None
-
     def list_functions(self) -> list[tuple[str, FunctionCard]]:
         """Every `(organ, function card)`, sub-organ functions listed under their parent."""
         return [(route.organ_name, route.card) for route in self._routes.values()]

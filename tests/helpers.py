@@ -136,6 +136,21 @@ def run_soma(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[s
     )
 
 
+def set_secret(config: Path, name: str, value: str) -> None:
+    """`soma secrets set NAME` with the value on stdin, as an operator would."""
+    result = subprocess.run(
+        [SOMA, "secrets", "set", name, "--config", str(config)],
+        input=value + "\n",
+        text=True,
+        capture_output=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert value not in result.stdout + result.stderr
+
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

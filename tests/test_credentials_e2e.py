@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx2
 import pytest
@@ -17,10 +14,10 @@ import pytest
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import (
     SupervisorRun,
-    child_env,
     process_environ,
     read_report,
     run_soma,
+    set_secret,
     wait_until,
 )
 
@@ -67,20 +64,6 @@ name = "bystander"
 command = ["python", "-c", "import signal; signal.pause()"]
 allow = ["system.*"]
 """
-
-
-def set_secret(config: Path, name: str, value: str) -> None:
-    soma = str(Path(sys.executable).parent / "soma")
-    result = subprocess.run(
-        [soma, "secrets", "set", name, "--config", str(config)],
-        input=value + "\n",
-        text=True,
-        capture_output=True,
-        env=child_env(),
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert value not in result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from sidecar.vault.open import open_vault
 from sidecar.vault.store import Vault
 from soma_runtime.config import parse_config
 from tests.fixtures.vault_worker import SECRETS
-from tests.helpers import REPO, child_env, run_soma
+from tests.helpers import REPO, child_env, run_soma, set_secret
 
 
 def vault_at(state: Path) -> Vault:
@@ -106,22 +106,7 @@ def test_sigkill_during_rotate_kek_never_loses_a_secret(tmp_path: Path) -> None:
 def test_rotate_kek_command(tmp_path: Path) -> None:
     config = tmp_path / "soma.toml"
     config.write_text('[soma]\nstate_dir = "state"\n')
-    set_ = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "soma"),
-            "secrets",
-            "set",
-            "api",
-            "--config",
-            str(config),
-        ],
-        input="sk-rotate-me\n",
-        text=True,
-        capture_output=True,
-        env=child_env(),
-        timeout=60,
-    )
-    assert set_.returncode == 0, set_.stderr
+    set_secret(config, "api", "sk-rotate-me")
     rotate = run_soma("secrets", "rotate-kek", "--config", str(config))
     assert rotate.returncode == 0, rotate.stderr
     assert re.match(
