@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
@@ -13,7 +12,7 @@ import grpc
 from sdk import _auth, _wire
 from sdk._proto.soma.v1 import sidecar_pb2 as pb
 from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
-from sdk.client import DEFAULT_TIMEOUT, ClientAuth, address_from_env
+from sdk.client import DEFAULT_TIMEOUT, ClientAuth, arguments_from_env
 from sdk.types import FunctionMatch, Response
 
 
@@ -46,12 +45,8 @@ class AsyncClient:
     @classmethod
     def from_env(cls, *, timeout: float | None = DEFAULT_TIMEOUT) -> AsyncClient:
         """The client of a supervised runtime, configured from its environment."""
-        return cls(
-            address_from_env(),
-            token=_auth.token_from_env(),
-            auth_socket=os.environ.get(_auth.AUTH_SOCKET_ENV),
-            timeout=timeout,
-        )
+        target, auth = arguments_from_env()
+        return cls(target, **auth, timeout=timeout)
 
     def _ensure_stub(self) -> pb_grpc.SidecarAsyncStub:
         if self._stub is None:

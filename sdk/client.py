@@ -17,17 +17,19 @@ from sdk.errors import SomaError
 from sdk.types import FunctionMatch, Response
 
 ADDRESS_ENV = "SOMA_SIDECAR_ADDRESS"
-RUNTIME_ENV = "SOMA_RUNTIME"
 DEFAULT_TIMEOUT = 30.0
 
 
-def address_from_env() -> str:
+def arguments_from_env() -> tuple[str, dict[str, str | None]]:
+    """The target, and the token and handshake socket, that `soma supervise` gives a runtime,
+    as arguments for `Client` and `AsyncClient`."""
     target = os.environ.get(ADDRESS_ENV)
     if not target:
         raise SomaError(
             f"{ADDRESS_ENV} is not set; is this process running under `soma supervise`?"
         )
-    return target
+    auth = {"token": _auth.token_from_env(), "auth_socket": os.environ.get(_auth.AUTH_SOCKET_ENV)}
+    return target, auth
 
 
 class ClientAuth:
@@ -82,12 +84,8 @@ class Client:
     def from_env(cls, *, timeout: float | None = DEFAULT_TIMEOUT) -> Client:
         """The client of a supervised runtime: address, token and handshake socket from the
         environment `soma supervise` gives it ($SOMA_SIDECAR_ADDRESS, $SOMA_TOKEN_FD, ...)."""
-        return cls(
-            address_from_env(),
-            token=_auth.token_from_env(),
-            auth_socket=os.environ.get(_auth.AUTH_SOCKET_ENV),
-            timeout=timeout,
-        )
+        target, auth = arguments_from_env()
+        return cls(target, **auth, timeout=timeout)
 
     def stimulate(
         self,

@@ -55,6 +55,7 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
         loop.add_signal_handler(signum, stop.set)
     await executive.start()
     admin_server: asyncio.Server | None = None
+    token_file: Path | None = None
     try:
         if supervised:
             layout.prepare()
@@ -63,7 +64,7 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
             gateway = await _start_gateway(config, broker, registry)
             log.info("serving", admin=str(layout.admin_socket), organs=executive.organ_names())
         else:
-            await _open_local_channel(config, registry)
+            token_file = await _open_local_channel(config, registry)
         await stop.wait()
         log.info("stopping", grace_s=settings.grace_period)
         if admin_server is not None:
@@ -72,8 +73,8 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
         if gateway is not None:
             await gateway.stop()
         await registry.close_all(settings.grace_period)
-        if not supervised:
-            remove_token_file(config)
+        if token_file is not None:
+            token_file.unlink(missing_ok=True)
     finally:
         await executive.stop()
         await vault.close()
@@ -95,7 +96,8 @@ async def _start_gateway(
     return server
 
 
-async def _open_local_channel(config: SomaConfig, registry: ChannelRegistry) -> None:
+async def _open_local_channel(config: SomaConfig, registry: ChannelRegistry) -> Path:
+    """Serve the "local" channel on `[sidecar].socket`; returns the token file it wrote."""
     assert config.sidecar.socket is not None
     grpc_path = config.resolve(config.sidecar.socket)
     auth_path = Path(auth_socket_for(str(grpc_path)))
@@ -109,8 +111,4 @@ async def _open_local_channel(config: SomaConfig, registry: ChannelRegistry) -> 
     # The operator's own channel: every configured credential may be used through it.
     channel.credentials = frozenset(c.name for c in config.credential)
     log.info("serving", socket=str(grpc_path), token_file=str(token_path))
-
-
-def remove_token_file(config: SomaConfig) -> None:
-    assert config.sidecar.socket is not None
-    Path(token_file_for(str(config.resolve(config.sidecar.socket)))).unlink(missing_ok=True)
+    return token_path

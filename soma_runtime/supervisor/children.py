@@ -153,12 +153,9 @@ class RuntimeChild(Supervised):
                 "SOMA_TOKEN_FD": str(identity.token_fd),
             }
         )
-        cwd = self._config.resolve(self.spec.cwd) if self.spec.cwd else self._config_dir()
+        cwd = self._config.resolve(self.spec.cwd or Path("."))  # default: the config's directory
         fds = (identity.token_fd,)
         return Command(list(self.spec.command), env, cwd, pass_fds=fds, close_after_spawn=fds)
-
-    def _config_dir(self) -> Path:
-        return self._config.source.parent if self._config.source else Path.cwd()
 
     async def started(self, child: ChildProcess) -> None:
         await self._link.register(self._registration(pid=child.pid))
