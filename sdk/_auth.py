@@ -8,6 +8,7 @@ with a session that calls carry as `authorization: Bearer <session>`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -117,7 +118,10 @@ def handshake(auth_path: str, token: str, deadline: float | None) -> str:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(_remaining(deadline, 5.0))
                 sock.connect(auth_path)
-                sock.sendall(_request(token))
+                # A refusal is written (and the connection closed) as soon as the sidecar
+                # accepts: the send may then fail, and the answer is still there to read.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(_request(token))
                 with sock.makefile("rb") as stream:
                     session, reason = _answer(stream.readline(_MAX_REPLY)), _PENDING
         except _TRANSIENT as exc:
@@ -135,7 +139,8 @@ async def handshake_async(auth_path: str, token: str, deadline: float | None) ->
                 reader, writer = await asyncio.open_unix_connection(auth_path)
                 try:
                     writer.write(_request(token))
-                    await writer.drain()
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        await writer.drain()
                     session, reason = _answer(await reader.readline()), _PENDING
                 finally:
                     writer.close()

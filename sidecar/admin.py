@@ -54,6 +54,9 @@ class Admin:
             return {"ok": True}
         if request.op == "status":
             return {"ok": True, "pid": os.getpid(), **self.status()}
+        if request.op == "liveness":
+            channels = await self._registry.probe()
+            return {"ok": "failed" not in channels.values(), "channels": channels}
         return {"ok": True, "pid": os.getpid()}
 
     async def _register(self, request: Register) -> None:

@@ -20,6 +20,7 @@ from sidecar.access import AllowList, token_digest
 from sidecar.admin import Admin, supervisor_only
 from sidecar.channels import ChannelRegistry
 from sidecar.credentials import CredentialBroker
+from sidecar.descriptors import ensure_budget
 from sidecar.gateway import Gateway, GatewayServer, sockets_from_env
 from sidecar.loading import load_organs
 from sidecar.vault.async_vault import AsyncVault
@@ -39,6 +40,7 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
     settings = config.sidecar
     if not supervised and settings.socket is None:
         raise ConfigError("sidecar.socket: required to run the sidecar on its own")
+    ensure_budget(config, supervised)
     executive = Executive(load_organs(config))
     if config.credential or "vault" in executive.organ_names():
         # A key-encryption key others can read, or a wrong one, stops the start; a damaged
@@ -56,6 +58,7 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
     await executive.start()
     admin_server: asyncio.Server | None = None
     token_file: Path | None = None
+    watcher = asyncio.create_task(registry.watch())
     try:
         if supervised:
             layout.prepare()
@@ -76,6 +79,7 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
         if token_file is not None:
             token_file.unlink(missing_ok=True)
     finally:
+        watcher.cancel()
         await executive.stop()
         await vault.close()
     log.info("stopped")

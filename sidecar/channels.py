@@ -3,28 +3,44 @@
 `<dir>/<name>.sock` serves gRPC; `<dir>/<name>.auth.sock` exchanges the runtime's token for a
 session. The handshake is where the kernel's peer credentials are checked: the peer must run
 as the sidecar's user and, when the channel knows its runtime's pid, be that process or one
-of its descendants. A stolen token is useless from any other process.
+of its descendants, which is checked as soon as it connects, before a byte is read. A stolen
+token is useless from any other process.
+
+Channels are independent: each has its own gRPC server, so whatever one runtime's socket
+receives can stop at most that server, and the registry's watcher replaces a server whose
+main loop died at once (see `sidecar.server`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.access import AllowList, Channel
 from sidecar.credentials import CredentialBroker
-from sidecar.server import SocketServer
+from sidecar.server import ConnectionLimits, SocketServer
 from sidecar.service import SidecarService
 from soma_runtime import Executive, jsonline
 from soma_runtime.config import SidecarSection
+from soma_runtime.throttle import RepeatedWarnings, TokenBuckets
 from soma_runtime.unix import Peer, is_descendant, remove_socket
 
 log = structlog.get_logger(component="sidecar")
+
+# The watcher looks at every channel's server this often even when nothing woke it.
+WATCH_INTERVAL_S = 1.0
+# Failed handshakes a runtime's process may make in a burst, and per second after it.
+HANDSHAKE_FAILURE_BURST = 5
+HANDSHAKE_FAILURE_RATE = 1.0
+HANDSHAKE_MAX_BACKOFF_S = 2.0
 
 
 def socket_paths(directory: Path, name: str) -> tuple[Path, Path]:
@@ -38,12 +54,38 @@ def same_user(peer: Peer) -> str | None:
     return None
 
 
+def runtime_tree(channel: Channel) -> jsonline.Gate:
+    """Admit the sidecar's user and, once the runtime's pid is known, only its process tree:
+    another runtime connecting here is turned away before it can hold anything."""
+
+    def gate(peer: Peer) -> str | None:
+        refusal = same_user(peer)
+        if refusal is None and channel.pid is not None and not is_descendant(peer.pid, channel.pid):
+            refusal = f"pid {peer.pid} is not the runtime's process or one of its descendants"
+        return refusal
+
+    return gate
+
+
 @dataclass(slots=True)
 class _Host:
     channel: Channel
     grpc: SocketServer
     handshake: asyncio.Server
     auth_path: Path
+
+
+class _CrashAlarm(logging.Handler):
+    """Wakes the watcher when grpcio logs an error: a crashed server main loop is logged by
+    grpcio's `cygrpc` logger as it happens, so the replacement need not wait for a poll."""
+
+    def __init__(self, wake: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(logging.ERROR)
+        self._wake = wake
+        self._loop = loop
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._loop.call_soon_threadsafe(self._wake.set)
 
 
 class ChannelRegistry:
@@ -56,6 +98,13 @@ class ChannelRegistry:
         self._settings = settings
         self._broker = broker
         self._hosts: dict[str, _Host] = {}
+        self._limits = ConnectionLimits(
+            max_connections=settings.max_connections,
+            handshake_timeout_s=settings.connection_handshake_timeout,
+            idle_timeout_s=settings.connection_idle_timeout,
+        )
+        self._failures = TokenBuckets(HANDSHAKE_FAILURE_BURST, HANDSHAKE_FAILURE_RATE)
+        self.warnings = RepeatedWarnings(log)
 
     def get(self, name: str) -> Channel | None:
         host = self._hosts.get(name)
@@ -73,12 +122,15 @@ class ChannelRegistry:
             self._broker,
             max_input_depth=self._settings.max_input_depth,
             max_message_bytes=self._settings.max_message_bytes,
+            warnings=self.warnings,
         )
-        server = SocketServer(grpc_path, servicer, self._settings.max_message_bytes)
+        server = SocketServer(grpc_path, servicer, self._settings.max_message_bytes, self._limits)
         await server.start()
         try:
             handshake = await jsonline.serve(
-                auth_path, lambda message, peer: self._handshake(channel, message, peer), same_user
+                auth_path,
+                lambda message, peer: self._handshake(channel, message, peer),
+                runtime_tree(channel),
             )
         except BaseException:
             await server.stop(0)
@@ -104,12 +156,84 @@ class ChannelRegistry:
         """Stop every channel; in-flight calls get `grace` seconds, all channels at once."""
         await asyncio.gather(*(self.close(name, grace) for name in list(self._hosts)))
 
+    async def watch(self) -> None:
+        """Replace every channel server whose main loop died, for as long as it runs: at once
+        when grpcio logs an error, and at least every `WATCH_INTERVAL_S` seconds."""
+        wake = asyncio.Event()
+        alarm = _CrashAlarm(wake, asyncio.get_running_loop())
+        grpc_log = logging.getLogger("grpc._cython.cygrpc")
+        grpc_log.addHandler(alarm)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WATCH_INTERVAL_S):
+                        await wake.wait()
+                wake.clear()
+                await self.repair()
+                self.warnings.flush()
+        finally:
+            grpc_log.removeHandler(alarm)
+
+    async def repair(self) -> list[str]:
+        """Revive the channel servers that crashed; the names of those revived."""
+        revived = []
+        for name, host in list(self._hosts.items()):
+            crash = await host.grpc.crashed()
+            if crash is None or self._hosts.get(name) is not host:
+                continue
+            log.error("channel_server_crashed", runtime=name, error=type(crash).__name__)
+            await host.grpc.revive()
+            log.info("channel_server_revived", runtime=name, revivals=host.grpc.revivals)
+            revived.append(name)
+        return revived
+
+    async def probe(self, timeout: float = 2.0) -> dict[str, str]:
+        """Exercise every channel as a client would: a health check over its gRPC socket and
+        a live handshake server. A channel that fails is revived and checked once more.
+        `ok`, `revived` or `failed`, by runtime."""
+
+        async def check(host: _Host) -> bool:
+            if not host.handshake.is_serving():
+                return False
+            async with grpc.aio.insecure_channel(f"unix:{host.grpc.path}") as channel:
+                try:
+                    reply = await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=timeout
+                    )
+                except grpc.RpcError:
+                    return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        async def probe_one(name: str, host: _Host) -> str:
+            if await check(host):
+                return "ok"
+            if self._hosts.get(name) is not host:  # closed meanwhile
+                return "ok"
+            log.error("channel_unresponsive", runtime=name)
+            with contextlib.suppress(OSError):
+                await host.grpc.revive()
+            return "revived" if await check(host) else "failed"
+
+        hosts = list(self._hosts.items())
+        results = await asyncio.gather(*(probe_one(name, host) for name, host in hosts))
+        return {name: result for (name, _), result in zip(hosts, results, strict=True)}
+
     async def _handshake(
         self, channel: Channel, message: jsonline.Message, peer: Peer
     ) -> jsonline.Message:
         token = message.get("token")
         if not isinstance(token, str) or not channel.token_matches(token):
-            log.warning("handshake_refused", runtime=channel.name, pid=peer.pid, reason="bad token")
+            # Checked after the token, so a runtime is never slowed by someone else's failures.
+            wait = self._failures.take((channel.name, peer.pid))
+            if wait > 0.0:  # back-off for this peer alone, bounded: it holds a connection
+                await asyncio.sleep(min(wait, HANDSHAKE_MAX_BACKOFF_S))
+            self.warnings.warning(
+                "handshake_refused",
+                (channel.name, peer.pid),
+                runtime=channel.name,
+                pid=peer.pid,
+                reason="bad token",
+            )
             return {
                 "ok": False,
                 "error": "unauthenticated",

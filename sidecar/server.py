@@ -1,10 +1,22 @@
-"""One grpc.aio server on one Unix socket, with the health and reflection services beside ours."""
+"""One grpc.aio server on one Unix socket, with the health and reflection services beside ours.
+
+grpcio's asyncio server runs one main loop per server that accepts calls. An exception in that
+loop ends it for good while the process lives on: the server then answers nothing (grpcio
+1.85 decodes each call's `:path` there, so one request whose path is not UTF-8 does it, and a
+gRPC server cannot refuse such a request before that loop sees it). A `SocketServer` therefore
+knows how to tell that its server died (`crashed`) and to put a new one on the same socket
+(`revive`); the channel registry watches every channel and does it at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -13,29 +25,53 @@ from sdk._proto.soma.v1 import sidecar_pb2, sidecar_pb2_grpc
 from soma_runtime.unix import prepare_socket_path, private_umask, remove_socket
 
 SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name
+log = structlog.get_logger(component="sidecar")
+
+# How long stopping a crashed server may take before it is abandoned.
+_STOP_CRASHED_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one socket's connections may hold of the sidecar's descriptors and time.
+
+    grpcio closes a connection over `max_connections` as soon as it is accepted, drops one that
+    has not finished its HTTP/2 handshake after `handshake_timeout_s`, and closes a connection
+    with no call in flight for `idle_timeout_s` (clients reconnect by themselves).
+    """
+
+    max_connections: int
+    handshake_timeout_s: float
+    idle_timeout_s: float
 
 
 class SocketServer:
     """A started gRPC server bound to `path` (0600 in a 0700 directory)."""
 
     def __init__(
-        self, path: Path, servicer: sidecar_pb2_grpc.SidecarServicer, max_message_bytes: int
+        self,
+        path: Path,
+        servicer: sidecar_pb2_grpc.SidecarServicer,
+        max_message_bytes: int,
+        limits: ConnectionLimits,
     ):
         self.path = path
         self._servicer = servicer
-        self._max_message_bytes = max_message_bytes
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_allowed_incoming_connections", limits.max_connections),
+            ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000)),
+        ]
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
+        self.revivals = 0
 
     async def start(self) -> None:
         prepare_socket_path(self.path)
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", self._max_message_bytes),
-                ("grpc.max_send_message_length", self._max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        server = grpc.aio.server(options=self._options)
         sidecar_pb2_grpc.add_SidecarServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -54,11 +90,38 @@ class SocketServer:
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
 
+    async def crashed(self) -> BaseException | None:
+        """The exception that ended this server's main loop, None while it serves.
+
+        `wait_for_termination` is grpcio's one public view of it: with a timeout it re-raises
+        what crashed the loop, and otherwise returns once the wait timed out (still serving).
+        """
+        if self._server is None:
+            return None
+        try:
+            await self._server.wait_for_termination(timeout=0)
+        except Exception as exc:
+            return exc
+        return None
+
+    async def revive(self) -> None:
+        """Replace a crashed server with a new one on the same socket. The servicer (and with
+        it the channel's sessions) is kept, so clients simply reconnect."""
+        crashed, self._server = self._server, None
+        if crashed is not None:
+            # Cancels what was in flight; bounded, since the crash may have left it half done.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_STOP_CRASHED_S):
+                    await crashed.stop(None)
+        remove_socket(self.path)
+        await self.start()
+        self.revivals += 1
+
     async def stop(self, grace: float) -> None:
         """Stop accepting calls, give in-flight ones `grace` seconds, remove the socket."""
         if self._server is None:
             return
+        server, self._server = self._server, None
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace)
-        self._server = None
+        await server.stop(grace)
         remove_socket(self.path)

@@ -22,6 +22,7 @@ from sidecar.vault.store import VaultError
 from sidecar.wire import WireError, decode_input, encode_output
 from soma_runtime import ErrorKind, Executive, FunctionCard, OrganCard, Response, Stimulus
 from soma_runtime.card_files import card_to_json, function_to_json
+from soma_runtime.throttle import RepeatedWarnings
 
 log = structlog.get_logger(component="sidecar")
 
@@ -40,10 +41,13 @@ class SidecarService(pb_grpc.SidecarServicer):
         *,
         max_input_depth: int,
         max_message_bytes: int,
+        warnings: RepeatedWarnings,
     ) -> None:
         self._executive = executive
         self._channel = channel
         self._broker = broker
+        # Refusals are logged through it: a flood of them costs a line per interval.
+        self._warnings = warnings
         self._max_depth = max_input_depth
         # Room for the reply's other fields inside the gRPC message limit.
         self._max_output = max_message_bytes - 1024
@@ -57,7 +61,8 @@ class SidecarService(pb_grpc.SidecarServicer):
                 ):
                     return
                 break
-        log.warning("unauthenticated", runtime=self._channel.name, op=op or None)
+        name = self._channel.name
+        self._warnings.warning("unauthenticated", name, runtime=name, op=op or None)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session for this channel")
 
     async def Stimulate(
@@ -73,7 +78,9 @@ class SidecarService(pb_grpc.SidecarServicer):
         # The organ learns the caller from the channel, never from what the caller wrote.
         call_context["runtime"] = channel.name
         if not channel.allow.allows(op):
-            log.warning("denied", runtime=channel.name, op=op, trace_id=trace_id)
+            self._warnings.warning(
+                "denied", (channel.name, op), runtime=channel.name, op=op, trace_id=trace_id
+            )
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"runtime {channel.name!r} may not call {op!r}"
             )

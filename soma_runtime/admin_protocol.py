@@ -50,4 +50,12 @@ class Status(_Message):
     op: Literal["status"] = "status"
 
 
-AdminRequest = Register | Unregister | Ping | Status
+class Liveness(_Message):
+    """Exercise every runtime channel as a client would (a health check over its gRPC socket,
+    a live handshake server); channels that fail are revived. The answer's `channels` maps
+    each runtime to `ok`, `revived` or `failed`."""
+
+    op: Literal["liveness"] = "liveness"
+
+
+AdminRequest = Register | Unregister | Ping | Status | Liveness

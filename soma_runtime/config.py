@@ -86,6 +86,18 @@ class SidecarSection(RestartPolicy):
     max_input_depth: int = Field(default=64, ge=1, le=512)
     # Seconds in-flight calls get to finish at shutdown.
     grace_period: float = Field(default=5.0, ge=0.0, le=300.0)
+    # Open connections one runtime's gRPC socket accepts; more are closed at once, so one
+    # runtime can never take the descriptors the others need.
+    max_connections: int = Field(default=32, ge=1, le=4096)
+    # Seconds a new connection has to finish its HTTP/2 handshake, and an idle connection
+    # (no call in flight) is kept open.
+    connection_handshake_timeout: float = Field(default=5.0, gt=0.0, le=300.0)
+    connection_idle_timeout: float = Field(default=300.0, gt=0.0, le=86400.0)
+    # Under `soma supervise`: every `liveness_interval` seconds the supervisor asks the
+    # sidecar to exercise every runtime channel; after `liveness_failures` failed checks in a
+    # row the sidecar is restarted.
+    liveness_interval: float = Field(default=5.0, gt=0.0, le=3600.0)
+    liveness_failures: int = Field(default=3, ge=1, le=100)
 
 
 class RuntimeSection(RestartPolicy):

@@ -18,13 +18,19 @@ from typing import Any
 
 import structlog
 
+from soma_runtime.throttle import RepeatedWarnings
 from soma_runtime.unix import Peer, peer_credentials, prepare_socket_path, private_umask
 
 MAX_LINE = 64 * 1024
 # A connection silent this long is closed: none may hold a server open (or its shutdown up).
 IDLE_TIMEOUT = 10.0
+# Connections one server holds at once; more are closed as soon as they are accepted, so no
+# peer can take every file descriptor of the process (a handshake needs one at a time).
+HANDSHAKE_MAX_CONNECTIONS = 16
 
 log = structlog.get_logger(component="jsonline")
+# A peer refused over and over costs a line per interval, not a line per attempt.
+_refusals = RepeatedWarnings(log)
 
 Message = dict[str, Any]
 Handler = Callable[[Message, Peer], Awaitable[Message]]
@@ -50,16 +56,30 @@ def decode(line: bytes) -> Message:
     return value
 
 
-async def serve(path: Path, handler: Handler, gate: Gate) -> asyncio.Server:
-    """Listen on `path` (0600, private directory) and answer each request line with `handler`."""
+async def serve(
+    path: Path, handler: Handler, gate: Gate, max_connections: int = HANDSHAKE_MAX_CONNECTIONS
+) -> asyncio.Server:
+    """Listen on `path` (0600, private directory) and answer each request line with `handler`;
+    at most `max_connections` connections at once."""
+    active = 0
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal active
+        active += 1
         try:
+            if active > max_connections:
+                _refusals.warning("connections_over_limit", str(path), socket=str(path))
+                return
             peer = peer_credentials(writer.get_extra_info("socket"))
             refusal = gate(peer)
             if refusal is not None:
-                log.warning(
-                    "peer_refused", socket=str(path), pid=peer.pid, uid=peer.uid, reason=refusal
+                _refusals.warning(
+                    "peer_refused",
+                    (str(path), peer.pid),
+                    socket=str(path),
+                    pid=peer.pid,
+                    uid=peer.uid,
+                    reason=refusal,
                 )
                 writer.write(encode({"ok": False, "error": "refused", "message": refusal}))
                 return
@@ -73,6 +93,7 @@ async def serve(path: Path, handler: Handler, gate: Gate) -> asyncio.Server:
         except (ConnectionError, ValueError, asyncio.LimitOverrunError, TimeoutError):
             pass  # the peer went away, idled, or sent an over-long line: drop the connection
         finally:
+            active -= 1
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()

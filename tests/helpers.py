@@ -232,9 +232,10 @@ class SupervisorRun:
         body: str,
         watchdog_usec: int | None = None,
         organs: tuple[str, ...] = TEST_ORGANS,
+        sidecar: str = "",
     ) -> None:
         self.tmp = tmp
-        self.config = self.write(tmp, body, organs)
+        self.config = self.write(tmp, body, organs, sidecar)
         self.notify = NotifySocket(tmp / "notify.sock")
         extra = {"NOTIFY_SOCKET": str(self.notify.path)}
         if watchdog_usec is not None:
@@ -245,10 +246,14 @@ class SupervisorRun:
         )
 
     @staticmethod
-    def write(tmp: Path, body: str, organs: tuple[str, ...] = ("system",)) -> Path:
-        """The configuration file a run uses (written before the run, for the CLI)."""
+    def write(
+        tmp: Path, body: str, organs: tuple[str, ...] = ("system",), sidecar: str = ""
+    ) -> Path:
+        """The configuration file a run uses (written before the run, for the CLI);
+        `sidecar` holds more keys of the `[sidecar]` table."""
         listed = ", ".join(f'"{o}"' for o in organs)
-        return write_config(tmp / "soma.toml", CONFIG_HEAD.format(organs=listed) + body)
+        head = CONFIG_HEAD.format(organs=listed) + sidecar + "\n"
+        return write_config(tmp / "soma.toml", head + body)
 
     @property
     def run_dir(self) -> Path:

@@ -147,13 +147,15 @@ def test_no_session_and_forged_sessions_are_unauthenticated(probes: SupervisorRu
 
 
 def test_a_wrong_token_is_refused(probes: SupervisorRun) -> None:
-    with pytest.raises(sdk.Unauthenticated, match="wrong token"):
+    # From outside the runtime's process tree the handshake socket refuses before it reads;
+    # the token check itself is tested against a standalone sidecar's channel.
+    with pytest.raises(sdk.Unauthenticated, match="not the runtime's"):
         handshake(probes, "alpha", "f" * 64)
 
 
 def test_another_runtimes_token_is_refused(probes: SupervisorRun) -> None:
     beta_token = runtime_token(probes.child("beta")["pid"])
-    with pytest.raises(sdk.Unauthenticated, match="wrong token"):
+    with pytest.raises(sdk.Unauthenticated, match="not the runtime's"):
         handshake(probes, "alpha", beta_token)
 
 
@@ -164,8 +166,8 @@ def test_the_right_token_from_another_process_is_refused(probes: SupervisorRun) 
         handshake(probes, "alpha", alpha_token)
     wait_until(
         lambda: any(
-            e.get("reason") == "not the runtime's process"
-            for e in probes.events("handshake_refused")
+            "not the runtime's process" in e.get("reason", "")
+            for e in probes.events("peer_refused")
         ),
         what="the refusal logged",
     )
@@ -455,7 +457,7 @@ def test_a_restarted_runtime_gets_a_fresh_token_and_the_old_one_is_dead(tmp_path
         )
         new_pid = run.child("alpha")["pid"]
         assert runtime_token(new_pid) != old_token
-        with pytest.raises(sdk.Unauthenticated, match="wrong token"):
+        with pytest.raises(sdk.Unauthenticated, match="not the runtime's"):
             handshake(run, "alpha", old_token)
         # and the restarted runtime works with its new token
         wait_until(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
 import time
 from pathlib import Path
+
+import structlog
 
 from soma_runtime.admin_protocol import Register
 from soma_runtime.config import RuntimeSection, SidecarSection, SomaConfig
@@ -17,6 +20,8 @@ from soma_runtime.supervisor.child import StartFailed, Supervised
 from soma_runtime.supervisor.identity import Identity, mint_identity
 from soma_runtime.supervisor.process import ChildProcess, Command
 from soma_runtime.supervisor.sidecar_link import SidecarLink
+
+log = structlog.get_logger(component="supervisor")
 
 # Never passed to children: systemd's handles are the supervisor's alone.
 _SYSTEMD_ONLY = (
@@ -59,6 +64,7 @@ class SidecarChild(Supervised):
         self._link = link
         self._gateway_sockets = gateway_sockets
         self.ready = asyncio.Event()  # set while the sidecar serves
+        self._liveness: asyncio.Task[None] | None = None
 
     @property
     def settings(self) -> SidecarSection:
@@ -90,9 +96,35 @@ class SidecarChild(Supervised):
             await asyncio.sleep(0.02)
         await self._link.sidecar_up()
         self.ready.set()
+        self._liveness = asyncio.create_task(self._check_liveness(child))
+
+    async def _check_liveness(self, child: ChildProcess) -> None:
+        """Every `liveness_interval` s, have the sidecar exercise every runtime channel (not
+        only its admin socket); after `liveness_failures` failures in a row, restart it."""
+        failures = 0
+        while True:
+            await asyncio.sleep(self.settings.liveness_interval)
+            channels = await self._link.liveness()
+            failed = (
+                ["admin"] if channels is None else [n for n, r in channels.items() if r == "failed"]
+            )
+            if not failed:
+                failures = 0
+                continue
+            failures += 1
+            log.warning("sidecar_liveness_failed", failed=failed, consecutive=failures)
+            if failures >= self.settings.liveness_failures:
+                log.error("sidecar_unresponsive", failed=failed, restarting=True)
+                await child.stop(self.settings.stop_timeout)
+                return
 
     async def exited(self) -> None:
         self.ready.clear()
+        if self._liveness is not None:
+            self._liveness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._liveness
+            self._liveness = None
         self._link.sidecar_down()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import structlog
 
 from soma_runtime import jsonline
-from soma_runtime.admin_protocol import Ping, Register, Unregister
+from soma_runtime.admin_protocol import Liveness, Ping, Register, Unregister
 
 log = structlog.get_logger(component="supervisor")
 _ATTEMPTS = 6  # about 3 s in all
@@ -33,6 +33,18 @@ class SidecarLink:
         except (OSError, TimeoutError):
             return False
         return bool(answer.get("ok"))
+
+    async def liveness(self, timeout: float = 10.0) -> dict[str, str] | None:
+        """Have the sidecar exercise every runtime channel; each channel's result (`ok`,
+        `revived`, `failed`), or None when the sidecar did not answer."""
+        try:
+            answer = await jsonline.request(
+                self.admin_socket, Liveness().model_dump(), timeout=timeout
+            )
+        except (OSError, TimeoutError):
+            return None
+        channels = answer.get("channels")
+        return channels if isinstance(channels, dict) else None
 
     async def sidecar_up(self) -> None:
         """The sidecar (re)started and serves: give it every identity."""

@@ -1,0 +1,93 @@
+"""Bounding what a misbehaving peer can cost: failed attempts and the warnings they cause.
+
+A runtime that sends thousands of wrong tokens or sessions must neither flood the log (one
+line per attempt is a disk-filling attack) nor get an answer as fast as it can ask. Both are
+token buckets keyed by who is failing; success is never limited, so a legitimate runtime is
+never slowed by an attacker's failures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+# Keys remembered at most; the least recently seen is forgotten first.
+MAX_KEYS = 1024
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class TokenBuckets:
+    """One token bucket per key: `burst` tokens, refilled at `rate` per second."""
+
+    def __init__(self, burst: float, rate: float, clock: Any = time.monotonic) -> None:
+        self.burst = burst
+        self.rate = rate
+        self._clock = clock
+        self._buckets: OrderedDict[Hashable, _Bucket] = OrderedDict()
+
+    def take(self, key: Hashable) -> float:
+        """Take a token for `key`: 0.0 when one was there, otherwise how many seconds the
+        caller should wait for it. Waiting takes the token in advance, so a peer that keeps
+        failing waits longer each time, up to `burst / rate` seconds."""
+        bucket = self._refilled(key)
+        bucket.tokens = max(bucket.tokens - 1.0, -self.burst)
+        return 0.0 if bucket.tokens >= 0.0 else -bucket.tokens / self.rate
+
+    def take_if_there(self, key: Hashable) -> bool:
+        """Take a token for `key` only if one is there now."""
+        bucket = self._refilled(key)
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        return True
+
+    def _refilled(self, key: Hashable) -> _Bucket:
+        now = self._clock()
+        bucket = self._buckets.pop(key, None)
+        if bucket is None:
+            bucket = _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
+        bucket.at = now
+        self._buckets[key] = bucket
+        while len(self._buckets) > MAX_KEYS:
+            self._buckets.popitem(last=False)
+        return bucket
+
+
+class RepeatedWarnings:
+    """Logs the first few occurrences of a warning per key, then counts the rest and reports
+    the count (`repeated`) with the next line it lets through, or from `flush`, which the
+    sidecar's channel watcher calls: a flood costs a line per interval, not one per event."""
+
+    def __init__(
+        self, logger: Any, burst: int = 5, every_s: float = 10.0, clock: Any = time.monotonic
+    ) -> None:
+        self._log = logger
+        self._buckets = TokenBuckets(burst, 1.0 / every_s, clock)
+        self._suppressed: dict[tuple[str, Hashable], tuple[int, dict[str, Any]]] = {}
+
+    def warning(self, event: str, key: Hashable, **fields: Any) -> None:
+        held = self._suppressed.pop((event, key), None)
+        if not self._buckets.take_if_there((event, key)):
+            count = held[0] if held is not None else 0
+            if held is not None or len(self._suppressed) < MAX_KEYS:
+                self._suppressed[(event, key)] = (count + 1, fields)
+            return
+        count = held[0] if held is not None else 0
+        self._log.warning(event, **fields, **({"repeated": count} if count else {}))
+
+    def flush(self) -> None:
+        """Log the latest occurrence of each warning held back whose interval has come, with
+        how many more there were: each line plus its `repeated` count is every occurrence."""
+        for (event, key), (count, fields) in list(self._suppressed.items()):
+            if self._buckets.take_if_there((event, key)):
+                del self._suppressed[(event, key)]
+                self._log.warning(event, **fields, **({"repeated": count - 1} if count > 1 else {}))

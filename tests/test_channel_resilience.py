@@ -1,0 +1,217 @@
+"""What one runtime's socket receives never stops that channel for good, nor touches another.
+
+Attacks come from this test process: the same user as the sidecar, like another runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from sdk import _auth
+from sdk._proto.soma.v1 import sidecar_pb2 as pb
+from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
+from soma_runtime.jsonline import HANDSHAKE_MAX_CONNECTIONS
+from tests import h2frames
+from tests.helpers import (
+    Process,
+    SupervisorRun,
+    health_status,
+    read_report,
+    session_metadata,
+    wait_until,
+)
+
+# Not UTF-8: grpcio 1.85 decodes the path in its server's main loop, and this ends that loop.
+BAD_PATH = b"/soma.v1.Sidecar/\xff\xfe"
+
+TWO_RUNTIMES = """
+[[runtime]]
+name = "alpha"
+command = ["python", "-m", "tests.fixtures.agents", "probe", "alpha.jsonl"]
+allow = ["system.*", "acme.greet"]
+
+[[runtime]]
+name = "beta"
+command = ["python", "-m", "tests.fixtures.agents", "probe", "beta.jsonl"]
+allow = ["system.*", "acme.greet"]
+"""
+
+
+def echo_ok(target: str, metadata: tuple[tuple[str, str], ...]) -> bool:
+    """One `system.echo` over a new connection with a short deadline."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = pb_grpc.SidecarStub(channel).Stimulate(
+                pb.StimulateRequest(op="system.echo", input_json=b'{"n":1}'),
+                metadata=metadata,
+                timeout=1.0,
+            )
+        except grpc.RpcError:
+            return False
+    return reply.ok
+
+
+def socket_of(target: str) -> str:
+    path = _auth.socket_path(target)
+    assert path is not None
+    return path
+
+
+def test_a_path_that_is_not_utf8_does_not_stop_the_channel(
+    sidecar: tuple[Process, str],
+) -> None:
+    proc, target = sidecar
+    metadata = session_metadata(target)
+    assert echo_ok(target, metadata)
+
+    h2frames.send(socket_of(target), h2frames.grpc_request(BAD_PATH))
+
+    # The same session works on the server that replaced the crashed one.
+    wait_until(lambda: echo_ok(target, metadata), timeout=10, what="the channel to serve again")
+    assert "channel_server_revived" in proc.output()
+    assert health_status(target) == "SERVING"
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisorRun]:
+    tmp = tmp_path_factory.mktemp("two")
+    run = SupervisorRun(tmp, TWO_RUNTIMES, sidecar="liveness_interval = 0.2")
+    run.wait_ready()
+    wait_until(
+        lambda: all(
+            any(r.get("ready") for r in read_report(tmp / f"{n}.jsonl")) for n in ("alpha", "beta")
+        ),
+        what="both runtimes to report",
+    )
+    yield run
+    assert run.stop() == 0, run.proc.output()
+
+
+def test_a_crashed_channel_is_replaced_and_its_neighbour_never_notices(
+    two: SupervisorRun,
+) -> None:
+    alpha = f"unix://{two.run_dir / 'rt' / 'alpha.sock'}"
+    beta = f"unix://{two.run_dir / 'rt' / 'beta.sock'}"
+    for _ in range(5):
+        h2frames.send(socket_of(alpha), h2frames.grpc_request(BAD_PATH), read_timeout=0.2)
+        assert health_status(beta) == "SERVING"  # at once, every time: never waited for
+    wait_until(lambda: health_status(alpha) == "SERVING", timeout=10, what="alpha to serve")
+    revived = [e for e in two.events("channel_server_revived") if e.get("runtime") == "alpha"]
+    assert revived
+    assert not [e for e in two.events("channel_server_revived") if e.get("runtime") == "beta"]
+    assert two.child("alpha")["state"] == "running"
+
+
+def sidecar_fds(run: SupervisorRun) -> int:
+    pid = run.child("sidecar")["pid"]
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_one_peer_cannot_hold_more_than_a_socket_s_share_of_descriptors(
+    two: SupervisorRun,
+) -> None:
+    alpha = two.run_dir / "rt" / "alpha.sock"
+    alpha_auth = two.run_dir / "rt" / "alpha.auth.sock"
+    before = sidecar_fds(two)
+    held = []
+    try:
+        for path in (alpha, alpha_auth):
+            for _ in range(200):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.connect(str(path))
+        # 32 on the gRPC socket (the default cap); the handshake socket turns away a process
+        # outside the runtime's tree at once; a little room for the watcher's own probes.
+        wait_until(
+            lambda: sidecar_fds(two) <= before + 32 + 4,
+            timeout=10,
+            what="connections over the caps to be closed",
+        )
+        # The other runtime's channel, handshake socket included, is untouched.
+        assert health_status(f"unix://{two.run_dir / 'rt' / 'beta.sock'}") == "SERVING"
+        assert refusal(two.run_dir / "rt" / "beta.auth.sock")["error"] == "refused"
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: sidecar_fds(two) <= before + 4, timeout=10, what="descriptors released")
+
+
+def refusal(auth: Path) -> dict[str, str]:
+    """What a supervised runtime's handshake socket answers a process outside its tree."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(auth))
+        answer: dict[str, str] = json.loads(sock.makefile("rb").readline())
+    return answer
+
+
+def test_runtime_tree_gate_refuses_other_processes_at_connect(two: SupervisorRun) -> None:
+    answer = refusal(two.run_dir / "rt" / "alpha.auth.sock")
+    assert answer["error"] == "refused"
+    assert "not the runtime's process" in answer["message"]
+
+
+def test_a_hung_sidecar_is_restarted_by_the_liveness_check(tmp_path: Path) -> None:
+    run = SupervisorRun(
+        tmp_path,
+        TWO_RUNTIMES,
+        sidecar="liveness_interval = 0.2\nliveness_failures = 2\nstop_timeout = 1.0",
+    )
+    try:
+        run.wait_ready()
+        hung = run.child("sidecar")["pid"]
+        os.kill(hung, signal.SIGSTOP)
+        wait_until(
+            lambda: (
+                (c := run.child("sidecar"))["pid"] not in (hung, None) and c["state"] == "running"
+            ),
+            timeout=30,
+            what="a new sidecar",
+        )
+        assert run.events("sidecar_unresponsive")
+        beta = f"unix://{run.run_dir / 'rt' / 'beta.sock'}"
+        wait_until(lambda: health_status(beta) == "SERVING", timeout=10, what="beta again")
+    finally:
+        assert run.stop() == 0, run.proc.output()
+
+
+def closed_by_peer(socks: list[socket.socket]) -> int:
+    closed = 0
+    for sock in socks:
+        try:
+            closed += sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            pass
+        except ConnectionError:
+            closed += 1
+    return closed
+
+
+def test_handshake_socket_caps_its_connections(sidecar: tuple[Process, str]) -> None:
+    _, target = sidecar
+    auth = _auth.auth_socket_for(socket_of(target))
+    held = []
+    try:
+        for _ in range(HANDSHAKE_MAX_CONNECTIONS * 3):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            held.append(sock)
+            sock.connect(auth)
+        # Those over the cap are closed by the server as soon as they are accepted.
+        wait_until(
+            lambda: closed_by_peer(held) >= HANDSHAKE_MAX_CONNECTIONS * 2,
+            timeout=10,
+            what="connections over the cap to be closed",
+        )
+    finally:
+        for sock in held:
+            sock.close()
+    # Those it held are still answered once the flood is over.
+    assert echo_ok(target, session_metadata(target))
