@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from sidecar.access import AllowList, Channel
 from sidecar.credentials import CredentialBroker
 from sidecar.server import ConnectionLimits, SocketServer
 from sidecar.service import SidecarService
+from sidecar.sweep import Owners, close_foreign_connections
 from soma_runtime import Executive, jsonline
 from soma_runtime.config import SidecarSection
 from soma_runtime.throttle import RepeatedWarnings, TokenBuckets
@@ -35,8 +37,10 @@ from soma_runtime.unix import Peer, is_descendant, remove_socket
 
 log = structlog.get_logger(component="sidecar")
 
-# The watcher looks at every channel's server this often even when nothing woke it.
+# The watcher looks at every channel's server this often even when nothing woke it, and
+# closes connections from outside a runtime's process tree this often (see `sidecar.sweep`).
 WATCH_INTERVAL_S = 1.0
+SWEEP_INTERVAL_S = 5.0
 # Failed handshakes a runtime's process may make in a burst, and per second after it.
 HANDSHAKE_FAILURE_BURST = 5
 HANDSHAKE_FAILURE_RATE = 1.0
@@ -65,6 +69,10 @@ def runtime_tree(channel: Channel) -> jsonline.Gate:
         return refusal
 
     return gate
+
+
+def _tree_of(root: int) -> Callable[[int], bool]:
+    return lambda pid: is_descendant(pid, root)
 
 
 @dataclass(slots=True)
@@ -163,6 +171,8 @@ class ChannelRegistry:
         alarm = _CrashAlarm(wake, asyncio.get_running_loop())
         grpc_log = logging.getLogger("grpc._cython.cygrpc")
         grpc_log.addHandler(alarm)
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + SWEEP_INTERVAL_S
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -170,9 +180,27 @@ class ChannelRegistry:
                         await wake.wait()
                 wake.clear()
                 await self.repair()
+                if loop.time() >= next_sweep:
+                    await self.sweep()
+                    next_sweep = loop.time() + SWEEP_INTERVAL_S
                 self.warnings.flush()
         finally:
             grpc_log.removeHandler(alarm)
+
+    async def sweep(self) -> dict[str, int]:
+        """Close connections to runtime sockets from outside each runtime's process tree
+        (in a thread: it looks at every descriptor of the process)."""
+        owners: Owners = {
+            str(host.grpc.path): _tree_of(host.channel.pid)
+            for host in self._hosts.values()
+            if host.channel.pid is not None
+        }
+        if not owners:
+            return {}
+        closed = await asyncio.to_thread(close_foreign_connections, owners)
+        for path, count in closed.items():
+            log.warning("foreign_connections_closed", socket=path, count=count)
+        return closed
 
     async def repair(self) -> list[str]:
         """Revive the channel servers that crashed; the names of those revived."""

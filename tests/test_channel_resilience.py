@@ -184,15 +184,20 @@ def test_a_hung_sidecar_is_restarted_by_the_liveness_check(tmp_path: Path) -> No
 
 
 def closed_by_peer(socks: list[socket.socket]) -> int:
-    closed = 0
-    for sock in socks:
+    """How many of `socks` the other end has closed (reading, without blocking, whatever
+    the server wrote first)."""
+
+    def closed(sock: socket.socket) -> bool:
         try:
-            closed += sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            while sock.recv(65536, socket.MSG_DONTWAIT):
+                pass
         except BlockingIOError:
-            pass
+            return False
         except ConnectionError:
-            closed += 1
-    return closed
+            return True
+        return True
+
+    return sum(closed(sock) for sock in socks)
 
 
 def test_handshake_socket_caps_its_connections(sidecar: tuple[Process, str]) -> None:
@@ -215,3 +220,23 @@ def test_handshake_socket_caps_its_connections(sidecar: tuple[Process, str]) -> 
             sock.close()
     # Those it held are still answered once the flood is over.
     assert echo_ok(target, session_metadata(target))
+
+
+def test_connections_from_outside_the_runtime_s_tree_are_closed(two: SupervisorRun) -> None:
+    """A squatter that speaks HTTP/2 (so no handshake timeout) and stays idle (no idle
+    timeout for 300 s) still loses the slots it took on another runtime's socket."""
+    held = []
+    try:
+        for _ in range(10):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            held.append(sock)
+            sock.connect(str(two.run_dir / "rt" / "alpha.sock"))
+            sock.sendall(h2frames.PREFACE + h2frames.frame(h2frames.SETTINGS, 0, 0, b""))
+        wait_until(
+            lambda: closed_by_peer(held) == len(held), timeout=20, what="the squatters closed"
+        )
+    finally:
+        for sock in held:
+            sock.close()
+    assert two.events("foreign_connections_closed")
+    assert health_status(f"unix://{two.run_dir / 'rt' / 'alpha.sock'}") == "SERVING"
