@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import uvloop
 
-from sdk._proto.soma.v1 import sidecar_pb2 as pb
-from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
+from sdk.protocol.soma.v1 import sidecar_pb2 as pb
+from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 
 
 class Echo(pb_grpc.SidecarServicer):

@@ -14,8 +14,8 @@ import grpc
 
 import sdk
 from benchmarks.vault_and_gateway import measure
-from sdk._proto.soma.v1 import sidecar_pb2 as pb
-from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
+from sdk.protocol.soma.v1 import sidecar_pb2 as pb
+from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from tests.helpers import REPO, Process, start_sidecar, wait_until
 
 PAYLOAD = {"data": "x" * 88}  # 100 bytes of JSON

@@ -15,35 +15,10 @@ import socket
 import time
 from pathlib import Path
 
+from sdk import protocol
 from sdk.errors import DeadlineExceeded, SomaError, Unauthenticated, Unavailable
 
-TOKEN_FD_ENV = "SOMA_TOKEN_FD"  # noqa: S105 - a variable name, not a secret
-TOKEN_FILE_ENV = "SOMA_TOKEN_FILE"  # noqa: S105
-AUTH_SOCKET_ENV = "SOMA_AUTH_SOCKET"
 _RETRY_PAUSE = 0.02  # between handshake attempts while the sidecar (re)starts
-_MAX_REPLY = 4096
-
-
-def socket_path(target: str) -> str | None:
-    """The filesystem path of a `unix:` target, None for other targets."""
-    if target.startswith("unix://"):
-        return target[len("unix://") :]
-    if target.startswith("unix:"):
-        return target[len("unix:") :]
-    return None
-
-
-def companion(path: str, suffix: str) -> str:
-    """`/run/rt/claims.sock` → `/run/rt/claims<suffix>` (the `.sock` is replaced if present)."""
-    return (path[: -len(".sock")] if path.endswith(".sock") else path) + suffix
-
-
-def auth_socket_for(path: str) -> str:
-    return companion(path, ".auth.sock")
-
-
-def token_file_for(path: str) -> str:
-    return companion(path, ".token")
 
 
 def read_token_file(path: str | os.PathLike[str]) -> str:
@@ -62,17 +37,17 @@ def token_from_env() -> str | None:
     The descriptor is read once per process and made close-on-exec, so programs the runtime
     starts do not inherit it.
     """
-    raw_fd = os.environ.get(TOKEN_FD_ENV)
+    raw_fd = os.environ.get(protocol.TOKEN_FD_ENV)
     if raw_fd:
         fd = int(raw_fd)
         if fd not in _fd_tokens:
             try:
-                _fd_tokens[fd] = os.pread(fd, _MAX_REPLY, 0).decode().strip()
+                _fd_tokens[fd] = os.pread(fd, protocol.MAX_HANDSHAKE_LINE, 0).decode().strip()
                 os.set_inheritable(fd, False)
             except OSError as exc:
                 raise SomaError(f"cannot read the token from fd {fd}: {exc.strerror}") from None
         return _fd_tokens[fd]
-    path = os.environ.get(TOKEN_FILE_ENV)
+    path = os.environ.get(protocol.TOKEN_FILE_ENV)
     return read_token_file(path) if path else None
 
 
@@ -86,13 +61,9 @@ def _answer(raw: bytes) -> str | None:
         raise Unauthenticated("UNAUTHENTICATED", "the handshake answer is not JSON") from None
     if answer.get("ok") and isinstance(answer.get("session"), str):
         return str(answer["session"])
-    if answer.get("error") == "retry":
+    if answer.get("error") == protocol.RETRY:
         return None
     raise Unauthenticated("UNAUTHENTICATED", str(answer.get("message") or answer.get("error")))
-
-
-def _request(token: str) -> bytes:
-    return json.dumps({"token": token}).encode() + b"\n"
 
 
 # Failures that mean "the sidecar is not (yet) there": worth another attempt.
@@ -121,9 +92,12 @@ def handshake(auth_path: str, token: str, deadline: float | None) -> str:
                 # A refusal is written (and the connection closed) as soon as the sidecar
                 # accepts: the send may then fail, and the answer is still there to read.
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    sock.sendall(_request(token))
+                    sock.sendall(protocol.handshake_request(token))
                 with sock.makefile("rb") as stream:
-                    session, reason = _answer(stream.readline(_MAX_REPLY)), _PENDING
+                    session, reason = (
+                        _answer(stream.readline(protocol.MAX_HANDSHAKE_LINE)),
+                        _PENDING,
+                    )
         except _TRANSIENT as exc:
             session, reason = None, type(exc).__name__
         if session is not None:
@@ -138,7 +112,7 @@ async def handshake_async(auth_path: str, token: str, deadline: float | None) ->
             async with asyncio.timeout(_remaining(deadline, 5.0)):
                 reader, writer = await asyncio.open_unix_connection(auth_path)
                 try:
-                    writer.write(_request(token))
+                    writer.write(protocol.handshake_request(token))
                     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         await writer.drain()
                     session, reason = _answer(await reader.readline()), _PENDING

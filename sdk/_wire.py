@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 
-from sdk._proto.soma.v1 import sidecar_pb2 as pb
 from sdk.errors import TRANSPORT_ERRORS, DeadlineExceeded, SomaError, TransportError
+from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.types import FunctionMatch, Response
 
 # Matches the sidecar's default receive limit; larger requests are refused before sending.
@@ -62,10 +62,6 @@ def remaining(deadline: float | None) -> float | None:
     return left
 
 
-def bearer(session: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {session}"),)
-
-
 def idempotency(cards: list[dict[str, Any]]) -> dict[str, bool]:
     """op → whether its card says repeating it is safe (sub-organ functions included)."""
     functions = [
@@ -77,17 +73,6 @@ def idempotency(cards: list[dict[str, Any]]) -> dict[str, bool]:
         ]
     ]
     return {str(f["name"]): bool(f.get("idempotent")) for f in functions}
-
-
-def should_reauthenticate(exc: grpc.RpcError, session: str | None, stale: str | None) -> bool:
-    """UNAUTHENTICATED on a session not yet replaced once in this call: a restarted sidecar
-    forgot it. The call was refused before any organ ran, so a new session and a resend are
-    safe; a second refusal in the same call is final."""
-    return exc.code() == grpc.StatusCode.UNAUTHENTICATED and session is not None and stale is None
-
-
-def is_unavailable(exc: grpc.RpcError) -> bool:
-    return exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def transport_error(exc: grpc.RpcError) -> SomaError:

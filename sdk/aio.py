@@ -10,9 +10,9 @@ from typing import Any
 import grpc
 
 from sdk import _auth, _wire
-from sdk._proto.soma.v1 import sidecar_pb2 as pb
-from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
-from sdk.client import DEFAULT_TIMEOUT, ClientAuth, arguments_from_env
+from sdk._core import DEFAULT_TIMEOUT, ClientCore, Retry, arguments_from_env
+from sdk.protocol.soma.v1 import sidecar_pb2 as pb
+from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from sdk.types import FunctionMatch, Response
 
 
@@ -33,11 +33,7 @@ class AsyncClient:
         auth_socket: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self._auth = ClientAuth(target, token, token_file, auth_socket)
-        self._session: str | None = None
-        self._idempotent: dict[str, bool] | None = None
+        self._core = ClientCore(target, token, token_file, auth_socket, timeout)
         self._lock: asyncio.Lock | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.SidecarAsyncStub | None = None
@@ -50,7 +46,9 @@ class AsyncClient:
 
     def _ensure_stub(self) -> pb_grpc.SidecarAsyncStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=_wire.CHANNEL_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(
+                self._core.target, options=_wire.CHANNEL_OPTIONS
+            )
             self._stub = pb_grpc.SidecarStub(self._channel)
             self._lock = asyncio.Lock()
         return self._stub
@@ -92,48 +90,46 @@ class AsyncClient:
         request = pb.SearchRequest(query=query, tag=tag or "")
         return _wire.matches_from(await self._invoke(stub.Search, request, timeout))
 
-    async def _session_for(self, deadline: float | None, stale: str | None) -> str | None:
-        auth = self._auth
-        if auth.token is None or auth.auth_socket is None or self._lock is None:
-            return None
-        async with self._lock:
-            if self._session is None or self._session == stale:
-                self._session = await _auth.handshake_async(auth.auth_socket, auth.token, deadline)
-            return self._session
+    @property
+    def target(self) -> str:
+        return self._core.target
+
+    @property
+    def timeout(self) -> float | None:
+        return self._core.timeout
 
     async def _invoke(
         self, rpc: Any, request: Any, timeout: float | None, op: str | None = None
     ) -> Any:
-        deadline = _wire.deadline_after(timeout if timeout is not None else self.timeout)
-        stale: str | None = None
+        """Call `rpc` with a session, sending it again when the core says it is safe."""
+        core = self._core
+        call = core.start(op, timeout)
         while True:
-            session = await self._session_for(deadline, stale)
-            metadata = _wire.bearer(session) if session else ()
+            if core.needs_session(call):
+                assert self._lock is not None
+                async with self._lock:
+                    if core.needs_session(call):
+                        assert core.auth_socket is not None and core.token is not None
+                        core.session = await _auth.handshake_async(
+                            core.auth_socket, core.token, call.deadline
+                        )
             try:
-                return await rpc(
+                reply = await rpc(
                     request,
-                    timeout=_wire.remaining(deadline),
-                    metadata=metadata,
+                    timeout=call.remaining(),
+                    metadata=core.metadata(),
                     wait_for_ready=True,
                 )
             except grpc.RpcError as exc:
-                if _wire.should_reauthenticate(exc, session, stale):
-                    stale = session
-                    continue
-                if _wire.is_unavailable(exc) and await self._safe_to_repeat(op, deadline):
-                    continue
-                raise _wire.transport_error(exc) from None
-
-    async def _safe_to_repeat(self, op: str | None, deadline: float | None) -> bool:
-        if op is None:
-            return True
-        if self._idempotent is None:
-            stub = self._ensure_stub()
-            reply = await self._invoke(
-                stub.Describe, pb.DescribeRequest(), _wire.remaining(deadline)
-            )
-            self._idempotent = _wire.idempotency(_wire.cards_from(reply))
-        return self._idempotent.get(op, False)
+                retry = core.after_failure(call, exc)
+                if retry is Retry.ASK_CARDS:
+                    core.learn_cards(await self.describe(timeout=call.remaining()))
+                    retry = core.after_failure(call, exc)
+                if retry is Retry.RAISE:
+                    raise _wire.transport_error(exc) from None
+                continue
+            core.succeeded()
+            return reply
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Mapping
 from types import TracebackType
@@ -11,45 +10,10 @@ from typing import Any
 import grpc
 
 from sdk import _auth, _wire
-from sdk._proto.soma.v1 import sidecar_pb2 as pb
-from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
-from sdk.errors import SomaError
+from sdk._core import DEFAULT_TIMEOUT, ClientCore, Retry, arguments_from_env
+from sdk.protocol.soma.v1 import sidecar_pb2 as pb
+from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from sdk.types import FunctionMatch, Response
-
-ADDRESS_ENV = "SOMA_SIDECAR_ADDRESS"
-DEFAULT_TIMEOUT = 30.0
-
-
-def arguments_from_env() -> tuple[str, dict[str, str | None]]:
-    """The target, and the token and handshake socket, that `soma supervise` gives a runtime,
-    as arguments for `Client` and `AsyncClient`."""
-    target = os.environ.get(ADDRESS_ENV)
-    if not target:
-        raise SomaError(
-            f"{ADDRESS_ENV} is not set; is this process running under `soma supervise`?"
-        )
-    auth = {"token": _auth.token_from_env(), "auth_socket": os.environ.get(_auth.AUTH_SOCKET_ENV)}
-    return target, auth
-
-
-class ClientAuth:
-    """How a client proves who it is: a token, exchanged on the handshake socket for a session.
-
-    Without an explicit token, a token file beside the socket (`<name>.token`, which only the
-    sidecar's user can read) is used when there is one: that is how `soma sidecar` run on its
-    own hands out access.
-    """
-
-    def __init__(
-        self, target: str, token: str | None, token_file: str | None, auth_socket: str | None
-    ) -> None:
-        path = _auth.socket_path(target)
-        if token is None and token_file is not None:
-            token = _auth.read_token_file(token_file)
-        if token is None and path is not None and os.path.exists(_auth.token_file_for(path)):
-            token = _auth.read_token_file(_auth.token_file_for(path))
-        self.token = token
-        self.auth_socket = auth_socket or (_auth.auth_socket_for(path) if path else None)
 
 
 class Client:
@@ -71,11 +35,7 @@ class Client:
         auth_socket: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self._auth = ClientAuth(target, token, token_file, auth_socket)
-        self._session: str | None = None
-        self._idempotent: dict[str, bool] | None = None
+        self._core = ClientCore(target, token, token_file, auth_socket, timeout)
         self._lock = threading.Lock()
         self._channel = grpc.insecure_channel(target, options=_wire.CHANNEL_OPTIONS)
         self._stub = pb_grpc.SidecarStub(self._channel)
@@ -121,47 +81,41 @@ class Client:
         request = pb.SearchRequest(query=query, tag=tag or "")
         return _wire.matches_from(self._invoke(self._stub.Search, request, timeout))
 
-    def _session_for(self, deadline: float | None, stale: str | None) -> str | None:
-        """The current session, making a new one when there is none or it went `stale`."""
-        auth = self._auth
-        if auth.token is None or auth.auth_socket is None:
-            return None
-        with self._lock:
-            if self._session is None or self._session == stale:
-                self._session = _auth.handshake(auth.auth_socket, auth.token, deadline)
-            return self._session
+    @property
+    def target(self) -> str:
+        return self._core.target
+
+    @property
+    def timeout(self) -> float | None:
+        return self._core.timeout
 
     def _invoke(self, rpc: Any, request: Any, timeout: float | None, op: str | None = None) -> Any:
-        """Call `rpc` with a session; `op` None marks a call that is always safe to repeat."""
-        deadline = _wire.deadline_after(timeout if timeout is not None else self.timeout)
-        stale: str | None = None
+        """Call `rpc` with a session, sending it again when the core says it is safe."""
+        core = self._core
+        call = core.start(op, timeout)
         while True:
-            session = self._session_for(deadline, stale)
-            metadata = _wire.bearer(session) if session else ()
+            if core.needs_session(call):
+                with self._lock:
+                    if core.needs_session(call):
+                        assert core.auth_socket is not None and core.token is not None
+                        core.session = _auth.handshake(core.auth_socket, core.token, call.deadline)
             try:
-                return rpc(
+                reply = rpc(
                     request,
-                    timeout=_wire.remaining(deadline),
-                    metadata=metadata,
+                    timeout=call.remaining(),
+                    metadata=core.metadata(),
                     wait_for_ready=True,
                 )
             except grpc.RpcError as exc:
-                if _wire.should_reauthenticate(exc, session, stale):
-                    stale = session  # refused before anything ran: safe to send again
-                    continue
-                if _wire.is_unavailable(exc) and self._safe_to_repeat(op, deadline):
-                    continue
-                raise _wire.transport_error(exc) from None
-
-    def _safe_to_repeat(self, op: str | None, deadline: float | None) -> bool:
-        if op is None:
-            return True
-        if self._idempotent is None:
-            reply = self._invoke(
-                self._stub.Describe, pb.DescribeRequest(), _wire.remaining(deadline)
-            )
-            self._idempotent = _wire.idempotency(_wire.cards_from(reply))
-        return self._idempotent.get(op, False)
+                retry = core.after_failure(call, exc)
+                if retry is Retry.ASK_CARDS:
+                    core.learn_cards(self.describe(timeout=call.remaining()))
+                    retry = core.after_failure(call, exc)
+                if retry is Retry.RAISE:
+                    raise _wire.transport_error(exc) from None
+                continue
+            core.succeeded()
+            return reply
 
     def close(self) -> None:
         self._channel.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from sdk._auth import auth_socket_for, token_file_for
+from sdk import protocol
 from sidecar.access import AllowList, token_digest
 from sidecar.admin import Admin, supervisor_only
 from sidecar.channels import ChannelRegistry
@@ -104,8 +104,8 @@ async def _open_local_channel(config: SomaConfig, registry: ChannelRegistry) -> 
     """Serve the "local" channel on `[sidecar].socket`; returns the token file it wrote."""
     assert config.sidecar.socket is not None
     grpc_path = config.resolve(config.sidecar.socket)
-    auth_path = Path(auth_socket_for(str(grpc_path)))
-    token_path = Path(token_file_for(str(grpc_path)))
+    auth_path = Path(protocol.auth_socket_for(str(grpc_path)))
+    token_path = Path(protocol.token_file_for(str(grpc_path)))
     channel = await registry.open(LOCAL_CHANNEL, grpc_path, auth_path, AllowList(["*"]))
     token = secrets.token_hex(32)
     with private_umask():

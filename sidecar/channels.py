@@ -25,6 +25,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sdk import protocol
 from sidecar.access import AllowList, Channel
 from sidecar.credentials import CredentialBroker
 from sidecar.server import ConnectionLimits, SocketServer
@@ -49,7 +50,8 @@ HANDSHAKE_MAX_BACKOFF_S = 2.0
 
 def socket_paths(directory: Path, name: str) -> tuple[Path, Path]:
     """The gRPC socket and the handshake socket of runtime `name`."""
-    return directory / f"{name}.sock", directory / f"{name}.auth.sock"
+    grpc_path = protocol.channel_socket(directory, name)
+    return grpc_path, Path(protocol.auth_socket_for(str(grpc_path)))
 
 
 def same_user(peer: Peer) -> str | None:
@@ -264,11 +266,15 @@ class ChannelRegistry:
             )
             return {
                 "ok": False,
-                "error": "unauthenticated",
+                "error": protocol.UNAUTHENTICATED,
                 "message": "wrong token for this channel",
             }
         if channel.pending:
-            return {"ok": False, "error": "retry", "message": "the runtime is being registered"}
+            return {
+                "ok": False,
+                "error": protocol.RETRY,
+                "message": "the runtime is being registered",
+            }
         if channel.pid is not None and not is_descendant(peer.pid, channel.pid):
             log.warning(
                 "handshake_refused",
@@ -279,7 +285,7 @@ class ChannelRegistry:
             )
             return {
                 "ok": False,
-                "error": "unauthenticated",
+                "error": protocol.UNAUTHENTICATED,
                 "message": "this process is not the runtime's",
             }
         return {"ok": True, "session": channel.open_session()}

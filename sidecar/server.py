@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from sdk._proto.soma.v1 import sidecar_pb2, sidecar_pb2_grpc
+from sdk.protocol.soma.v1 import sidecar_pb2, sidecar_pb2_grpc
 from soma_runtime.unix import prepare_socket_path, private_umask, remove_socket
 
 SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name

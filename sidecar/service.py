@@ -14,8 +14,9 @@ from typing import Any
 import grpc
 import structlog
 
-from sdk._proto.soma.v1 import sidecar_pb2 as pb
-from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
+from sdk import protocol
+from sdk.protocol.soma.v1 import sidecar_pb2 as pb
+from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.access import AllowList, Channel
 from sidecar.credentials import CredentialBroker, CredentialDenied, needed
 from sidecar.vault.store import VaultError
@@ -27,7 +28,7 @@ from soma_runtime.throttle import RepeatedWarnings
 log = structlog.get_logger(component="sidecar")
 
 Context = grpc.aio.ServicerContext[Any, Any]
-BEARER = "bearer "
+BEARER = protocol.BEARER.lower()
 
 
 class SidecarService(pb_grpc.SidecarServicer):
@@ -55,7 +56,7 @@ class SidecarService(pb_grpc.SidecarServicer):
 
     async def _authenticate(self, context: Context, op: str = "") -> None:
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str):
+            if key == protocol.AUTHORIZATION and isinstance(value, str):
                 if value[: len(BEARER)].lower() == BEARER and self._channel.session_matches(
                     value[len(BEARER) :]
                 ):

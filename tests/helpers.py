@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sdk import _auth
+from sdk import _auth, protocol
 
 REPO = Path(__file__).resolve().parent.parent
 SOMA = str(Path(sys.executable).parent / "soma")
@@ -115,11 +115,11 @@ class Process:
 def session_metadata(target: str, token: str | None = None) -> tuple[tuple[str, str], ...]:
     """`authorization` metadata for raw gRPC calls, from a handshake with `token` (default:
     the token file a standalone sidecar writes beside its socket)."""
-    path = _auth.socket_path(target)
+    path = protocol.socket_path(target)
     assert path is not None
     if token is None:
-        token = _auth.read_token_file(_auth.token_file_for(path))
-    session = _auth.handshake(_auth.auth_socket_for(path), token, time.monotonic() + 10)
+        token = _auth.read_token_file(protocol.token_file_for(path))
+    session = _auth.handshake(protocol.auth_socket_for(path), token, time.monotonic() + 10)
     return (("authorization", f"Bearer {session}"),)
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from sdk import _auth
-from sdk._proto.soma.v1 import sidecar_pb2 as pb
-from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
+from sdk import protocol
+from sdk.protocol.soma.v1 import sidecar_pb2 as pb
+from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from soma_runtime.jsonline import HANDSHAKE_MAX_CONNECTIONS
 from tests import h2frames
 from tests.helpers import (
@@ -60,7 +60,7 @@ def echo_ok(target: str, metadata: tuple[tuple[str, str], ...]) -> bool:
 
 
 def socket_of(target: str) -> str:
-    path = _auth.socket_path(target)
+    path = protocol.socket_path(target)
     assert path is not None
     return path
 
@@ -202,7 +202,7 @@ def closed_by_peer(socks: list[socket.socket]) -> int:
 
 def test_handshake_socket_caps_its_connections(sidecar: tuple[Process, str]) -> None:
     _, target = sidecar
-    auth = _auth.auth_socket_for(socket_of(target))
+    auth = protocol.auth_socket_for(socket_of(target))
     held = []
     try:
         for _ in range(HANDSHAKE_MAX_CONNECTIONS * 3):

@@ -21,7 +21,7 @@ def test_protobuf_stubs_match_the_proto(tmp_path: Path) -> None:
     generated = {
         p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
     }
-    committed_root = REPO / "sdk" / "_proto"
+    committed_root = REPO / "sdk" / "protocol" / "soma"
     committed = {
         p.relative_to(REPO): p.read_bytes()
         for p in committed_root.rglob("*")

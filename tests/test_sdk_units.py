@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 import sdk
-from sdk import _auth, _wire
+from sdk import _auth, _wire, protocol
 from sdk.types import Response
 
 
@@ -20,12 +21,12 @@ def test_from_env_outside_a_runtime_says_what_is_missing(monkeypatch: pytest.Mon
 
 
 def test_companion_paths() -> None:
-    assert _auth.socket_path("unix:///run/soma/rt/claims.sock") == "/run/soma/rt/claims.sock"
-    assert _auth.socket_path("unix:relative.sock") == "relative.sock"
-    assert _auth.socket_path("localhost:50051") is None
-    assert _auth.auth_socket_for("/run/rt/claims.sock") == "/run/rt/claims.auth.sock"
-    assert _auth.token_file_for("/run/sidecar.sock") == "/run/sidecar.token"
-    assert _auth.auth_socket_for("/run/odd") == "/run/odd.auth.sock"
+    assert protocol.socket_path("unix:///run/soma/rt/claims.sock") == "/run/soma/rt/claims.sock"
+    assert protocol.socket_path("unix:relative.sock") == "relative.sock"
+    assert protocol.socket_path("localhost:50051") is None
+    assert protocol.auth_socket_for("/run/rt/claims.sock") == "/run/rt/claims.auth.sock"
+    assert protocol.token_file_for("/run/sidecar.sock") == "/run/sidecar.token"
+    assert protocol.auth_socket_for("/run/odd") == "/run/odd.auth.sock"
 
 
 def test_the_token_is_read_from_the_inherited_descriptor_once(
@@ -91,3 +92,22 @@ def test_organ_answers_map_to_typed_errors(output: object, error: type[Exception
     assert type(info.value) is error
     assert isinstance(info.value, sdk.SomaError)
     Response(ok=True, output={}, latency_ms=1.0).raise_for_error("x.y")  # no error when ok
+
+
+def test_a_client_of_a_socket_that_does_not_exist_fails_at_once(tmp_path: Path) -> None:
+    """A mistyped path is named at once instead of waiting out the 30 s deadline."""
+    import asyncio
+
+    missing = tmp_path / "nowhere.sock"
+    with (
+        sdk.Client(f"unix://{missing}") as client,
+        pytest.raises(sdk.Unavailable, match=str(missing)),
+    ):
+        client.call("system.echo", {})
+
+    async def call_async() -> None:
+        async with sdk.AsyncClient(f"unix://{missing}") as client:
+            await client.call("system.echo", {})
+
+    with pytest.raises(sdk.Unavailable, match=str(missing)):
+        asyncio.run(call_async())

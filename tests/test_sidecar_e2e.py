@@ -15,8 +15,8 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import sdk
-from sdk._proto.soma.v1 import sidecar_pb2 as pb
-from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
+from sdk.protocol.soma.v1 import sidecar_pb2 as pb
+from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from tests.helpers import (
     SOMA,
     Process,

@@ -17,8 +17,8 @@ import pytest
 
 import sdk
 from sdk import _auth
-from sdk._proto.soma.v1 import sidecar_pb2 as pb
-from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
+from sdk.protocol.soma.v1 import sidecar_pb2 as pb
+from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from tests.helpers import (
     SupervisorRun,
     pid_alive,

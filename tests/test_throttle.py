@@ -6,7 +6,7 @@ import json
 import socket
 from typing import Any
 
-from sdk import _auth
+from sdk import protocol
 from soma_runtime.throttle import MAX_KEYS, RepeatedWarnings, TokenBuckets
 from tests.helpers import Process, session_metadata, wait_until
 from tests.test_channel_resilience import echo_ok, socket_of
@@ -82,7 +82,7 @@ def test_wrong_tokens_are_logged_in_aggregate_and_never_slow_the_right_one(
     sidecar: tuple[Process, str],
 ) -> None:
     proc, target = sidecar
-    auth = _auth.auth_socket_for(socket_of(target))
+    auth = protocol.auth_socket_for(socket_of(target))
     for _ in range(8):
         assert handshake(auth, "0" * 64)["error"] == "unauthenticated"
         # The right token is answered with a session at once, whatever failed before it.

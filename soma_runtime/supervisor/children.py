@@ -12,6 +12,7 @@ from pathlib import Path
 
 import structlog
 
+from sdk import protocol
 from soma_runtime.admin_protocol import Register
 from soma_runtime.config import RuntimeSection, SidecarSection, SomaConfig
 from soma_runtime.gateway_sockets import SOCKETS_ENV
@@ -179,10 +180,10 @@ class RuntimeChild(Supervised):
         env.update(self._gateway_env(identity.placeholder))
         env.update(
             {
-                "SOMA_RUNTIME": self.name,
-                "SOMA_SIDECAR_ADDRESS": f"unix://{grpc_path}",
-                "SOMA_AUTH_SOCKET": str(grpc_path.with_name(f"{self.name}.auth.sock")),
-                "SOMA_TOKEN_FD": str(identity.token_fd),
+                protocol.RUNTIME_ENV: self.name,
+                protocol.ADDRESS_ENV: f"unix://{grpc_path}",
+                protocol.AUTH_SOCKET_ENV: protocol.auth_socket_for(str(grpc_path)),
+                protocol.TOKEN_FD_ENV: str(identity.token_fd),
             }
         )
         cwd = self._config.resolve(self.spec.cwd or Path("."))  # default: the config's directory

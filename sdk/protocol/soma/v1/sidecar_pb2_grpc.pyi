@@ -17,7 +17,7 @@ that the text parses.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from sdk._proto.soma.v1 import sidecar_pb2 as _sidecar_pb2
+from sdk.protocol.soma.v1 import sidecar_pb2 as _sidecar_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

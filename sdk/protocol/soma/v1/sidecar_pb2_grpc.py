@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from sdk._proto.soma.v1 import sidecar_pb2 as soma_dot_v1_dot_sidecar__pb2
+from sdk.protocol.soma.v1 import sidecar_pb2 as soma_dot_v1_dot_sidecar__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

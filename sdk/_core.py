@@ -1,0 +1,127 @@
+"""What every SDK client decides, without any I/O: where it connects, which session a call
+carries, and whether a failed call is sent again. `sdk.Client` and `sdk.AsyncClient` are short
+loops around this core that do the I/O it asks for (the model is httpx's `BaseClient`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import grpc
+
+from sdk import _auth, _wire, protocol
+from sdk.errors import SomaError, Unavailable
+
+DEFAULT_TIMEOUT = 30.0
+
+
+def arguments_from_env() -> tuple[str, dict[str, str | None]]:
+    """The target, and the token and handshake socket, that `soma supervise` gives a runtime,
+    as arguments for `Client` and `AsyncClient`."""
+    target = os.environ.get(protocol.ADDRESS_ENV)
+    if not target:
+        raise SomaError(
+            f"{protocol.ADDRESS_ENV} is not set; is this process running under `soma supervise`?"
+        )
+    auth = {
+        "token": _auth.token_from_env(),
+        "auth_socket": os.environ.get(protocol.AUTH_SOCKET_ENV),
+    }
+    return target, auth
+
+
+class Retry(Enum):
+    """What to do after a call failed."""
+
+    NEW_SESSION = "new_session"  # refused before anything ran: make a session, send again
+    RESEND = "resend"  # safe to send again: nothing ran, or running twice is harmless
+    ASK_CARDS = "ask_cards"  # the function's card decides: fetch the cards, then ask again
+    RAISE = "raise"
+
+
+@dataclass(slots=True)
+class Call:
+    """One call across its attempts. `op` None marks a call that is always safe to repeat."""
+
+    op: str | None
+    deadline: float | None
+    stale: str | None = None  # a session this call saw refused
+
+    def remaining(self) -> float | None:
+        return _wire.remaining(self.deadline)
+
+
+class ClientCore:
+    """A client's state and decisions.
+
+    Without an explicit token, a token file beside the socket (`<name>.token`, which only the
+    sidecar's user can read) is used when there is one: that is how `soma sidecar` run on its
+    own hands out access.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None,
+        token_file: str | None,
+        auth_socket: str | None,
+        timeout: float | None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.path = protocol.socket_path(target)
+        if token is None and token_file is not None:
+            token = _auth.read_token_file(token_file)
+        if token is None and self.path is not None:
+            beside = protocol.token_file_for(self.path)
+            if os.path.exists(beside):
+                token = _auth.read_token_file(beside)
+        self.token = token
+        self.auth_socket = auth_socket or (
+            protocol.auth_socket_for(self.path) if self.path else None
+        )
+        self.session: str | None = None
+        self._idempotent: dict[str, bool] | None = None
+        self._reached = False
+
+    def start(self, op: str | None, timeout: float | None) -> Call:
+        """A new call. Until a call has reached the sidecar once, a socket that does not exist
+        is an error at once (a mistyped path should not wait the whole deadline); afterwards
+        it means the sidecar is restarting, and the call waits for it."""
+        if not self._reached and self.path is not None and not os.path.exists(self.path):
+            raise Unavailable("UNAVAILABLE", f"no sidecar socket at {self.path}")
+        return Call(op, _wire.deadline_after(timeout if timeout is not None else self.timeout))
+
+    def needs_session(self, call: Call) -> bool:
+        """Whether a handshake must come before the next attempt."""
+        if self.token is None or self.auth_socket is None:
+            return False
+        return self.session is None or self.session == call.stale
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return protocol.bearer_metadata(self.session) if self.session else ()
+
+    def succeeded(self) -> None:
+        self._reached = True
+
+    def after_failure(self, call: Call, exc: grpc.RpcError) -> Retry:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED and self.session and call.stale is None:
+            # A restarted sidecar forgot the session; it refused before any organ ran. A
+            # second refusal in the same call is final.
+            call.stale = self.session
+            return Retry.NEW_SESSION
+        if code != grpc.StatusCode.UNAVAILABLE:
+            return Retry.RAISE
+        if call.op is None:
+            return Retry.RESEND
+        if self._idempotent is None:
+            return Retry.ASK_CARDS
+        # Cut off mid-call: it may have run, so only an idempotent function runs again.
+        return Retry.RESEND if self._idempotent.get(call.op, False) else Retry.RAISE
+
+    def learn_cards(self, cards: list[dict[str, Any]]) -> None:
+        self._idempotent = _wire.idempotency(cards)
