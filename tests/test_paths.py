@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.vault.open import VaultSetupError, open_vault
+from soma_runtime.config import parse_config
 from soma_runtime.unix import (
     UnsafePath,
     ensure_private_dir,
@@ -155,3 +157,19 @@ def test_a_state_dir_linked_by_another_user_gets_no_key_and_no_vault(tmp_path: P
     supervise = run_soma("supervise", "--config", str(config))
     assert supervise.returncode == 2, supervise.stderr
     assert f"{link} is a symbolic link owned by uid {OTHER_UID}" in supervise.stderr
+
+
+def test_vault_files_that_are_links_are_refused(tmp_path: Path) -> None:
+    """SQLite follows links: the database and its WAL are checked before it opens them, and the
+    database is created exclusively."""
+    state = private(tmp_path / "state")
+    config = parse_config({"soma": {"state_dir": str(state)}})
+    elsewhere = tmp_path / "elsewhere"
+    for name in ("vault.db", "vault.db-wal"):
+        (state / name).symlink_to(elsewhere)
+        with pytest.raises(VaultSetupError, match=re.escape(f"{state / name} is not a regular")):
+            open_vault(config)
+        assert not elsewhere.exists()
+        (state / name).unlink()
+    open_vault(config).set_secret("api", b"value")
+    assert stat.S_IMODE((state / "vault.db").stat().st_mode) == 0o600
