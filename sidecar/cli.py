@@ -22,7 +22,7 @@ from soma_runtime import OrganCard
 from soma_runtime.card_files import check_cards, export_cards
 from soma_runtime.config import ConfigError, load_config
 from soma_runtime.logs import configure_logging
-from soma_runtime.unix import SocketPathError
+from soma_runtime.unix import UnsafePath
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     try:
         uvloop.run(serve(config, supervised=args.supervised))
-    except (ConfigError, SocketPathError, KekError) as exc:
+    except (ConfigError, UnsafePath, KekError) as exc:
         print(f"soma sidecar: {exc}", file=sys.stderr)
         return 2
     return 0

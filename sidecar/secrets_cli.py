@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.vault.kek import KekError
-from sidecar.vault.open import open_vault
+from sidecar.vault.open import VaultSetupError, open_vault
 from sidecar.vault.store import MAX_SECRET_BYTES, VaultError
 from soma_runtime.config import ConfigError, SomaConfig, load_config
+from soma_runtime.unix import UnsafePath
 
 
 def users_of(config: SomaConfig, secret: str) -> list[str]:
@@ -122,9 +123,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         return int(args.secrets_handler(args, config))
-    except (ConfigError, VaultError, KekError, sqlite3.Error) as exc:
+    except (ConfigError, VaultError, KekError, UnsafePath, sqlite3.Error) as exc:
         print(f"soma secrets: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        # 2: the setup must be fixed first (configuration, key, paths); 1: this command failed.
+        return 2 if isinstance(exc, ConfigError | KekError | UnsafePath | VaultSetupError) else 1
     except OSError as exc:
         print(f"soma secrets: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return 1

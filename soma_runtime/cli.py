@@ -23,7 +23,7 @@ from soma_runtime.search import search_functions
 from soma_runtime.supervisor.arbiter import Supervisor
 from soma_runtime.supervisor.control import fetch_status, format_status
 from soma_runtime.systemd_unit import unit_file
-from soma_runtime.unix import SocketPathError
+from soma_runtime.unix import UnsafePath
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -71,7 +71,7 @@ def _supervise(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     try:
         return asyncio.run(Supervisor(config).run())
-    except SocketPathError as exc:
+    except UnsafePath as exc:  # a runtime or state directory others could redirect
         print(f"soma supervise: {exc}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,10 @@
-"""Unix-socket hygiene shared by every socket Soma binds.
+"""Unix-socket and directory hygiene shared by every socket and state file Soma makes.
 
 Sockets live in directories only their owner can enter (0700) and are created 0600. A socket
 file left by a dead process is replaced; one that still answers belongs to a live process and
-is never stolen; a path that is not a socket is never deleted.
+is never stolen; a path that is not a socket is never deleted. Directories are reached only
+through links and parents that root or this user controls (`open_directory`): other local
+users may plant links and files anywhere they can write.
 """
 
 from __future__ import annotations
@@ -21,42 +23,187 @@ from typing import Any
 MAX_SOCKET_PATH = 107
 
 
-class SocketPathError(OSError):
+class UnsafePath(OSError):
+    """A file or directory Soma will not use (a link or a directory other users control, a
+    wrong owner or mode) or cannot create; the message names it and says what to do."""
+
+
+class SocketPathError(UnsafePath):
     """A socket path Soma refuses to use; the message says why and what to do."""
 
 
-def ensure_private_dir(directory: Path) -> None:
-    """Create `directory` (and parents) as 0700, or check that an existing one is private."""
-    if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True)
-        directory.chmod(0o700)  # mkdir's mode is filtered by the umask
-        return
-    info = directory.stat()
-    if not stat.S_ISDIR(info.st_mode):
-        raise SocketPathError(f"{directory} is not a directory")
-    if info.st_uid != os.geteuid():
-        raise SocketPathError(f"{directory} belongs to uid {info.st_uid}, not to this user")
-    if info.st_mode & 0o077:
-        raise SocketPathError(
-            f"{directory} is accessible to other users (mode {stat.S_IMODE(info.st_mode):o}); "
-            "sockets must live in a directory of mode 0700"
+# The kernel's own limit on symbolic links followed in one path lookup.
+_MAX_LINKS = 40
+
+
+def open_directory(path: Path, *, private: bool, create: bool = False) -> int:
+    """An `O_PATH` descriptor of the directory `path`, reached so that only root and this user
+    (the service user) can have decided where it leads; `UnsafePath` otherwise.
+
+    The path is walked from `/` one component at a time, each opened relative to its parent
+    with `O_NOFOLLOW` and judged by `fstat` of what was opened, so nothing can be swapped
+    between the check and the use. Every directory on the way must belong to root or this
+    user and be writable by nobody else unless it is sticky (like /tmp, where others cannot
+    rename or delete our entries). A symbolic link is followed (and its target walked the same
+    way) only when root or this user owns it. The directory itself must belong to this user
+    and be closed to everyone else (`private`, for sockets and the vault), or else belong to
+    root or this user and be writable by nobody else (a key file's directory, for example).
+    With `create`, missing directories are made 0700, relative to their parent's descriptor.
+    Once this returns, only root and this user can change what `path` names, so plain path
+    operations below it are safe too.
+    """
+    me = os.geteuid()
+    # Components still to walk, next one last; True for those that came from a link's target,
+    # which are never created (mkdir does not create through a dangling link either).
+    pending = [(name, False) for name in reversed((Path.cwd() / path).parts[1:])]
+    # The directories walked so far, from `/`: `..` pops, an absolute link target restarts.
+    walked: list[tuple[str, int]] = [("", os.open("/", os.O_PATH | os.O_DIRECTORY))]
+    links = 0
+    try:
+        _check_ancestor(_shown(path, "/"), os.fstat(walked[0][1]), me)
+        while pending:
+            name, from_link = pending.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if len(walked) > 1:
+                    os.close(walked.pop()[1])
+                continue
+            where = _shown(path, "/".join(n for n, _ in walked) + "/" + name)
+            fd = _open_component(walked[-1][1], name, where, create and not from_link)
+            info = os.fstat(fd)
+            if stat.S_ISLNK(info.st_mode):
+                try:
+                    target = _trusted_link(where, fd, info, me)
+                finally:
+                    os.close(fd)
+                links += 1
+                if links > _MAX_LINKS:
+                    raise UnsafePath(f"{path}: too many symbolic links")
+                if target.startswith("/"):
+                    while len(walked) > 1:
+                        os.close(walked.pop()[1])
+                parts = Path(target).parts[1 if target.startswith("/") else 0 :]
+                pending.extend((part, True) for part in reversed(parts))
+                continue
+            walked.append((name, fd))
+            if not stat.S_ISDIR(info.st_mode):
+                raise UnsafePath(f"{where} is not a directory")
+            _check_ancestor(where, info, me)
+        _check_final(path, os.fstat(walked[-1][1]), me, private=private)
+    except BaseException:
+        for _, fd in walked:
+            os.close(fd)
+        raise
+    for _, fd in walked[:-1]:
+        os.close(fd)
+    return walked[-1][1]
+
+
+def _shown(path: Path, where: str) -> str:
+    """A component of `path` as error messages name it."""
+    return where if where == str(path) else f"{where} (on the way to {path})"
+
+
+def _open_component(parent: int, name: str, where: str, create: bool) -> int:
+    """`name` in the directory `parent`, opened without following it (a link is opened as the
+    link itself); made 0700 first if it is missing and `create`."""
+    try:
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent)
+    except FileNotFoundError:
+        if not create:
+            raise UnsafePath(f"{where} does not exist") from None
+    except OSError as exc:
+        raise UnsafePath(f"cannot use {where}: {exc.strerror}") from None
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent)
+        # mkdir's mode is filtered by the umask. The parent passed the ancestor check, so
+        # nobody else can have replaced the new directory in the meantime.
+        os.chmod(name, 0o700, dir_fd=parent)
+    except FileExistsError:
+        pass  # made by someone else meanwhile: judged below like any other entry
+    except OSError as exc:
+        raise UnsafePath(f"cannot create {where}: {exc.strerror}") from None
+    return _open_component(parent, name, where, create=False)
+
+
+def _trusted_link(where: str, fd: int, info: os.stat_result, me: int) -> str:
+    """The target of the symbolic link opened as `fd`, if root or this user owns it."""
+    if info.st_uid not in (0, me):
+        raise UnsafePath(
+            f"{where} is a symbolic link owned by uid {info.st_uid}; only links owned "
+            f"by root or uid {me} (this user) are followed. Use the real directory's path, or "
+            "remove the link"
         )
+    return os.readlink("", dir_fd=fd)  # readlinkat(2) on an O_PATH link: the one we judged
+
+
+def _check_ancestor(where: str, info: os.stat_result, me: int) -> None:
+    """A directory on the way: others must not be able to replace what is inside it."""
+    if info.st_uid not in (0, me):
+        raise UnsafePath(
+            f"{where} belongs to uid {info.st_uid}, who could replace what is inside; "
+            f"use a directory whose every parent belongs to root or uid {me} (this user)"
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise UnsafePath(
+            f"{where} is writable by other users (mode {mode:o}) and not sticky, so "
+            "they could replace what is inside; use a directory only root or this user can "
+            "change"
+        )
+
+
+def _check_final(path: Path, info: os.stat_result, me: int, *, private: bool) -> None:
+    mode = stat.S_IMODE(info.st_mode)
+    if private:
+        if info.st_uid != me:
+            raise UnsafePath(
+                f"{path} belongs to uid {info.st_uid}, not to uid {me} (this user); "
+                "chown it, or choose another directory"
+            )
+        if mode & 0o077:
+            raise UnsafePath(
+                f"{path} is accessible to other users (mode {mode:o}); "
+                "it must be a directory of mode 0700"
+            )
+    elif mode & 0o022:
+        raise UnsafePath(
+            f"{path} is writable by other users (mode {mode:o}); "
+            "it must be writable only by root or this user"
+        )
+
+
+@contextlib.contextmanager
+def opened_directory(path: Path, *, private: bool, create: bool = False) -> Iterator[int]:
+    """`open_directory` for the duration of a `with` block."""
+    fd = open_directory(path, private=private, create=create)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """Create `directory` (and parents) as 0700, or check that an existing one is private and
+    that nobody but root and this user can redirect any part of its path."""
+    os.close(open_directory(directory, private=True, create=True))
 
 
 def prepare_socket_path(path: Path) -> None:
     """Make `path` ready to bind: private parent directory, no live or foreign file in the way."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise SocketPathError(f"{path} is longer than the {MAX_SOCKET_PATH}-byte socket path limit")
-    ensure_private_dir(path.parent)
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
-    if socket_is_live(path):
-        raise SocketPathError(f"{path} is in use by a running process")
-    path.unlink()
+    with opened_directory(path.parent, private=True, create=True) as directory:
+        try:
+            info = os.stat(path.name, dir_fd=directory, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(info.st_mode):
+            raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
+        if socket_is_live(path):
+            raise SocketPathError(f"{path} is in use by a running process")
+        os.unlink(path.name, dir_fd=directory)
 
 
 def socket_is_live(path: Path) -> bool:

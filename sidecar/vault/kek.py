@@ -12,10 +12,12 @@ opens which row, including in the middle of a rotation.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import hmac
 import os
+import secrets
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from soma_runtime.unix import private_umask
+from soma_runtime.unix import UnsafePath, opened_directory
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -97,38 +99,88 @@ class KekProvider(ABC):
         yield
 
 
-def _read_key(path: Path) -> bytes:
-    """32 raw bytes, or 64 hex digits (systemd-creds and text editors add a newline)."""
+# Any accepted key file is shorter: 32 raw bytes, or 64 hex digits and a line ending.
+_MAX_KEY_FILE = 1024
+
+
+@contextlib.contextmanager
+def _key_directory(path: Path) -> Iterator[int]:
+    """A descriptor of the directory of the key file `path`: reached only through links and
+    parents root or this user control, owned by one of them and writable by nobody else (a
+    key planted by another user, or swapped under us, is never used)."""
     try:
-        info = path.stat()
-        raw = path.read_bytes()
+        with opened_directory(path.parent, private=False) as directory:
+            yield directory
+    except UnsafePath as exc:
+        raise KekError(f"the key-encryption key {path} cannot be used: {exc}") from None
+
+
+def _load_key(directory: int, path: Path) -> tuple[LocalKek, os.stat_result] | None:
+    """The key in the file `path` (in `directory`), None when there is no such file.
+
+    The file is opened without following a link (or blocking on a FIFO) and judged by what was
+    opened: a regular file of this user or root that nobody else may read. It holds 32 raw
+    bytes, or 64 hex digits (systemd-creds and text editors add a newline)."""
+    me = os.geteuid()
+    try:
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KekError(
+                f"the key-encryption key {path} is a symbolic link, which is never followed; "
+                "remove it, or point vault.kek_file at the key itself"
+            ) from None
+        raise KekError(f"cannot read the key-encryption key {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KekError(f"the key-encryption key {path} is not a regular file")
+        if info.st_uid not in (me, 0):
+            raise KekError(
+                f"the key-encryption key {path} belongs to uid {info.st_uid}, not to uid {me} "
+                "(this user) or root, so someone else may have planted it; remove it, or "
+                "chown it if it is the right key"
+            )
+        if info.st_mode & 0o077:
+            raise KekError(
+                f"the key-encryption key {path} is readable by others "
+                f"(mode {stat.S_IMODE(info.st_mode):o}); make it 0600 or 0400"
+            )
+        raw = os.read(fd, _MAX_KEY_FILE + 1)
     except OSError as exc:
         raise KekError(f"cannot read the key-encryption key {path}: {exc.strerror}") from None
-    if info.st_mode & 0o077:
-        raise KekError(
-            f"the key-encryption key {path} is readable by others "
-            f"(mode {stat.S_IMODE(info.st_mode):o}); make it 0600 or 0400"
-        )
+    finally:
+        os.close(fd)
     if len(raw) == KEY_BYTES:
-        return raw
-    text = raw.strip()
+        return LocalKek(raw), info
     try:
-        key = bytes.fromhex(text.decode())
+        key = bytes.fromhex(raw.strip().decode())
     except (UnicodeDecodeError, ValueError):
         key = b""
     if len(key) != KEY_BYTES:
         raise KekError(f"{path} does not hold a {KEY_BYTES}-byte key")
-    return key
+    return LocalKek(key), info
 
 
-def _write_new_key(path: Path, *, replace: bool) -> bytes:
-    """A new random key at `path`, appearing all at once: written to a temporary file,
-    synced, then linked into place (`replace=False`: fails if `path` exists) or renamed
-    over it. A crash never leaves a partial key where a key is expected."""
+def _read_key(directory: int, path: Path) -> tuple[LocalKek, os.stat_result]:
+    """`_load_key` for a key that must be there."""
+    loaded = _load_key(directory, path)
+    if loaded is None:
+        raise KekError(f"the key-encryption key {path} does not exist")
+    return loaded
+
+
+def _write_new_key(directory: int, path: Path, *, replace: bool) -> bytes:
+    """A new random key at `path` (in `directory`), appearing all at once: written to a
+    temporary file, synced, then linked into place (`replace=False`: `FileExistsError` if
+    `path` exists) or renamed over it. A crash never leaves a partial key where a key is
+    expected. The temporary name is random and created exclusively, never through a link:
+    nothing planted in advance is written to."""
     key = os.urandom(KEY_BYTES)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with private_umask():
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=directory)
     try:
         os.write(fd, key)
         os.fsync(fd)
@@ -136,21 +188,32 @@ def _write_new_key(path: Path, *, replace: bool) -> bytes:
         os.close(fd)
     try:
         if replace:
-            os.replace(tmp, path)
+            os.replace(tmp, path.name, src_dir_fd=directory, dst_dir_fd=directory)
         else:
-            os.link(tmp, path)
+            os.link(
+                tmp, path.name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False
+            )
     finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=directory)
+    _fsync_dir(directory)
     return key
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync_dir(directory: int) -> None:
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=directory)  # O_PATH cannot fsync
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _cannot_write(path: Path, exc: OSError) -> KekError:
+    return KekError(
+        f"cannot write the key-encryption key {path}: {exc.strerror}; its directory must be "
+        f"writable by uid {os.geteuid()} (this user), or provide the key (vault.kek_file, or "
+        "a systemd credential)"
+    )
 
 
 class KeyFileProvider(KekProvider):
@@ -161,28 +224,45 @@ class KeyFileProvider(KekProvider):
     (`soma secrets rotate-kek`): the key file is re-read whenever it changes on disk, and the
     previous key stays findable, so a record sealed under the old key just before the switch
     still opens (the next rotation re-wraps it).
+
+    Every file is opened relative to a descriptor of the checked directory (`_key_directory`),
+    never through a link, and only ever created exclusively.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.next_path = path.with_name(path.name + ".next")
         self.previous_path = path.with_name(path.name + ".previous")
+        self.lock_path = path.with_name(path.name + ".lock")
         self.description = f"key file {path}"
-        if not path.exists():
-            with contextlib.suppress(FileExistsError):  # another process created it first
-                _write_new_key(path, replace=False)
+        with _key_directory(path) as directory:
+            try:
+                os.stat(path.name, dir_fd=directory, follow_symlinks=False)
+            except FileNotFoundError:
+                try:
+                    _write_new_key(directory, path, replace=False)
+                except FileExistsError:
+                    pass  # another process created it first
+                except OSError as exc:
+                    raise _cannot_write(path, exc) from None
+            except OSError as exc:
+                raise KekError(
+                    f"cannot read the key-encryption key {path}: {exc.strerror}"
+                ) from None
         self._loaded: tuple[int, int, int] | None = None
         self._current = self._reload()
 
     def _reload(self) -> LocalKek:
-        info = self.path.stat()
+        with _key_directory(self.path) as directory:
+            kek, info = _read_key(directory, self.path)
         self._loaded = (info.st_ino, info.st_mtime_ns, info.st_size)
-        self._current = LocalKek(_read_key(self.path))
-        return self._current
+        self._current = kek
+        return kek
 
     def current(self) -> Kek:
+        # The directory was checked: only root and this user can change what the path names.
         try:
-            info = self.path.stat()
+            info = os.stat(self.path, follow_symlinks=False)
         except OSError as exc:
             raise KekError(
                 f"cannot read the key-encryption key {self.path}: {exc.strerror}"
@@ -191,27 +271,40 @@ class KeyFileProvider(KekProvider):
             return self._reload()  # rotated by another process
         return self._current
 
-    @staticmethod
-    def _optional(path: Path) -> LocalKek | None:
-        return LocalKek(_read_key(path)) if path.exists() else None
-
     def find(self, kek_id: str) -> Kek | None:
-        for kek in (
-            self.current(),
-            self._optional(self.next_path),
-            self._optional(self.previous_path),
-        ):
-            if kek is not None and kek.kek_id == kek_id:
-                return kek
+        if self.current().kek_id == kek_id:
+            return self._current
+        with _key_directory(self.path) as directory:
+            for path in (self.next_path, self.previous_path):
+                loaded = _load_key(directory, path)
+                if loaded is not None and loaded[0].kek_id == kek_id:
+                    return loaded[0]
         return None
 
     @contextlib.contextmanager
     def rotating(self) -> Iterator[None]:
-        with private_umask():
-            fd = os.open(
-                self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
-            )
+        with _key_directory(self.path) as directory:
+            try:
+                fd = os.open(
+                    self.lock_path.name,
+                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                    0o600,
+                    dir_fd=directory,
+                )
+            except OSError as exc:
+                reason = exc.strerror
+                if exc.errno == errno.ELOOP:
+                    reason = "it is a symbolic link, which is never followed; remove it"
+                raise KekError(
+                    f"cannot open the rotation lock {self.lock_path}: {reason}"
+                ) from None
         try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise KekError(
+                    f"the rotation lock {self.lock_path} is not a regular file owned by "
+                    f"uid {os.geteuid()} (this user); remove it"
+                )
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -219,21 +312,30 @@ class KeyFileProvider(KekProvider):
 
     def stage_rotation(self) -> Kek:
         # Replaces the key of a rotation that never committed, if there is one.
-        return LocalKek(_write_new_key(self.next_path, replace=True))
+        with _key_directory(self.path) as directory:
+            try:
+                return LocalKek(_write_new_key(directory, self.next_path, replace=True))
+            except OSError as exc:
+                raise _cannot_write(self.next_path, exc) from None
 
     def complete_rotation(self, kek: Kek) -> None:
-        held = self.path.with_name(f".{self.path.name}.{os.getpid()}.previous")
-        held.unlink(missing_ok=True)
-        os.link(self.path, held)
-        os.replace(held, self.previous_path)
-        os.replace(self.next_path, self.path)
-        _fsync_dir(self.path.parent)
+        with _key_directory(self.path) as directory:
+            held = f".{self.path.name}.{secrets.token_hex(8)}.previous"
+            within = {"src_dir_fd": directory, "dst_dir_fd": directory}
+            try:
+                os.link(self.path.name, held, **within, follow_symlinks=False)
+                os.replace(held, self.previous_path.name, **within)
+                os.replace(self.next_path.name, self.path.name, **within)
+                _fsync_dir(directory)
+            except OSError as exc:
+                raise _cannot_write(self.path, exc) from None
         self._reload()
 
     def recover(self, kek_ids_in_use: set[str]) -> None:
-        staged = self._optional(self.next_path)
-        if staged is not None and staged.kek_id in kek_ids_in_use:
-            self.complete_rotation(staged)  # the re-wrap committed; the rename did not happen
+        with _key_directory(self.path) as directory:
+            staged = _load_key(directory, self.next_path)
+        if staged is not None and staged[0].kek_id in kek_ids_in_use:
+            self.complete_rotation(staged[0])  # the re-wrap committed; the rename did not happen
 
 
 class CredentialProvider(KekProvider):
@@ -247,7 +349,8 @@ class CredentialProvider(KekProvider):
         self.path = directory / name
         self.previous_path = directory / f"{name}.previous"
         self.description = f"systemd credential {name}"
-        self._current = LocalKek(_read_key(self.path))
+        with _key_directory(self.path) as fd:
+            self._current = _read_key(fd, self.path)[0]
 
     def current(self) -> Kek:
         return self._current
@@ -255,10 +358,10 @@ class CredentialProvider(KekProvider):
     def find(self, kek_id: str) -> Kek | None:
         if kek_id == self._current.kek_id:
             return self._current
-        if self.previous_path.exists():
-            previous = LocalKek(_read_key(self.previous_path))
-            if previous.kek_id == kek_id:
-                return previous
+        with _key_directory(self.previous_path) as fd:
+            previous = _load_key(fd, self.previous_path)
+        if previous is not None and previous[0].kek_id == kek_id:
+            return previous[0]
         return None
 
     def stage_rotation(self) -> Kek:
