@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdk import protocol
 from soma_runtime.unix import ensure_private_dir
 
 
@@ -33,7 +34,7 @@ class RuntimeLayout:
         return self.runtime_dir / "rt"
 
     def channel_socket(self, runtime: str) -> Path:
-        return self.channel_dir / f"{runtime}.sock"
+        return protocol.channel_socket(self.channel_dir, runtime)
 
     def prepare(self) -> None:
         ensure_private_dir(self.runtime_dir)
