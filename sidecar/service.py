@@ -7,6 +7,7 @@ gRPC statuses are for transport and access problems.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -125,14 +126,15 @@ class SidecarService(pb_grpc.SidecarServicer):
 
     async def _inject_credentials(
         self, organ: str, card: FunctionCard, stimulus: Stimulus
-    ) -> Response | None:
-        """Resolve the credentials the card asks for, for this channel's runtime."""
+    ) -> Stimulus | Response:
+        """The stimulus with the credentials its card asks for, resolved for this channel's
+        runtime (after admission: an overloaded function never pays for a decrypt)."""
         names = needed(card, stimulus.input)
         if not names:
-            return None
+            return stimulus
         channel = self._channel
         try:
-            stimulus.credentials = await self._broker.resolve(
+            credentials = await self._broker.resolve(
                 names,
                 runtime=channel.name,
                 allowed=channel.credentials,
@@ -148,7 +150,7 @@ class SidecarService(pb_grpc.SidecarServicer):
                 trace_id=stimulus.context.get("trace_id"),
             )
             return Response.failure("CredentialUnavailable", op=stimulus.op, message=str(exc))
-        return None
+        return dataclasses.replace(stimulus, credentials=credentials)
 
     def _encoded(self, response: Response, op: str, trace_id: str) -> tuple[Response, bytes]:
         """The response and its JSON; an output that cannot be sent becomes an Internal error."""

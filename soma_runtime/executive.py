@@ -51,9 +51,10 @@ class PathwayStep:
     context: dict[str, str] = field(default_factory=dict)
 
 
-# Runs after validation, before the organ: may fill the stimulus (credentials), answer in
-# the organ's place by returning a Response, or raise to refuse the call outright.
-BeforeCall = Callable[[str, FunctionCard, Stimulus], Awaitable[Response | None]]
+# Runs after validation and admission, just before the organ: returns the stimulus to
+# deliver (with what it resolved for it, such as credentials), answers in the organ's place
+# with a Response, or raises to refuse the call outright.
+BeforeCall = Callable[[str, FunctionCard, Stimulus], Awaitable[Stimulus | Response]]
 
 
 @dataclass(slots=True)
@@ -169,11 +170,8 @@ class Executive:
                 path=problem.path,
                 message=problem.message,
             )
-        if before is not None:
-            answer = await before(route.organ_name, route.card, stimulus)
-            if answer is not None:
-                stats.record(_elapsed_ms(started), answer.error)
-                return answer
+        # Admission before any work on the call's behalf (a credential costs a decrypt and an
+        # audit write): an overloaded function answers at once.
         if not stats.try_admit():
             return Response.failure(
                 ErrorKind.OVERLOADED,
@@ -182,14 +180,28 @@ class Executive:
                 queue_cap=stats.slo.queue_cap,
                 message="too many calls in flight for this function; retry later",
             )
-        error: str | None = "Cancelled"
+        error: str | None = "Refused"
+        try:
+            if before is not None:
+                prepared = await before(route.organ_name, route.card, stimulus)
+                if isinstance(prepared, Response):
+                    error = prepared.error or "Failed"
+                    return prepared
+                stimulus = prepared
+            error = "Cancelled"
+            response = await self._run(route, stimulus, started)
+            error = None if response.ok else (response.error or "Failed")
+            return response
+        finally:
+            stats.release(_elapsed_ms(started), error)
+
+    async def _run(self, route: _Route, stimulus: Stimulus, started: float) -> Response:
+        """The organ's answer; an organ that raises or answers nonsense is an Internal error."""
         try:
             response = await route.organ.stimulate(stimulus)
             if not isinstance(response, Response):
                 raise TypeError(f"organ returned {type(response).__name__}, not Response")
-            error = None if response.ok else (response.error or "Failed")
         except Exception:
-            error = ErrorKind.INTERNAL
             log.exception(
                 "organ_failed",
                 organ=route.organ_name,
@@ -199,15 +211,13 @@ class Executive:
             details = (
                 {"trace_id": stimulus.context["trace_id"]} if "trace_id" in stimulus.context else {}
             )
-            response = Response.failure(
+            return Response.failure(
                 ErrorKind.INTERNAL,
                 _elapsed_ms(started),
                 op=stimulus.op,
                 message="the organ failed; the sidecar's log has the details",
                 **details,
             )
-        finally:
-            stats.release(_elapsed_ms(started), error)
         return response
 
     async def pathway(self, steps: Iterable[PathwayStep], initial_input: Any) -> Response:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from soma_runtime import (
     Executive,
+    FunctionCard,
     InvalidStimulus,
     PathwayStep,
+    Response,
     Stimulus,
     UnknownFunction,
     UnknownOrgan,
@@ -140,6 +143,32 @@ async def test_queue_cap_answers_overloaded_at_once(executive: Executive) -> Non
     assert all(r.ok for r in await asyncio.gather(*slow))
     after = await executive.stimulate(Stimulus("acme.slow", {"ms": 0}, {}))
     assert after.ok
+
+
+async def test_admission_comes_before_the_work_done_for_a_call(executive: Executive) -> None:
+    """An overloaded function answers before its credentials are resolved (a decrypt and an
+    audit write); a call answered in the organ's place gives its slot back."""
+    resolved: list[str] = []
+
+    async def resolve(organ: str, card: FunctionCard, stimulus: Stimulus) -> Stimulus | Response:
+        resolved.append(stimulus.op)
+        if stimulus.input["ms"] == 1:
+            return Response.failure("CredentialUnavailable", op=stimulus.op)
+        return dataclasses.replace(stimulus, credentials={"key": "value"})
+
+    slow = [
+        asyncio.create_task(executive.stimulate(Stimulus("acme.slow", {"ms": 300}, {}), resolve))
+        for _ in range(2)
+    ]
+    await wait_for_in_flight(executive, "acme.slow", 2)
+    over = await executive.stimulate(Stimulus("acme.slow", {"ms": 0}, {}), resolve)
+    assert over.output["error"] == "Overloaded"
+    assert len(resolved) == 2  # the refused call cost no resolution
+    assert all(r.ok for r in await asyncio.gather(*slow))
+    answered = await executive.stimulate(Stimulus("acme.slow", {"ms": 1}, {}), resolve)
+    assert answered.output["error"] == "CredentialUnavailable"
+    stats = {s.name: s for s in executive.function_stats()}["acme.slow"]
+    assert stats.in_flight == 0
 
 
 async def test_stats_record_latency_and_error_rate_against_the_slo(executive: Executive) -> None:
