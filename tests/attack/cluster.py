@@ -75,7 +75,7 @@ class Cluster:
         extra: str = "",
     ) -> None:
         self.relay_dir = tmp / "relay"
-        self.relay_dir.mkdir(mode=0o700)
+        self.relay_dir.mkdir(mode=0o700, exist_ok=True)
         body = extra
         for name, allow in runtimes.items():
             listed = ", ".join(f'"{pattern}"' for pattern in allow)

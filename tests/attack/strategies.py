@@ -15,6 +15,21 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+
+class Bytes:
+    """Bytes to send, shown cut short: a falsifying example of 60 kB would drown the report.
+    (A plain class: hypothesis prints dataclasses field by field, in full.)"""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        head = self.data[:60]
+        return f"Bytes({head!r}{'...' if len(self.data) > 60 else ''}, {len(self.data)} bytes)"
+
+
 # Keys and strings: printable text, and text with control characters and astral code points.
 TEXT = st.text(max_size=40)
 KEYS = st.one_of(st.sampled_from(["", "key", "data", "error", "__proto__", "$ref"]), TEXT)

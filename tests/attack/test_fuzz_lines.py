@@ -27,7 +27,7 @@ from soma_runtime import jsonline
 from tests.attack import tally
 from tests.attack.cluster import Cluster
 from tests.attack.scale import fuzz_settings
-from tests.attack.strategies import JSON, KEYS, mutated
+from tests.attack.strategies import JSON, KEYS, Bytes, mutated
 from tests.helpers import Process, SupervisorRun, wait_until
 
 DEEP = [b"[" * 60000, b'{"a":' * 12000]
@@ -138,20 +138,6 @@ def exchange(path: Path, data: bytes) -> bytes:
                 break
             received += chunk
     return bytes(received)
-
-
-class Bytes:
-    """Bytes to send, shown cut short: a falsifying example of 60 kB would drown the report.
-    (A plain class: hypothesis prints dataclasses field by field, in full.)"""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __repr__(self) -> str:
-        head = self.data[:60]
-        return f"Bytes({head!r}{'...' if len(self.data) > 60 else ''}, {len(self.data)} bytes)"
 
 
 def one_line(data: bytes) -> bytes:
