@@ -219,6 +219,10 @@ class Mix:
             outcome = "ok" if check is None or check(output) else "lost_write"
         except sdk.OrganError as exc:
             outcome = exc.kind
+        except sdk.TransportError as exc:
+            # The base class stands for a status the SDK has no name for: keep the status.
+            name = type(exc).__name__
+            outcome = f"{name}({exc.code})" if type(exc) is sdk.TransportError else name
         except sdk.SomaError as exc:
             outcome = type(exc).__name__
         self.stats.add(f"{op}:{outcome}", (time.perf_counter() - started) * 1000)

@@ -10,12 +10,11 @@ is decoded beyond frame headers.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import struct
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from tests.attack.sockets import send_and_read
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -106,32 +105,10 @@ class Answer:
 
 
 def exchange(path: str, data: bytes, timeout: float = 5.0) -> Answer:
-    """Send `data` on a fresh connection to the Unix socket `path`, half-close, and read
-    until the server closes the connection (or `timeout`): the server has then seen every
-    byte. The frames it answered with are parsed by their headers only."""
-    received = bytearray()
-    closed = False
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                chunk = sock.recv(65536)
-            except (ConnectionResetError, BrokenPipeError):
-                closed = True
-                break
-            except TimeoutError:
-                break
-            if not chunk:
-                closed = True
-                break
-            received += chunk
-    return Answer(tuple(_frame_types(bytes(received))), closed)
+    """Send `data` on a fresh connection to the Unix socket `path` and read until the server
+    closes it (see `send_and_read`); the frames it answered with, parsed by their headers."""
+    received, closed = send_and_read(path, data, timeout)
+    return Answer(tuple(_frame_types(received)), closed)
 
 
 def _frame_types(data: bytes) -> list[int]:

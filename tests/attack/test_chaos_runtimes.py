@@ -87,8 +87,10 @@ def test_sigkilled_runtimes_come_back_and_leave_nothing_behind(tmp_path: Path) -
             assert cluster.relay(other).pid() == other_pid
             assert cluster.relay(other).serves()
     finally:
-        cluster.stop()
-        kill_leftovers(helpers)
+        try:
+            cluster.stop()
+        finally:
+            kill_leftovers(helpers)
 
 
 def test_a_sigkilled_supervisor_leaves_no_process_and_no_live_identity(

@@ -10,10 +10,7 @@ server keeps answering the next client.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ from soma_runtime import jsonline
 from tests.attack import tally
 from tests.attack.cluster import Cluster
 from tests.attack.scale import fuzz_settings
+from tests.attack.sockets import send_and_read
 from tests.attack.strategies import JSON, KEYS, Bytes, mutated
 from tests.helpers import Process, SupervisorRun, wait_until
 
@@ -118,26 +116,8 @@ def targets(cluster: Cluster, admin: Path) -> dict[str, Target]:
 
 
 def exchange(path: Path, data: bytes) -> bytes:
-    """Send `data`, half-close, and read everything the server answers until it closes."""
-    received = bytearray()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(jsonline.IDLE_TIMEOUT + 5)
-        sock.connect(os.fspath(path))
-        try:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server stopped reading (an over-long line): what it said still counts
-        deadline = time.monotonic() + jsonline.IDLE_TIMEOUT + 5
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
-    return bytes(received)
+    """What the server answers to `data`, read until it closes the connection."""
+    return send_and_read(path, data, jsonline.IDLE_TIMEOUT + 5)[0]
 
 
 def one_line(data: bytes) -> bytes:
