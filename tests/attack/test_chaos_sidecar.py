@@ -45,7 +45,7 @@ def acked(tmp: Path, op: str) -> int:
 
 
 def test_acknowledged_writes_survive_sidecar_sigkills(tmp_path: Path) -> None:
-    kills = pick(3, 25)
+    kills = pick(2, 25)
     rng = random.Random(kills)
     run = SupervisorRun(tmp_path, BODY, organs=("system", "vault", "tests.fixtures.organs:Acme"))
     try:
