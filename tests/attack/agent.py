@@ -40,6 +40,7 @@ from sdk.client import arguments_from_env
 from soma_runtime import jsonline
 from soma_runtime.supervisor.control import same_user
 from soma_runtime.unix import Peer
+from tests.attack.sockets import send_and_read
 
 stopping = threading.Event()
 
@@ -111,6 +112,8 @@ class Relay:
     - `{"op": "raw", "path": "/soma.v1.Sidecar/Stimulate", "payload": b64, "timeout": s}` →
       `{"ok": true, "code": "OK" | status name, "reply": b64 | null}`
     - `{"op": "spawn"}` → a helper process (`sleep`) started, `{"ok": true, "pid": ...}`
+    - `{"op": "send", "path": SOCKET, "data": b64}` → raw bytes written to a socket from inside
+      this runtime's process tree (see `send_and_read`), `{"ok": true, "closed": bool}`
     """
 
     def __init__(self) -> None:
@@ -137,6 +140,13 @@ class Relay:
             )
             encoded = None if reply is None else base64.b64encode(reply).decode()
             return {"ok": True, "code": code, "reply": encoded}
+        if op == "send":
+            data = base64.b64decode(message["data"])
+            try:
+                _, closed = await asyncio.to_thread(send_and_read, message["path"], data)
+            except OSError as exc:  # the server does not accept: the test's check will say
+                return {"ok": True, "closed": True, "error": type(exc).__name__}
+            return {"ok": True, "closed": closed}
         if op == "spawn":
             helper = await asyncio.to_thread(subprocess.Popen, ["sleep", "300"])
             self.helpers.append(helper)

@@ -54,6 +54,12 @@ class Relay:
         reply = answer["reply"]
         return answer["code"], None if reply is None else base64.b64decode(reply)
 
+    def send(self, path: str, data: bytes) -> bool:
+        """Write `data` to the socket at `path` from inside this runtime's process tree; True
+        when the server closed the connection."""
+        encoded = base64.b64encode(data).decode()
+        return bool(self.request({"op": "send", "path": path, "data": encoded})["closed"])
+
     def spawn(self) -> int:
         return int(self.request({"op": "spawn"})["pid"])
 

@@ -1,10 +1,11 @@
 """Fuzz the bytes a runtime's socket takes: protobuf messages, and raw HTTP/2 frames.
 
 Protobuf cases travel as real gRPC calls with a valid session (through the relay runtime), so
-they reach the message parser and the servicer. HTTP/2 cases are written by this process
-straight onto the runtime's socket, byte by byte (`h2`): anyone of the sidecar's user can
-connect there, and nothing they send may affect that channel or any other. After every case
-the same channel and another runtime's channel must still answer a real SDK call.
+they reach the message parser and the servicer. HTTP/2 cases are written byte by byte (`h2`)
+onto the runtime's socket, twice over: from this process (any process of the sidecar's user
+can connect there), and from inside the runtime itself (a compromised agent, on its own
+channel). Nothing either sends may affect that channel or any other: after every case the same
+channel and another runtime's channel must still answer a real SDK call.
 """
 
 from __future__ import annotations
@@ -225,12 +226,21 @@ HTTP2 = st.one_of(
 )
 
 
-@fuzz_settings(short=80, long=4000, shrink=False)
-@given(data=HTTP2)
-@example(data=h2.connection_start() + h2.grpc_request(b"/soma.v1.Sidecar/\xff\xfe", b""))
+@pytest.mark.parametrize("sender", ["outside", "inside"])
 def test_raw_http2_bytes_on_a_runtime_socket_affect_no_channel(
-    cluster: Cluster, data: bytes
+    cluster: Cluster, sender: str
 ) -> None:
-    tally.count("fuzz", "http2 byte streams")
-    h2.exchange(cluster.grpc_socket("alpha"), data)
-    both_serve(cluster)
+    socket_path = cluster.grpc_socket("alpha")
+
+    @fuzz_settings(short=40, long=2000, shrink=False)
+    @given(data=HTTP2)
+    @example(data=h2.connection_start() + h2.grpc_request(b"/soma.v1.Sidecar/\xff\xfe", b""))
+    def case(data: bytes) -> None:
+        tally.count("fuzz", f"http2 byte streams ({sender} the runtime)")
+        if sender == "inside":
+            cluster.relay("alpha").send(socket_path, data)
+        else:
+            h2.exchange(socket_path, data)
+        both_serve(cluster)
+
+    case()
