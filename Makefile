@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest proto cards bench clean
+.PHONY: run test lint typecheck pytest chaos soak proto cards bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+# The attack suites (tests/attack/) at full length: `make test` runs their short versions.
+# Each test may take longer than the usual 60 s; the counts are printed at the end and kept
+# in .soma/attack-report.json.
+chaos: $(STAMP)
+	SOMA_ATTACK_SCALE=long $(BIN)/pytest tests/attack --timeout=1800 -q
+
+# Mixed traffic from several runtimes under scheduled faults: `make soak DURATION=10m`.
+DURATION ?= 10m
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak --duration $(DURATION)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
