@@ -18,7 +18,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sdk._proto.soma.v1 import sidecar_pb2 as pb
+from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from tests.attack import h2, tally
 from tests.attack.cluster import Cluster
 from tests.attack.scale import fuzz_settings

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import example, given
 
-from sdk._proto.soma.v1 import sidecar_pb2 as pb
+from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sidecar.loading import resolve_organ_class
 from sidecar.organs import BUILTIN_ORGANS
 from soma_runtime import FunctionCard
