@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx2
 import pytest
 
 import sdk
@@ -21,12 +22,15 @@ from sdk import _auth
 from sdk._proto.soma.v1 import sidecar_pb2 as pb
 from sdk._proto.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from soma_runtime.unix import parent_pid
+from tests.fake_upstream import FakeUpstream
 from tests.helpers import (
+    TEST_ORGANS,
     SupervisorRun,
     pid_alive,
     read_report,
     run_soma,
     runtime_token,
+    set_secret,
     wait_until,
     zombie_children,
 )
@@ -507,10 +511,12 @@ stop_timeout = 2
 
 
 @contextlib.contextmanager
-def supervising(tmp: Path, body: str) -> Iterator[SupervisorRun]:
+def supervising(
+    tmp: Path, body: str, organs: tuple[str, ...] = TEST_ORGANS
+) -> Iterator[SupervisorRun]:
     """A run that leaves nothing behind even when the test fails: the supervisor and every
     helper its runtimes reported are killed if still there."""
-    run = SupervisorRun(tmp, body)
+    run = SupervisorRun(tmp, body, organs=organs)
     try:
         yield run
     finally:
@@ -568,6 +574,48 @@ def test_a_runtime_that_exits_is_seen_at_once_though_its_helper_holds_its_pipes(
         assert any(e["pid"] == helper for e in run.events("orphan_reaped"))
         assert zombie_children(run.proc.pid) == []
         assert run.stop() == 0
+
+
+GATEWAY_ORPHANING = """
+[[credential]]
+name = "upstream"
+hosts = ["127.0.0.1"]
+
+[[gateway]]
+name = "model"
+upstream = "{upstream}/v1"
+credential = "upstream"
+base_url_env = "OPENAI_BASE_URL"
+api_key_env = "OPENAI_API_KEY"
+"""
+
+
+def test_the_gateway_refuses_the_placeholder_of_a_runtime_that_exited(tmp_path: Path) -> None:
+    """Its helper still has the placeholder in its environment; the real key must not be
+    attached to anything it sends once the runtime is gone."""
+    upstream = FakeUpstream()
+    body = GATEWAY_ORPHANING.format(upstream=upstream.url) + ORPHANING.format(mode="orphaning")
+    body += 'credentials = ["upstream"]\ngateways = ["model"]\n'
+    organs = ("system", "http")
+    set_secret(SupervisorRun.write(tmp_path, body, organs), "upstream", "sk-upstream-0123456789")
+    try:
+        with supervising(tmp_path, body, organs) as run:
+            run.wait_ready()
+            first = first_exit(run)
+            restarted(run, first["pid"])
+            gateway = first["gateway"]
+            assert isinstance(gateway, dict) and gateway["OPENAI_API_KEY"]
+            with httpx2.Client(timeout=10, trust_env=False) as http:
+                answer = http.post(
+                    f"{gateway['OPENAI_BASE_URL']}/chat/completions",
+                    headers={"Authorization": f"Bearer {gateway['OPENAI_API_KEY']}"},
+                    json={"model": "m", "messages": []},
+                )
+            assert answer.status_code == 401
+            assert upstream.requests == []
+            assert run.stop() == 0
+    finally:
+        upstream.close()
 
 
 def test_an_orphan_nothing_names_lives_until_the_supervisor_stops(tmp_path: Path) -> None:
