@@ -44,7 +44,8 @@ def unit_file(config: SomaConfig, *, user: bool) -> str:
     """The unit's text. Sockets go to `RuntimeDirectory=`, the vault to `StateDirectory=`."""
     assert config.source is not None
     grace = max([config.sidecar.stop_timeout, *(r.stop_timeout for r in config.runtime)])
-    stop_timeout = int(2 * grace + config.sidecar.grace_period + 10)
+    # The supervisor's stop: the runtimes, the sidecar, then orphans nothing could place.
+    stop_timeout = int(3 * grace + config.sidecar.grace_period + 10)
     hardening = "" if user else _SYSTEM_HARDENING
     target = "default.target" if user else "multi-user.target"
     return f"""\
@@ -70,7 +71,10 @@ UMask=0077
 WatchdogSec=30s
 Restart=on-failure
 RestartSec=2s
-# SIGTERM reaches the supervisor only; it stops the runtimes, then the sidecar, in order.
+# SIGTERM reaches the supervisor only: it stops the runtimes (each with every process it
+# started), then the sidecar, in order. Then SIGKILL goes to whatever is left in the unit's
+# cgroup, as soon as the supervisor has exited or died (even by SIGKILL): the backstop for
+# what escaped it. (control-group would SIGTERM every process at once, out of order.)
 KillMode=mixed
 TimeoutStopSec={stop_timeout}s
 # To hand the vault's key-encryption key over as a credential:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -13,18 +14,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx2
 import pytest
 
 import sdk
 from sdk import _auth
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
+from soma_runtime.unix import parent_pid
+from tests.fake_upstream import FakeUpstream
 from tests.helpers import (
+    TEST_ORGANS,
     SupervisorRun,
     pid_alive,
     read_report,
     run_soma,
     runtime_token,
+    set_secret,
     wait_until,
     zombie_children,
 )
@@ -416,6 +422,9 @@ def test_sigterm_stops_runtimes_first_and_leaves_nothing_behind(tmp_path: Path) 
 
 
 def test_sigkill_of_the_supervisor_leaves_no_orphans(tmp_path: Path) -> None:
+    """What is guaranteed without systemd: its children die with it (PDEATHSIG). Processes
+    they started are reparented to init then; under systemd the unit's cgroup ends them
+    (KillMode=mixed: SIGKILL to what is left once the supervisor is gone)."""
     run = SupervisorRun(tmp_path, PROBES)
     run.wait_ready()
     pids = [c["pid"] for c in run.status()["children"]]
@@ -473,16 +482,164 @@ def test_a_restarted_runtime_gets_a_fresh_token_and_the_old_one_is_dead(tmp_path
 HELPER = """
 [[runtime]]
 name = "parent"
-command = ["python", "-m", "tests.fixtures.agents", "helper", "parent.jsonl"]
+command = ["python", "-m", "tests.fixtures.agents", "{mode}", "parent.jsonl"]
+stop_timeout = 2
 """
 
 
-def test_stopping_a_runtime_stops_the_helpers_it_started(tmp_path: Path) -> None:
-    run = SupervisorRun(tmp_path, HELPER)
-    run.wait_ready()
-    report = tmp_path / "parent.jsonl"
-    wait_until(lambda: any("helper" in r for r in read_report(report)), what="the helper")
+@pytest.mark.parametrize("mode", ["helper", "setsid-helper"])
+def test_stopping_a_runtime_stops_the_helpers_it_started(tmp_path: Path, mode: str) -> None:
+    """Even a helper that left the runtime's process group (setsid) and holds its pipes."""
+    with supervising(tmp_path, HELPER.format(mode=mode)) as run:
+        run.wait_ready()
+        report = tmp_path / "parent.jsonl"
+        wait_until(lambda: any("helper" in r for r in read_report(report)), what="the helper")
+        helper = next(r["helper"] for r in read_report(report) if "helper" in r)
+        assert pid_alive(helper)
+        began = time.monotonic()
+        assert run.stop() == 0
+        assert time.monotonic() - began < 2 + 3  # stop_timeout and a little
+        assert not pid_alive(helper)
+
+
+ORPHANING = """
+[[runtime]]
+name = "crashy"
+command = ["python", "-m", "tests.fixtures.agents", "{mode}", "crashy.jsonl"]
+backoff_initial = 0.05
+backoff_max = 0.1
+stop_timeout = 2
+"""
+
+
+@contextlib.contextmanager
+def supervising(
+    tmp: Path, body: str, organs: tuple[str, ...] = TEST_ORGANS
+) -> Iterator[SupervisorRun]:
+    """A run that leaves nothing behind even when the test fails: the supervisor and every
+    helper its runtimes reported are killed if still there."""
+    run = SupervisorRun(tmp, body, organs=organs)
+    try:
+        yield run
+    finally:
+        if run.proc.proc.poll() is None:  # the test failed before it was stopped
+            run.proc.kill()
+            run.notify.close()
+        for report in tmp.glob("*.jsonl"):
+            for record in read_report(report):
+                if "helper" in record and pid_alive(record["helper"]):
+                    os.kill(record["helper"], signal.SIGKILL)
+
+
+def first_exit(run: SupervisorRun) -> dict[str, object]:
+    """What the first start of `crashy` reported before it exited, leaving a helper behind."""
+    report = run.tmp / "crashy.jsonl"
+    records = wait_until(
+        lambda: [r for r in read_report(report) if "token" in r], what="the first start to exit"
+    )
     helper = next(r["helper"] for r in read_report(report) if "helper" in r)
-    assert pid_alive(helper)
-    assert run.stop() == 0
-    wait_until(lambda: not pid_alive(helper), 5, "the helper to be gone")
+    return {**records[0], "helper": helper}
+
+
+def restarted(run: SupervisorRun, old_pid: object) -> dict[str, object]:
+    return wait_until(
+        lambda: (
+            (child := run.child("crashy"))["state"] == "running"
+            and child["pid"] not in (None, old_pid)
+            and child
+        ),
+        10,
+        "crashy to be restarted",
+    )
+
+
+@pytest.mark.parametrize("mode", ["orphaning", "setsid-orphaning"])
+def test_a_runtime_that_exits_is_seen_at_once_though_its_helper_holds_its_pipes(
+    tmp_path: Path, mode: str
+) -> None:
+    """The runtime exits; a helper it started (in its session, or in a new one) lives on
+    and holds its stdout and stderr. Its exit is seen at once, its identity revoked, what
+    it left behind ended and reaped, and it is restarted."""
+    with supervising(tmp_path, ORPHANING.format(mode=mode)) as run:
+        run.wait_ready()
+        first = first_exit(run)
+        crashy = restarted(run, first["pid"])
+        assert crashy["restarts"] == 1 and crashy["last_exit"] == "exit 3"
+        backoff = next(e for e in run.events("backoff") if e["child"] == "crashy")
+        assert time_of(backoff) - float(first["exiting"]) < 1.0  # type: ignore[arg-type]
+        # the old identity is dead: its channel was closed (token, sessions and sockets)
+        # before the restart registered a new one
+        with pytest.raises(sdk.Unauthenticated):
+            handshake(run, "crashy", str(first["token"]))
+        assert any(e.get("runtime") == "crashy" for e in run.events("channel_closed"))
+        # the helper was ended and reaped by the supervisor, which had adopted it
+        helper = first["helper"]
+        wait_until(lambda: not Path(f"/proc/{helper}").exists(), 5, "the helper to be reaped")
+        assert any(e["pid"] == helper for e in run.events("orphan_reaped"))
+        assert zombie_children(run.proc.pid) == []
+        assert run.stop() == 0
+
+
+GATEWAY_ORPHANING = """
+[[credential]]
+name = "upstream"
+hosts = ["127.0.0.1"]
+
+[[gateway]]
+name = "model"
+upstream = "{upstream}/v1"
+credential = "upstream"
+base_url_env = "OPENAI_BASE_URL"
+api_key_env = "OPENAI_API_KEY"
+"""
+
+
+def test_the_gateway_refuses_the_placeholder_of_a_runtime_that_exited(tmp_path: Path) -> None:
+    """Its helper still has the placeholder in its environment; the real key must not be
+    attached to anything it sends once the runtime is gone."""
+    upstream = FakeUpstream()
+    body = GATEWAY_ORPHANING.format(upstream=upstream.url) + ORPHANING.format(mode="orphaning")
+    body += 'credentials = ["upstream"]\ngateways = ["model"]\n'
+    organs = ("system", "http")
+    set_secret(SupervisorRun.write(tmp_path, body, organs), "upstream", "sk-upstream-0123456789")
+    try:
+        with supervising(tmp_path, body, organs) as run:
+            run.wait_ready()
+            first = first_exit(run)
+            restarted(run, first["pid"])
+            gateway = first["gateway"]
+            assert isinstance(gateway, dict) and gateway["OPENAI_API_KEY"]
+            with httpx2.Client(timeout=10, trust_env=False) as http:
+                answer = http.post(
+                    f"{gateway['OPENAI_BASE_URL']}/chat/completions",
+                    headers={"Authorization": f"Bearer {gateway['OPENAI_API_KEY']}"},
+                    json={"model": "m", "messages": []},
+                )
+            assert answer.status_code == 401
+            assert upstream.requests == []
+            assert run.stop() == 0
+    finally:
+        upstream.close()
+
+
+def test_an_orphan_nothing_names_lives_until_the_supervisor_stops(tmp_path: Path) -> None:
+    """A helper that left the session and cleared its environment cannot be traced to its
+    runtime once that runtime is gone: the supervisor keeps it (and logs what it writes)
+    until it stops, then ends and reaps it."""
+    with supervising(tmp_path, ORPHANING.format(mode="hidden-orphaning")) as run:
+        run.wait_ready()
+        first = first_exit(run)
+        restarted(run, first["pid"])
+        helper = first["helper"]
+        assert isinstance(helper, int) and parent_pid(helper) == run.proc.pid  # adopted
+
+        def ticks() -> int:
+            return sum(1 for e in run.events("output") if e.get("line") == "tick")
+
+        seen = ticks()
+        wait_until(lambda: ticks() > seen + 5, 10, "its output to be logged still")
+        began = time.monotonic()
+        assert run.stop() == 0
+        assert time.monotonic() - began < 2 + 3 + 2  # the runtime's, then the orphan's timeout
+        assert not pid_alive(helper)
+        assert any(e["pid"] == helper for e in run.events("orphan_reaped"))

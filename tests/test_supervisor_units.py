@@ -21,7 +21,7 @@ from soma_runtime.supervisor.control import format_status
 from soma_runtime.supervisor.identity import mint_identity
 from soma_runtime.supervisor.notify import Notifier
 from soma_runtime.supervisor.policy import backoff_delay, wants_restart
-from soma_runtime.supervisor.process import describe_exit
+from soma_runtime.supervisor.reaper import describe_exit
 from soma_runtime.unix import is_descendant, loopback_peer_uid, parent_pid
 from tests.helpers import REPO, Process, run_soma, wait_until
 
@@ -195,6 +195,9 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path, user: bool) 
         "WatchdogSec=30s",
         "Restart=on-failure",
         "NoNewPrivileges=yes",
+        # TERM to the supervisor alone (it stops everything in order), then the cgroup's
+        # SIGKILL for anything left once it is gone, even after its own SIGKILL
+        "KillMode=mixed",
     ]:
         assert line in unit.splitlines()
     if not user:

@@ -1,9 +1,10 @@
 """The supervisor's main loop: start everything in order, keep it alive, stop it in order.
 
 Start: the sidecar, then (once it serves) every runtime; then READY=1. Stop (SIGTERM or
-SIGINT): STOPPING=1, runtimes first (SIGTERM, grace, SIGKILL), then the sidecar. If the
-sidecar is given up on (FATAL), the supervisor stops the runtimes and exits 1, so that systemd
-can restart the whole service.
+SIGINT): STOPPING=1, runtimes first (SIGTERM, grace, SIGKILL; each with every process it
+started), then the sidecar, then any orphan still adopted. If the sidecar is given up on
+(FATAL), the supervisor stops the runtimes and exits 1, so that systemd can restart the whole
+service. Every wait of the stop is bounded.
 """
 
 from __future__ import annotations
@@ -22,11 +23,18 @@ from soma_runtime.layout import RuntimeLayout
 from soma_runtime.supervisor.child import State, Supervised
 from soma_runtime.supervisor.children import RuntimeChild, SidecarChild, gateway_socket
 from soma_runtime.supervisor.control import same_user
+from soma_runtime.supervisor.ending import end
 from soma_runtime.supervisor.notify import Notifier
+from soma_runtime.supervisor.reaper import REAPER
 from soma_runtime.supervisor.sidecar_link import SidecarLink
 from soma_runtime.unix import Peer, ensure_private_dir, remove_socket
 
 log = structlog.get_logger(component="supervisor")
+# Seconds a child's task gets, after its process is stopped, to unregister it and drain its
+# output; one still running then is cancelled.
+_SETTLE = 10.0
+# Seconds the output of stopped children gets to reach EOF once every process is gone.
+_DRAIN = 1.0
 
 
 class Supervisor:
@@ -66,6 +74,7 @@ class Supervisor:
         watchdog = asyncio.create_task(self._watchdog())
         tasks: dict[Supervised, asyncio.Task[None]] = {}
         try:
+            REAPER.install()  # before any child starts: its orphans are ours to stop and reap
             tasks[self.sidecar] = asyncio.create_task(self.sidecar.run())
             if await self._first(self.sidecar.ready.wait(), tasks[self.sidecar]):
                 for runtime in self.runtimes:
@@ -87,11 +96,13 @@ class Supervisor:
             log.info("stopping", reason="signal" if by_signal else f"sidecar {self.sidecar.state}")
             # Runtimes first, and wait until each is unregistered, then the sidecar.
             await asyncio.gather(*(r.stop() for r in self.runtimes))
-            await asyncio.gather(
-                *(t for c, t in tasks.items() if c is not self.sidecar), return_exceptions=True
-            )
+            await _settle([t for c, t in tasks.items() if c is not self.sidecar])
             await self.sidecar.stop()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await _settle(list(tasks.values()))
+            # Orphans whose runtime could not be told (they left its session and environment).
+            await end(REAPER.orphans, self._grace(), child="orphans")
+            REAPER.uninstall()
+            await asyncio.gather(*(c.drain(_DRAIN) for c in self.children))
             watchdog.cancel()
             for sock in self.gateway_sockets.values():
                 sock.close()
@@ -113,6 +124,9 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*losers, return_exceptions=True)
         return wanted in done
+
+    def _grace(self) -> float:
+        return max(child.policy.stop_timeout for child in self.children)
 
     def summary(self) -> str:
         running = sum(r.state == State.RUNNING for r in self.runtimes)
@@ -139,3 +153,14 @@ class Supervisor:
                 "children": [child.snapshot() for child in self.children],
             }
         return {"ok": False, "error": "bad_request", "message": "unknown op"}
+
+
+async def _settle(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for the tasks of stopped children, at most `_SETTLE` seconds; cancel the rest."""
+    if not tasks:
+        return
+    _, late = await asyncio.wait(tasks, timeout=_SETTLE)
+    for task in late:
+        log.error("child_task_late", task=task.get_name())
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,7 +1,8 @@
 """One supervised process: start, watch, restart with backoff within a budget, or give up.
 
-States: starting → running → (exit) → backoff → starting ... ; `fatal` once the restart budget
-is spent, `stopped` when it exits and is not to be restarted, or when the supervisor stops it.
+States: starting → running → (exit) → stopping → backoff → starting ... ; `stopping` while
+what the process left behind is ended; `fatal` once the restart budget is spent, `stopped`
+when it exits and is not to be restarted, or when the supervisor stops it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import structlog
 
 from soma_runtime.config import RestartPolicy
 from soma_runtime.supervisor.policy import backoff_delay, wants_restart
-from soma_runtime.supervisor.process import ChildProcess, Command, describe_exit
+from soma_runtime.supervisor.process import ChildProcess, Command
+from soma_runtime.supervisor.reaper import describe_exit
 
 log = structlog.get_logger(component="supervisor")
 
@@ -27,6 +29,7 @@ log = structlog.get_logger(component="supervisor")
 class State(StrEnum):
     STARTING = "starting"
     RUNNING = "running"
+    STOPPING = "stopping"
     BACKOFF = "backoff"
     FATAL = "fatal"
     STOPPED = "stopped"
@@ -53,6 +56,9 @@ class Supervised:
         self._started_at: float | None = None
         self._child: ChildProcess | None = None
         self._stopping = asyncio.Event()
+        # Past processes' output still being logged: a helper may write to their pipes long
+        # after they exited, and a restart does not wait for that.
+        self._drains: set[asyncio.Task[None]] = set()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
 
     # -- hooks ------------------------------------------------------------------------------
@@ -79,9 +85,6 @@ class Supervised:
         while not self._stopping.is_set():
             self._set_state(State.STARTING)
             returncode, ran_for = await self._run_once()
-            self.last_exit = describe_exit(returncode)
-            self.pid = None
-            self._started_at = None
             if self._stopping.is_set() or not wants_restart(self.policy, returncode):
                 log.info("exited", child=self.name, exit=self.last_exit, restart=False)
                 self._set_state(State.STOPPED)
@@ -118,6 +121,7 @@ class Supervised:
             child = await ChildProcess.spawn(self.name, command)
         except OSError as exc:
             log.error("spawn_failed", child=self.name, argv=command.argv, error=str(exc))
+            self.last_exit = describe_exit(127)
             self.first_start.set()
             await self.exited()
             return 127, 0.0
@@ -140,17 +144,36 @@ class Supervised:
             self._set_state(State.RUNNING)
         self.first_start.set()
         returncode = await child.wait()
-        await child.close()
-        self._child = None
+        ran_for = time.monotonic() - started
+        self.last_exit = describe_exit(returncode)
+        self.pid = None
+        self._started_at = None
+        self._set_state(State.STOPPING)
+        # Its identity dies with it, at once: the helpers it left behind must not use it.
         await self.exited()
-        return returncode, time.monotonic() - started
+        await child.stop(self.policy.stop_timeout)  # what it left behind, if anything
+        self._child = None
+        drain = asyncio.create_task(child.close(), name=f"drain {self.name} {child.pid}")
+        self._drains.add(drain)
+        drain.add_done_callback(self._drains.discard)
+        return returncode, ran_for
 
     async def stop(self) -> None:
-        """Stop for good: no more restarts; SIGTERM, then SIGKILL after `stop_timeout`."""
+        """Stop for good: no more restarts; SIGTERM to the process and every process that
+        belongs to it, then SIGKILL after `stop_timeout`."""
         self._stopping.set()
         child = self._child
         if child is not None:
             await child.stop(self.policy.stop_timeout)
+
+    async def drain(self, timeout: float) -> None:
+        """Finish logging what past processes wrote: up to EOF, or cut off after `timeout`."""
+        drains = list(self._drains)
+        if drains:
+            await asyncio.wait(drains, timeout=timeout)
+        for task in drains:
+            task.cancel()
+        await asyncio.gather(*drains, return_exceptions=True)
 
     def snapshot(self) -> dict[str, Any]:
         uptime = None if self._started_at is None else round(time.monotonic() - self._started_at, 1)

@@ -1,14 +1,21 @@
-"""Starting one child process: argv (no shell), its own process group, death with the parent,
-and every line it writes logged with its name."""
+"""Starting one child process: argv (no shell), its own session, death with the parent, every
+line it writes logged with its name, and its exit noticed the moment it happens.
+
+Not asyncio's subprocess: on Python 3.11 `Process.wait()` resolves only once the child's
+pipes are closed as well, and a helper the child started may hold them for ever. Here the
+child is started with `subprocess.Popen`, its exit is watched on a pidfd (readable when the
+process exits, whoever holds its pipes) and reaped at once, and its output is read from the
+pipes with asyncio streams for as long as anyone writes to them.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
+import functools
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +23,18 @@ from typing import Any
 
 import structlog
 
+from soma_runtime.supervisor.ending import KILL_WAIT, end
+from soma_runtime.supervisor.proctree import Proc, has_environ_entry, read_proc, snapshot, subtree
+from soma_runtime.supervisor.reaper import REAPER, libc
+
 log = structlog.get_logger(component="supervisor")
 
 # Lines longer than this are logged in pieces.
 MAX_LINE = 64 * 1024
 _PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)  # loaded here so the forked child only calls it
+# Set in a runtime's environment (children.py) and inherited by the helpers it starts: it
+# names the runtime an orphaned helper came from, once its parent is gone.
+_OWNER_VARIABLE = "SOMA_RUNTIME"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,96 +52,128 @@ def _die_with(parent: int) -> Callable[[], None]:
     """Runs in the forked child: SIGKILL it when the supervisor dies, even by SIGKILL."""
 
     def preexec() -> None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the supervisor died before prctl took effect
             os.kill(os.getpid(), signal.SIGKILL)
 
     return preexec
 
 
-def describe_exit(returncode: int) -> str:
-    """`exit 3` or `signal SIGKILL`."""
-    if returncode < 0:
-        try:
-            return f"signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"exit {returncode}"
-
-
 class ChildProcess:
-    """A started child; `wait()` for its exit, `stop()` to end it politely, then firmly."""
+    """A started child; `wait()` for its exit, `stop()` to end it and everything it started."""
 
-    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, name: str, popen: subprocess.Popen[bytes], owner: bytes | None) -> None:
         self.name = name
-        self._proc = proc
-        self._pumps = [
-            asyncio.create_task(_pump(name, stream_name, stream))
-            for stream_name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))
-            if stream is not None
-        ]
+        self._popen = popen
+        self._owner = owner  # b"NAME=value" in the environment of its helpers, if any
+        self._loop = asyncio.get_running_loop()
+        self._exit: asyncio.Future[int] = self._loop.create_future()
+        self._pidfd = os.pidfd_open(popen.pid)  # works on a zombie too: nothing is missed
+        started = read_proc(popen.pid)
+        self._start = None if started is None else started.start
+        self._loop.add_reader(self._pidfd, self._reap)
+        REAPER.started(popen.pid, self._reap)
+        self._pipes: list[asyncio.ReadTransport] = []
+        self._pumps: list[asyncio.Task[None]] = []
+        self._stopping: asyncio.Future[None] | None = None
 
     @classmethod
     async def spawn(cls, name: str, command: Command) -> ChildProcess:
         """Start `command`; `OSError` when it cannot be executed."""
-        proc = await asyncio.create_subprocess_exec(
-            *command.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        # Popen only forks and execs here, as asyncio's own subprocess does inside the loop;
+        # nothing blocks on the child afterwards (its exit is watched on a pidfd).
+        popen = subprocess.Popen(  # noqa: ASYNC220
+            command.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
             env=command.env,
             cwd=command.cwd,
             pass_fds=command.pass_fds,
-            # Its own process group: a Ctrl-C in the terminal reaches only the supervisor,
-            # which then stops children in order (runtimes first, then the sidecar).
-            process_group=0,
+            # Its own session and process group: a Ctrl-C in the terminal reaches only the
+            # supervisor, which then stops children in order (runtimes first, then the
+            # sidecar); and what the child starts stays in its session unless it calls setsid.
+            start_new_session=True,
             preexec_fn=_die_with(os.getpid()),
-            limit=MAX_LINE,
         )
-        return cls(name, proc)
+        owner = command.env.get(_OWNER_VARIABLE)
+        child = cls(name, popen, None if owner is None else f"{_OWNER_VARIABLE}={owner}".encode())
+        for stream_name, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
+            assert pipe is not None
+            reader = asyncio.StreamReader(limit=MAX_LINE)
+            protocol = functools.partial(asyncio.StreamReaderProtocol, reader)
+            transport, _ = await child._loop.connect_read_pipe(protocol, pipe)
+            child._pipes.append(transport)
+            child._pumps.append(asyncio.create_task(_pump(name, stream_name, reader)))
+        return child
 
     @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self._popen.pid
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.returncode
+        return self._popen.returncode
+
+    def _reap(self) -> None:
+        """Collect the exit status once the process has exited (its pidfd is readable, or
+        the reaper saw it first)."""
+        if self._exit.done() or self._popen.poll() is None:
+            return
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        REAPER.reaped(self.pid)
+        self._exit.set_result(self._popen.returncode)
 
     async def wait(self) -> int:
-        return await self._proc.wait()
+        """The exit code (negative: the signal), as soon as the process has exited."""
+        return await asyncio.shield(self._exit)
 
-    async def stop(self, timeout: float) -> int:
-        """SIGTERM, then SIGKILL after `timeout` seconds; the exit code (negative: signal)."""
-        if self._proc.returncode is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(timeout):
-                    return await self._proc.wait()
-            except TimeoutError:
-                log.warning("kill", child=self.name, pid=self.pid, after_s=timeout)
-                self._signal_group(signal.SIGKILL)
-        code = await self._proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # helpers that outlived their leader
-        return code
+    def members(self) -> list[Proc]:
+        """The live processes that belong to this child: the child, the members of its
+        session, the orphans the supervisor adopted whose environment names this child's
+        runtime, and all their descendants."""
+        table = snapshot()
+        leader = table.get(self.pid)
+        roots: list[int] = []
+        if leader is None or leader.start == self._start:
+            # Otherwise the pid was recycled, which it is only once the session is empty.
+            roots.append(self.pid)
+            roots.extend(p.pid for p in table.values() if p.sid == self.pid)
+        if self._owner is not None:
+            owner = self._owner
+            roots.extend(p.pid for p in REAPER.adopted(table) if has_environ_entry(p.pid, owner))
+        return [table[pid] for pid in subtree(table, roots)]
 
-    def _signal_group(self, signum: int) -> None:
-        """Signal the child's whole process group (it leads its own): helpers it started
-        stop with it."""
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM the child and every process that belongs to it (see `members`), SIGKILL
+        what is left after `timeout` seconds. After the child exited by itself, this ends
+        what it left behind. Returns within `timeout` plus a few seconds whatever happens."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._end(timeout))
+        await asyncio.shield(self._stopping)
+
+    async def _end(self, timeout: float) -> None:
+        await end(self.members, timeout, child=self.name)
         try:
-            os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(signum)
+            async with asyncio.timeout(KILL_WAIT):
+                await self.wait()
+        except TimeoutError:
+            log.error("not_reaped", child=self.name, pid=self.pid)
 
     async def close(self) -> None:
-        """Let the output pumps finish what the child wrote (they end at EOF)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                await asyncio.gather(*self._pumps, return_exceptions=True)
-        for pump in self._pumps:
-            pump.cancel()
+        """Log the child's output until every process that holds its pipes is gone (EOF),
+        then close them. Cancelled, close them at once: the end of the supervisor's stop
+        cancels what is still open then."""
+        try:
+            await asyncio.gather(*self._pumps)
+        finally:
+            for pipe in self._pipes:
+                pipe.close()
+            for pump in self._pumps:
+                pump.cancel()
+            await asyncio.gather(*self._pumps, return_exceptions=True)
 
 
 async def _pump(name: str, stream_name: str, reader: asyncio.StreamReader) -> None:
