@@ -123,7 +123,10 @@ async def request(path: Path, message: Message, timeout: float = 5.0) -> Message
         reader, writer = await asyncio.open_unix_connection(os.fspath(path), limit=MAX_LINE)
         try:
             writer.write(encode(message))
-            await writer.drain()
+            # A server that refuses the peer answers at once and closes: the send may fail,
+            # and the answer is still there to read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                await writer.drain()
             line = await reader.readline()
         finally:
             writer.close()
@@ -139,7 +142,8 @@ def request_sync(path: Path, message: Message, timeout: float = 5.0) -> Message:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
-        sock.sendall(encode(message))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(encode(message))  # see `request`
         with sock.makefile("rb") as stream:
             line = stream.readline(MAX_LINE)
     if not line:
