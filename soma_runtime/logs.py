@@ -17,10 +17,10 @@ from soma_runtime.redaction import redactor
 
 Format = Literal["auto", "json", "console"]
 
-# HTTP client libraries log every request's full URL at INFO and DEBUG ("HTTP Request: GET
-# https://...?api_key=..."), query credentials included: only their warnings are wanted. The
-# redactor stays the net for what they still say.
-QUIET_LOGGERS = ("httpx2", "httpcore2", "httpx", "httpcore", "hpack", "h2")
+# The HTTP client logs every request's full URL at INFO and DEBUG ("HTTP Request: GET
+# https://...?api_key=..."), query credentials included: only its warnings are wanted. The
+# redactor stays the net for what it still says.
+QUIET_LOGGERS = ("httpx2", "httpcore2")
 
 
 # Shared by structlog events and stdlib records; the redactor runs after exceptions are text.

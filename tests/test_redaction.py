@@ -12,7 +12,7 @@ import structlog
 
 import sdk
 from soma_runtime.logs import configure_logging
-from soma_runtime.redaction import MAX_STRING, REDACTED, Redactor, redactor
+from soma_runtime.redaction import MAX_STRING, MAX_TRACEBACK, REDACTED, Redactor, redactor
 from tests.fake_upstream import FakeUpstream, encodings
 from tests.helpers import Process, wait_until
 
@@ -95,9 +95,14 @@ def test_every_log_line_is_bounded() -> None:
     logging.getLogger("some.library").warning("%s", "s" * big)
     straddling = "a" * (MAX_STRING - 5) + ECHOED + "b" * 100
     log.info("cut", value=straddling)
+    try:
+        raise ValueError("e" * big)
+    except ValueError:
+        log.exception("failed")
     lines = out.getvalue().splitlines()
-    assert len(lines) == 3 and all(len(line) < 4 * MAX_STRING + 500 for line in lines)
-    call, library, cut = (json.loads(line) for line in lines)
+    assert len(lines) == 4 and all(len(line) < 4 * MAX_STRING + 500 for line in lines[:3])
+    call, library, cut, failed = (json.loads(line) for line in lines)
+    assert len(failed["exception"]) < MAX_TRACEBACK + 100 and "truncated" in failed["exception"]
     assert call["op"] == "o" * MAX_STRING + f"...[truncated: {big} characters]"
     assert call["trace_id"].endswith(f"[truncated: {big} characters]")
     assert call["nested"]["path"][0].endswith(f"[truncated: {big} characters]")

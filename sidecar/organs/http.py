@@ -47,6 +47,8 @@ MAX_REDIRECTS = 5
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 DEFAULT_MAX_RESPONSE = 1024 * 1024
 LIMIT_MAX_RESPONSE = 16 * 1024 * 1024
+# What replaces an echoed credential. The organ answers JSON, where no Content-Length has to
+# stay true (the gateway, which relays bytes, masks with a same-length run of `*` instead).
 MASK = REDACTED.encode()
 
 _REQUEST = FunctionCard(
