@@ -193,12 +193,12 @@ class Gateway:
                 500, f"{gateway.name}: the credential is not ASCII and cannot be sent in a header"
             ) from None
         # As bytes: header values beyond ASCII go on exactly as the client sent them.
-        sent = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers if k not in replaced]
+        kept = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers if k not in replaced]
         body_done = asyncio.Event()
         request = self._client.build_request(
             scope["method"],
             url,
-            headers=sent + added,
+            headers=kept + added,
             content=_body(receive, gateway.max_request_bytes, body_done),
             timeout=httpx2.Timeout(gateway.timeout, connect=10.0),
         )
