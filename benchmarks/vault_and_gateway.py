@@ -67,7 +67,7 @@ def vault_figures(tmp: Path) -> None:
 GATEWAY = """
 [[credential]]
 name = "model"
-hosts = ["127.0.0.1"]
+hosts = ["{upstream}"]
 
 [[gateway]]
 name = "model"

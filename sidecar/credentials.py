@@ -3,8 +3,8 @@
 A function's card lists the credentials it needs (by name, or `input:<field>` for the one its
 input names). For each, the sidecar checks the calling runtime's `credentials`, decrypts the
 secret at call time (the use is audited), and hands the organ a `Credential` beside the
-stimulus. A `Credential` attaches itself only to requests for its own hosts, over https (or
-http to loopback).
+stimulus. A `Credential` attaches itself only to requests for its own origins (scheme, host
+and port: see `soma_runtime.hosts`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import httpx2
+
+from sidecar.scrub import Scrubber
 from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.store import Vault, VaultError
 from soma_runtime.cards import FunctionCard
 from soma_runtime.config import CredentialSection
-from soma_runtime.hosts import host_allowed, secure_url, upstream_host
-from soma_runtime.redaction import REDACTED, redactor
+from soma_runtime.hosts import Origin, upstream_host
+from soma_runtime.redaction import redactor
 
 INPUT_PREFIX = "input:"
 
@@ -36,41 +39,47 @@ class HostNotAllowed(Exception):
 
 
 class Credential:
-    """A decrypted credential bound to its hosts. Its value is not in its repr or str."""
+    """A decrypted credential bound to its origins. Its value is not in its repr or str."""
 
-    __slots__ = ("_value", "hosts", "inject", "name")
+    __slots__ = ("_scrubber", "_settings", "_value", "inject", "name")
 
     def __init__(self, settings: CredentialSection, value: str) -> None:
         self.name = settings.name
-        self.hosts = tuple(settings.hosts)
         self.inject = settings.inject
+        self._settings = settings
         self._value = value
+        self._scrubber: Scrubber | None = None
 
     def __repr__(self) -> str:
-        return f"Credential({self.name!r}, hosts={list(self.hosts)!r})"
+        return f"Credential({self.name!r}, hosts={self._settings.hosts!r})"
 
     __str__ = __repr__
 
     def allows(self, url: str) -> bool:
-        """Whether this credential may go to `url`: one of its hosts, over https
-        (or http to a loopback host)."""
-        return secure_url(url) and host_allowed(upstream_host(url), list(self.hosts))
+        """Whether this credential may go to `url`: its scheme, host and port are those of
+        one of the credential's bindings, as the client that sends the request parses them."""
+        origin = request_origin(url)
+        return origin is not None and self._settings.allows(origin)
 
     def attach(self, url: str) -> tuple[str, dict[str, str]]:
         """The URL and the headers to send for a request to `url` with this credential
-        (a header, or a query parameter in the URL); `HostNotAllowed` for any other host."""
-        if not self.allows(url):
-            raise HostNotAllowed(f"credential {self.name!r} is not sent to {upstream_host(url)!r}")
+        (a header, or a query parameter in the URL); `HostNotAllowed` for any other origin."""
+        extra: dict[str, str] = {}
         if self.inject.kind == "bearer":
-            return url, {"Authorization": f"Bearer {self._value}"}
-        assert self.inject.name is not None
-        if self.inject.kind == "header":
-            return url, {self.inject.name: self._value}
-        query = [
-            *parse_qsl(urlsplit(self.strip(url)).query, keep_blank_values=True),
-            (self.inject.name, self._value),
-        ]
-        return urlunsplit(urlsplit(url)._replace(query=urlencode(query))), {}
+            extra["Authorization"] = f"Bearer {self._value}"
+        elif self.inject.kind == "header":
+            assert self.inject.name is not None
+            extra[self.inject.name] = self._value
+        else:
+            assert self.inject.name is not None
+            query = [
+                *parse_qsl(urlsplit(self.strip(url)).query, keep_blank_values=True),
+                (self.inject.name, self._value),
+            ]
+            url = urlunsplit(urlsplit(url)._replace(query=urlencode(query)))
+        if not self.allows(url):  # the URL that is sent, after any rewriting
+            raise HostNotAllowed(f"credential {self.name!r} is not sent to {upstream_host(url)!r}")
+        return url, extra
 
     def strip(self, url: str) -> str:
         """`url` without this credential's query parameter (a redirect may carry it back)."""
@@ -84,12 +93,24 @@ class Credential:
         ]
         return urlunsplit(parts._replace(query=urlencode(query)))
 
-    def scrub(self, text: str) -> str:
-        """`text` with this credential's value replaced, for anything echoed back to a caller."""
-        return text.replace(self._value, REDACTED)
+    @property
+    def scrubber(self) -> Scrubber:
+        """Finds this credential's value, in every form, in anything echoed back to a caller."""
+        if self._scrubber is None:
+            self._scrubber = Scrubber([self._value])
+        return self._scrubber
 
-    def scrub_bytes(self, data: bytes) -> bytes:
-        return data.replace(self._value.encode(), REDACTED.encode())
+
+def request_origin(url: str) -> Origin | None:
+    """The origin a request for `url` goes to, parsed as httpx2 parses it when it sends the
+    request (two parsers that disagree would let a URL pass the check for one host and be
+    sent to another); None when httpx2 cannot parse it."""
+    try:
+        parsed = httpx2.URL(url)
+        host = parsed.raw_host.decode("ascii")
+    except (httpx2.InvalidURL, ValueError):
+        return None
+    return Origin.of(parsed.scheme, host, parsed.port)
 
 
 def needed(card: FunctionCard, input: Mapping[str, Any]) -> list[str]:

@@ -6,8 +6,9 @@ sockets, so the port survives sidecar restarts) and its own placeholder. A reque
 forwarded only when it arrives on that runtime's port, from a process of the sidecar's user
 (read from the kernel's TCP table), with the runtime's current placeholder where the SDK puts
 its key, for a gateway the runtime may use. The placeholder is then replaced by the
-credential, which is attached only for the gateway's upstream host. Server-sent events and
-any other streamed body pass through as raw bytes.
+credential, which is attached only for the gateway's upstream origin. Answers stream back as
+they come (server-sent events included), with the credential scrubbed out of their headers and
+bodies in every form an echoing upstream may return it in (see sidecar.scrub).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import uvicorn
 
 from sidecar.access import Channel
 from sidecar.credentials import Credential, CredentialBroker, CredentialDenied
+from sidecar.scrub import content_codings, scrubbable
 from sidecar.vault.store import VaultError
 from soma_runtime.config import GatewaySection
 from soma_runtime.gateway_sockets import SOCKETS_ENV
@@ -181,13 +183,22 @@ class Gateway:
         if query:
             url += "?" + urlencode(query)
         url, extra = credential.attach(url)
+        # Identity: a compressed answer could not be scrubbed of an echoed credential.
+        extra["accept-encoding"] = "identity"
         replaced = {name.lower() for name in extra}
-        headers = [(k, v) for k, v in headers if k not in replaced] + list(extra.items())
+        try:
+            added = [(k.encode("ascii"), v.encode("ascii")) for k, v in extra.items()]
+        except UnicodeEncodeError:
+            raise GatewayRefusal(
+                500, f"{gateway.name}: the credential is not ASCII and cannot be sent in a header"
+            ) from None
+        # As bytes: header values beyond ASCII go on exactly as the client sent them.
+        kept = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers if k not in replaced]
         body_done = asyncio.Event()
         request = self._client.build_request(
             scope["method"],
             url,
-            headers=headers,
+            headers=kept + added,
             content=_body(receive, gateway.max_request_bytes, body_done),
             timeout=httpx2.Timeout(gateway.timeout, connect=10.0),
         )
@@ -203,6 +214,13 @@ class Gateway:
             raise GatewayRefusal(
                 502, f"{gateway.name}: upstream unreachable ({type(exc).__name__})"
             ) from None
+        if not scrubbable(response.headers):
+            await response.aclose()
+            raise GatewayRefusal(
+                502,
+                f"{gateway.name}: the upstream answered in a content-encoding the gateway cannot "
+                "scrub (it asked for identity)",
+            )
         return await _relay(response, send, _disconnected(receive, body_done), credential)
 
 
@@ -257,24 +275,36 @@ async def _disconnected(receive: Receive, body_done: asyncio.Event) -> None:
 async def _relay(
     response: httpx2.Response, send: Send, disconnected: Awaitable[None], credential: Credential
 ) -> tuple[int, int]:
-    """Stream the upstream's answer back unchanged (raw bytes: compression and SSE intact),
-    and stop reading it as soon as the client disconnects."""
+    """Stream the upstream's answer back as it comes (SSE intact) without the credential in
+    any form, and stop reading it as soon as the client disconnects.
+
+    The scrubbing mask is as long as what it hides, so a Content-Length stays true and the
+    body keeps the upstream's framing. A body the upstream compressed although the gateway
+    asked for identity is relayed decoded, without its Content-Encoding and Content-Length.
+    """
     sent = 0
+    scrubber = credential.scrubber
+    decoded = bool(content_codings(response.headers))
+    dropped = HOP_BY_HOP | {"content-encoding", "content-length"} if decoded else HOP_BY_HOP
 
     async def pump() -> None:
         nonlocal sent
         headers = [
-            (k.encode("latin-1"), credential.scrub(v).encode("latin-1"))
-            for k, v in response.headers.multi_items()
-            if k.lower() not in HOP_BY_HOP
+            (scrubber.scrub(k), scrubber.scrub(v))
+            for k, v in response.headers.raw
+            if k.decode("latin-1").lower() not in dropped
         ]
         await send(
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
-        async for chunk in response.aiter_raw():
-            sent += len(chunk)
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        body = scrubber.stream()
+        async for chunk in response.aiter_bytes():
+            if out := body.feed(chunk):
+                sent += len(out)
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        rest = body.flush()
+        sent += len(rest)
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
 
     relay, gone = asyncio.ensure_future(pump()), asyncio.ensure_future(disconnected)
     try:

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import os
 import tomllib
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
-from soma_runtime.hosts import host_allowed, secure_url, upstream_host
+from soma_runtime.hosts import Binding, Origin, url_origin
 
 DEFAULT_CONFIG_NAME = "soma.toml"
 MiB = 1024 * 1024
@@ -144,6 +152,11 @@ class InjectSection(_Section):
         return self
 
 
+def _binding(text: str) -> str:
+    Binding.parse(text)  # raises ValueError naming the problem
+    return text
+
+
 class CredentialSection(_Section):
     """A secret of the vault that organs may attach to outbound requests, to `hosts` only."""
 
@@ -151,8 +164,18 @@ class CredentialSection(_Section):
     # The vault secret holding the value; default: the credential's name.
     secret: str | None = Field(default=None, pattern=NAME)
     inject: InjectSection = Field(default_factory=InjectSection)
-    # Host names (exact, or "*.example.com"); the credential is never sent anywhere else.
-    hosts: list[Annotated[str, Field(pattern=r"^(\*\.)?[A-Za-z0-9.-]+$")]] = Field(min_length=1)
+    # Where the credential may be sent, and nowhere else: host names ("api.example.com",
+    # "*.example.com": https on port 443) or origins ("https://api.example.com:8443",
+    # "http://127.0.0.1:8080"; plain http to loopback only). See soma_runtime.hosts.
+    hosts: list[Annotated[str, AfterValidator(_binding)]] = Field(min_length=1)
+
+    @cached_property
+    def bindings(self) -> tuple[Binding, ...]:
+        return tuple(Binding.parse(text) for text in self.hosts)
+
+    def allows(self, origin: Origin) -> bool:
+        """Whether one of the bindings admits `origin`."""
+        return any(binding.allows(origin) for binding in self.bindings)
 
     @property
     def secret_name(self) -> str:
@@ -164,7 +187,8 @@ class GatewaySection(_Section):
     forwards to `upstream` with the real credential."""
 
     name: str = Field(pattern=NAME)
-    upstream: str = Field(pattern=r"^https?://[^/?#]+(/[^?#]*)?$")
+    # No user info or backslash in the authority: parsers disagree on where such a host ends.
+    upstream: str = Field(pattern=r"^https?://[^/?#@\\]+(/[^?#]*)?$")
     credential: str = Field(pattern=NAME)
     # Set in the runtime to this gateway's URL on the sidecar, and to the runtime's placeholder.
     base_url_env: str = Field(pattern=ENV_NAME)
@@ -198,14 +222,15 @@ class SomaConfig(_Section):
                 raise ValueError(
                     f"{key}.credential: no [[credential]] named {gateway.credential!r}"
                 )
-            host = upstream_host(gateway.upstream)
-            if not host_allowed(host, credential.hosts):
+            try:
+                origin = url_origin(gateway.upstream)
+            except ValueError:
+                raise ValueError(f"{key}.upstream: the port must be from 1 to 65535") from None
+            if not credential.allows(origin):
                 raise ValueError(
-                    f"{key}.upstream: host {host!r} is not among credential "
-                    f"{credential.name!r}'s hosts"
+                    f"{key}.upstream: {origin} is not among credential {credential.name!r}'s "
+                    f"hosts {credential.hosts} (a bare host name means https on port 443)"
                 )
-            if not secure_url(gateway.upstream):
-                raise ValueError(f"{key}.upstream: must be https (http only to loopback)")
             for env_key in ("base_url_env", "api_key_env"):
                 if getattr(gateway, env_key).startswith("SOMA_"):
                     raise ValueError(f"{key}.{env_key}: SOMA_* variables are reserved")

@@ -17,6 +17,11 @@ from soma_runtime.redaction import redactor
 
 Format = Literal["auto", "json", "console"]
 
+# The HTTP client logs every request's full URL at INFO and DEBUG ("HTTP Request: GET
+# https://...?api_key=..."), query credentials included: only its warnings are wanted. The
+# redactor stays the net for what it still says.
+QUIET_LOGGERS = ("httpx2", "httpcore2")
+
 
 # Shared by structlog events and stdlib records; the redactor runs after exceptions are text.
 _SHARED: list[Processor] = [
@@ -37,7 +42,7 @@ def configure_logging(
     """Configure structlog and the stdlib root logger to write to `stream` (stderr).
 
     Every event passes the redactor last, after exceptions are formatted, so nothing that
-    looks like a credential reaches the output.
+    looks like a credential reaches the output, and no string in it is unboundedly long.
     """
     out = stream if stream is not None else sys.stderr
     as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
@@ -63,3 +68,5 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))

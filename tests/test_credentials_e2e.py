@@ -7,11 +7,12 @@ import json
 import os
 import socket
 from collections.abc import Iterator
+from urllib.parse import quote_plus
 
 import httpx2
 import pytest
 
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, encodings
 from tests.helpers import (
     SupervisorRun,
     process_environ,
@@ -23,18 +24,32 @@ from tests.helpers import (
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
 APIKEY_VALUE = "ak-never-used-0123456789"
-SECRETS = (UPSTREAM_KEY, APIKEY_VALUE)
+MIRROR_KEY = 'mk/mirror+key="0123 4567"'  # echoed back by /v1/mirror; its encodings all differ
+ACCENTED_KEY = "clé-0123456789"  # cannot travel in a header
+SECRETS = (UPSTREAM_KEY, APIKEY_VALUE, MIRROR_KEY, ACCENTED_KEY)
+# Every form a secret may be logged or echoed in.
+LEAKS = tuple(form for secret in SECRETS for form in encodings(secret))
 
 ORGANS = ("system", "http")
 BODY = """
 [[credential]]
 name = "upstream"
-hosts = ["127.0.0.1"]
+hosts = ["{upstream}"]
 
 [[credential]]
 name = "apikey"
 inject = {{ kind = "header", name = "X-Api-Key" }}
-hosts = ["127.0.0.1"]
+hosts = ["{upstream}"]
+
+[[credential]]
+name = "mirror"
+hosts = ["{upstream}"]
+
+[[credential]]
+name = "mirror-query"
+secret = "mirror"
+inject = {{ kind = "query", name = "api_key" }}
+hosts = ["{upstream}"]
 
 [[gateway]]
 name = "model"
@@ -51,12 +66,37 @@ base_url_env = "FORBIDDEN_BASE_URL"
 api_key_env = "FORBIDDEN_API_KEY"
 max_request_bytes = 4096
 
+[[credential]]
+name = "accented"
+hosts = ["{upstream}"]
+
+[[gateway]]
+name = "accented"
+upstream = "{upstream}/v1"
+credential = "accented"
+base_url_env = "ACCENTED_BASE_URL"
+api_key_env = "ACCENTED_API_KEY"
+
+[[gateway]]
+name = "mirror"
+upstream = "{upstream}/v1"
+credential = "mirror"
+base_url_env = "MIRROR_BASE_URL"
+api_key_env = "MIRROR_API_KEY"
+
+[[gateway]]
+name = "mirror-query"
+upstream = "{upstream}/v1"
+credential = "mirror-query"
+base_url_env = "MIRROR_QUERY_BASE_URL"
+api_key_env = "MIRROR_QUERY_API_KEY"
+
 [[runtime]]
 name = "agent"
 command = ["python", "-m", "tests.fixtures.agents", "credentials", "agent.jsonl"]
 allow = ["http.request"]
 credentials = ["upstream"]
-gateways = ["model"]
+gateways = ["model", "mirror", "mirror-query", "accented"]
 env = {{ UPSTREAM = "{upstream}", OTHER = "{other}" }}
 
 [[runtime]]
@@ -82,6 +122,8 @@ def scenario(
     config = SupervisorRun.write(tmp, body, ORGANS)  # the CLI reads it before the run starts
     set_secret(config, "upstream", UPSTREAM_KEY)
     set_secret(config, "apikey", APIKEY_VALUE)
+    set_secret(config, "mirror", MIRROR_KEY)
+    set_secret(config, "accented", ACCENTED_KEY)
     run = SupervisorRun(tmp, body, organs=ORGANS)
     run.wait_ready()
     wait_until(
@@ -235,12 +277,33 @@ def test_the_gateway_keeps_paths_and_repeated_headers_as_sent(
     scenario: SupervisorRun, upstream: FakeUpstream
 ) -> None:
     port, _, placeholder = agent_gateway(scenario)
-    headers = [("Authorization", f"Bearer {placeholder}"), ("X-Multi", "one"), ("X-Multi", "two")]
+    headers = [
+        (b"Authorization", f"Bearer {placeholder}".encode()),
+        (b"X-Multi", b"one"),
+        (b"X-Multi", b"two"),
+        (b"X-Name", "café".encode("latin-1")),  # beyond ASCII: passed on as it came
+    ]
     with httpx2.Client(trust_env=False, timeout=10) as http:
-        http.get(f"http://127.0.0.1:{port}/model/files/a%2Fb%3Fc", headers=headers)
+        answer = http.get(f"http://127.0.0.1:{port}/model/files/a%2Fb%3Fc", headers=headers)
+    assert answer.status_code == 404  # the upstream's answer
     seen = upstream.requests[-1]
     assert seen.path == "/v1/files/a%2Fb%3Fc"
     assert [v for k, v in seen.header_list if k == "x-multi"] == ["one", "two"]
+    assert seen.headers["x-name"] == "café"
+
+
+def test_a_credential_that_cannot_be_a_header_is_refused_clearly(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    port, _, placeholder = agent_gateway(scenario)
+    before = len(upstream.requests)
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        answer = http.get(
+            f"http://127.0.0.1:{port}/accented/echo",
+            headers={"Authorization": f"Bearer {placeholder}"},
+        )
+    assert answer.status_code == 500 and "not ASCII" in answer.json()["error"]["message"]
+    assert len(upstream.requests) == before and ACCENTED_KEY not in answer.text
 
 
 def test_a_client_that_goes_away_stops_the_upstream_stream(
@@ -264,11 +327,75 @@ def test_a_client_that_goes_away_stops_the_upstream_stream(
     wait_until(lambda: scenario.events("client_gone"), what="the disconnect logged")
 
 
+def test_the_gateway_scrubs_echoed_credentials_from_every_answer(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    """A hostile upstream echoes the key in every encoding, in headers, a Location and the
+    body, under any status; what the agent gets has none of them, with the same length."""
+    port, _, placeholder = agent_gateway(scenario)
+    base = f"http://127.0.0.1:{port}"
+    bearer = {"Authorization": f"Bearer {placeholder}"}
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        answers = [
+            http.get(f"{base}/mirror/mirror?location=1", headers=bearer),
+            http.get(f"{base}/mirror/mirror?status=401", headers=bearer),
+            http.get(f"{base}/mirror-query/mirror", params={"api_key": placeholder}),
+            http.get(f"{base}/mirror-query/mirror?status=401&api_key={placeholder}&location=1"),
+        ]
+    sent = [r for r in upstream.requests if "/mirror" in r.path][-4:]
+    assert [r.headers.get("authorization") for r in sent[:2]] == [f"Bearer {MIRROR_KEY}"] * 2
+    assert all(quote_plus(MIRROR_KEY) in r.path for r in sent[2:])  # the query credential
+    assert [a.status_code for a in answers] == [200, 401, 200, 401]
+    for answer in answers:
+        raw = answer.text + str(answer.headers.multi_items())
+        assert [form for form in encodings(MIRROR_KEY) if form in raw] == []
+        assert int(answer.headers["content-length"]) == len(answer.content)
+        assert "*" * len(MIRROR_KEY) in answer.text  # the echo was there, masked
+        assert "*" * len(MIRROR_KEY) in answer.headers["x-echo"]
+    assert "api_key=" + "*" * len(quote_plus(MIRROR_KEY)) in answers[3].headers["location"]
+
+
+def test_the_gateway_never_relays_a_body_it_cannot_scrub(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    """It asks for identity; a gzip body sent anyway is relayed decoded (and scrubbed), and
+    a coding it cannot decode is refused rather than passed on unread."""
+    port, _, placeholder = agent_gateway(scenario)
+    bearer = {"Authorization": f"Bearer {placeholder}", "Accept-Encoding": "gzip, br"}
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        zipped = http.get(f"http://127.0.0.1:{port}/mirror/mirror?encoding=gzip", headers=bearer)
+        assert upstream.requests[-1].headers["accept-encoding"] == "identity"
+        brotli = http.get(f"http://127.0.0.1:{port}/mirror/mirror?encoding=br", headers=bearer)
+    assert zipped.status_code == 200 and "content-encoding" not in zipped.headers
+    assert "*" * len(MIRROR_KEY) in zipped.text
+    assert [form for form in encodings(MIRROR_KEY) if form in zipped.text] == []
+    assert brotli.status_code == 502 and "content-encoding" in brotli.json()["error"]["message"]
+
+
+def test_the_gateway_scrubs_a_key_split_across_streamed_chunks(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    """Server-sent events echoing the key, each value cut in two writes: still scrubbed.
+    (That events still stream as they come: test_the_gateway_streams_server_sent_events_through.)"""
+    port, _, placeholder = agent_gateway(scenario)
+    bearer = {"Authorization": f"Bearer {placeholder}"}
+    with (
+        httpx2.Client(trust_env=False, timeout=10) as http,
+        http.stream("GET", f"http://127.0.0.1:{port}/mirror/mirror-sse", headers=bearer) as sse,
+    ):
+        assert sse.headers["content-type"] == "text/event-stream"
+        events = [line for line in sse.iter_lines() if line.startswith("data: ")]
+    assert len(events) == len(encodings(MIRROR_KEY)) + 1 and events[-1] == "data: [DONE]"
+    assert all(set(event[len("data: ") :]) == {"*"} for event in events[:-1])
+    assert [form for form in encodings(MIRROR_KEY) if form in "".join(events)] == []
+
+
 def test_no_secret_in_any_log_line_or_runtime_environment(scenario: SupervisorRun) -> None:
     """Last of the module: the whole scenario has run."""
     logs = scenario.proc.output()
     assert '"event": "gateway"' in logs and '"op": "http.request"' in logs  # it all happened
-    hits = [secret for secret in SECRETS if secret in logs]
+    assert "HTTP Request" not in logs  # httpx2's request lines, query credentials included
+    hits = [form for form in LEAKS if form in logs]
     for child in scenario.status()["children"]:
         environ = str(process_environ(child["pid"]))
         hits += [f"{child['name']} env" for s in SECRETS if s in environ]

@@ -2,16 +2,19 @@
 
 The caller names a credential in the input; the sidecar checks the runtime may use it and
 hands it over beside the stimulus. The credential is attached only while the request goes to
-one of the credential's hosts over https (or http to loopback): a redirect to any other host
-continues without it. Redirects are followed by hand for exactly that reason. Responses are
-bounded (`max_response_bytes`), requests time out, and error messages name hosts, never
-URLs (a query parameter may carry a credential).
+one of the credential's origins (scheme, host and port): a redirect anywhere else continues
+without it. Redirects are followed by hand for exactly that reason. With a credential, the
+caller may not set Host, and the answer (headers, Location, body) is scrubbed of the value in
+every encoding before the agent sees it. Responses are bounded (`max_response_bytes`),
+requests time out, a request that cannot be sent as described is an InvalidInput naming the
+field, and error messages name hosts, never URLs (a query parameter may carry a credential).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +24,9 @@ import httpx2
 import structlog
 
 from sidecar.credentials import Credential
+from sidecar.scrub import scrubbable
 from soma_runtime import (
+    ErrorKind,
     FunctionCard,
     OrganCard,
     OrganEnvironment,
@@ -33,6 +38,7 @@ from soma_runtime import (
 )
 from soma_runtime import function as organ_function
 from soma_runtime.hosts import upstream_host
+from soma_runtime.redaction import REDACTED
 
 log = structlog.get_logger(component="http")
 
@@ -41,12 +47,16 @@ MAX_REDIRECTS = 5
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 DEFAULT_MAX_RESPONSE = 1024 * 1024
 LIMIT_MAX_RESPONSE = 16 * 1024 * 1024
+# What replaces an echoed credential. The organ answers JSON, where no Content-Length has to
+# stay true (the gateway, which relays bytes, masks with a same-length run of `*` instead).
+MASK = REDACTED.encode()
 
 _REQUEST = FunctionCard(
     name="http.request",
     description=(
         "Make one outbound HTTP request, optionally with a credential the sidecar injects; the "
-        "credential is only ever sent to its own hosts. Returns status, headers and body."
+        "credential is only ever sent to its own hosts (scheme, host and port), and never "
+        "handed back if the upstream echoes it. Returns status, headers and body."
     ),
     tags=["network", "http", "write", "credentials"],
     examples=[
@@ -59,7 +69,12 @@ _REQUEST = FunctionCard(
         "properties": {
             "method": {"enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]},
             "url": {"type": "string", "pattern": "^https?://", "maxLength": 8192},
-            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "headers": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "Names are HTTP tokens, values printable ASCII. With a "
+                "credential, Host may not be set: the URL's host is sent.",
+            },
             "body": {"type": "string", "description": "Request body as text."},
             "json": {"description": "Request body as JSON (sets Content-Type)."},
             "credential": {"type": "string", "description": "Name of a credential to inject."},
@@ -141,10 +156,15 @@ class HttpOrgan(RoutedOrgan):
         credential = self._credential(input, stimulus)
         method = input.get("method", "GET")
         url = input["url"]
-        headers = dict(input.get("headers", {}))
+        if problem := _url_problem(url):
+            raise _invalid("$.url", problem)
+        headers = _checked_headers(input.get("headers", {}), credential)
         content: bytes | None = None
         if "body" in input:
-            content = input["body"].encode()
+            try:
+                content = input["body"].encode()
+            except UnicodeEncodeError:
+                raise _invalid("$.body", "must be Unicode text (no lone surrogates)") from None
         elif "json" in input:
             content = json.dumps(input["json"]).encode()
             headers.setdefault("Content-Type", "application/json")
@@ -163,6 +183,10 @@ class HttpOrgan(RoutedOrgan):
                 url = send_url = credential.strip(url)  # a redirect may echo a query credential
                 if credential.allows(url):
                     send_url, extra = credential.attach(url)
+                    replaced = {name.lower() for name in extra}
+                    send_headers = {
+                        k: v for k, v in send_headers.items() if k.lower() not in replaced
+                    }
                     send_headers.update(extra)
                 elif not dropped:
                     dropped = True
@@ -172,13 +196,17 @@ class HttpOrgan(RoutedOrgan):
                         host=upstream_host(url),
                         op=stimulus.op,
                     )
-            reply = await self._send(method, send_url, url, send_headers, content, timeout, limit)
+            reply = await self._send(
+                method, send_url, url, send_headers, content, timeout, limit, credential is not None
+            )
             if credential is not None:
                 reply = reply.scrubbed(credential)
             location = reply.header("location")
             if not (input.get("follow_redirects", True) and reply.status in REDIRECTS and location):
                 return reply.output(url, redirects, dropped)
-            url = urljoin(url, location)
+            host, url = upstream_host(url), urljoin(url, location)
+            if problem := _url_problem(url):
+                raise OrganFailure("BadRedirect", f"{host!r} redirected to a URL that {problem}")
             if reply.status == 303 or (reply.status in (301, 302) and method == "POST"):
                 method, content = "GET", None
                 headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
@@ -203,6 +231,7 @@ class HttpOrgan(RoutedOrgan):
         content: bytes | None,
         timeout: float,
         limit: int,
+        scrub: bool,
     ) -> _Reply:
         assert self._client is not None, "the organ was not started"
         host = upstream_host(url)
@@ -210,6 +239,12 @@ class HttpOrgan(RoutedOrgan):
             async with self._client.stream(
                 method, send_url, headers=headers, content=content, timeout=timeout
             ) as response:
+                if scrub and not scrubbable(response.headers):
+                    raise OrganFailure(
+                        "UnscrubbableResponse",
+                        f"{host!r} answered in a content-encoding that cannot be checked for "
+                        "an echoed credential",
+                    )
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk
@@ -217,8 +252,7 @@ class HttpOrgan(RoutedOrgan):
                         raise OrganFailure(
                             "ResponseTooLarge", f"the response from {host!r} exceeds {limit} bytes"
                         )
-                received = list(response.headers.multi_items())
-                return _Reply(response.status_code, received, bytes(body))
+                return _Reply(response.status_code, list(response.headers.raw), bytes(body))
         except httpx2.TimeoutException:
             raise OrganFailure("Timeout", f"{host!r} did not answer within {timeout}s") from None
         except httpx2.HTTPError as exc:
@@ -226,27 +260,34 @@ class HttpOrgan(RoutedOrgan):
             raise OrganFailure(
                 "Unreachable", f"request to {host!r} failed: {type(exc).__name__}"
             ) from None
+        except (httpx2.InvalidURL, ValueError) as exc:
+            # The caller's URL and headers were checked; what is left is a credential value
+            # that cannot travel in a header (not ASCII, say). Its text may hold the value.
+            raise OrganFailure(
+                "InvalidRequest", f"the request to {host!r} cannot be encoded: {type(exc).__name__}"
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)
 class _Reply:
     status: int
-    headers: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes]]
     body: bytes
 
     def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name), None)
+        return next((_text(v) for k, v in self.headers if k.lower() == name.encode()), None)
 
     def scrubbed(self, credential: Credential) -> _Reply:
-        """Without the credential's value: an upstream echoing the key back (in a Location,
-        a header or the body) must not hand it to the agent."""
-        headers = [(k, credential.scrub(v)) for k, v in self.headers]
-        return _Reply(self.status, headers, credential.scrub_bytes(self.body))
+        """Without the credential's value in any form: an upstream echoing the key back (in
+        a Location, any header or the body) must not hand it to the agent."""
+        scrubber = credential.scrubber
+        headers = [(scrubber.scrub(k, MASK), scrubber.scrub(v, MASK)) for k, v in self.headers]
+        return _Reply(self.status, headers, scrubber.scrub(self.body, MASK))
 
     def output(self, url: str, redirects: int, dropped: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
             "status": self.status,
-            "headers": dict(self.headers),
+            "headers": {_text(k).lower(): _text(v) for k, v in self.headers},
             "url": url,
             "redirects": redirects,
         }
@@ -257,3 +298,53 @@ class _Reply:
         if dropped:
             out["credential_dropped"] = True
         return out
+
+
+def _text(raw: bytes) -> str:
+    """A header as text: UTF-8 when it is, else Latin-1 (what httpx2 does)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+# An HTTP token (RFC 9110): what a header name may be.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Visible ASCII, space and tab: what a header value may be (httpx2 sends ASCII only).
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _invalid(path: str, message: str) -> OrganFailure:
+    """An InvalidInput answer like the executive's: the path, and a message that never
+    repeats the value."""
+    return OrganFailure(ErrorKind.INVALID_INPUT, message, path=path)
+
+
+def _url_problem(url: str) -> str | None:
+    """What stops httpx2 from sending a request to `url`, or None."""
+    if _CONTROL.search(url):
+        return "contains a control character"
+    try:
+        parsed = httpx2.URL(url)
+    except (httpx2.InvalidURL, ValueError):
+        return "cannot be parsed (check the host name and the port)"
+    if parsed.scheme not in ("http", "https") or not parsed.raw_host:
+        return "is not an http(s) URL with a host"
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        return "has a port outside 1 to 65535"
+    return None
+
+
+def _checked_headers(headers: dict[str, str], credential: Credential | None) -> dict[str, str]:
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name):
+            raise _invalid("$.headers", "a header name is not an HTTP token")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise _invalid(f"$.headers.{name}", "must be printable ASCII text")
+        if credential is not None and name.lower() == "host":
+            # A shared front end routes by Host: the key would reach another virtual host.
+            raise _invalid(
+                f"$.headers.{name}", "may not be set with a credential (the URL's host is sent)"
+            )
+    return dict(headers)
