@@ -583,7 +583,7 @@ def test_a_runtime_that_exits_is_seen_at_once_though_its_helper_holds_its_pipes(
 GATEWAY_ORPHANING = """
 [[credential]]
 name = "upstream"
-hosts = ["127.0.0.1"]
+hosts = ["{upstream}"]
 
 [[gateway]]
 name = "model"
