@@ -21,8 +21,17 @@ from dataclasses import dataclass, field
 MAX_SESSIONS = 64
 
 
+# Tokens and sessions are 256 bits as 64 hex digits; anything else cannot match, and is
+# refused before it is hashed (a lone surrogate cannot even be encoded).
+_SECRET_SHAPE = re.compile(r"[0-9a-f]{64}")
+
+
 def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
+
+
+def well_formed(secret: str) -> bool:
+    return _SECRET_SHAPE.fullmatch(secret) is not None
 
 
 class AllowList:
@@ -66,12 +75,14 @@ class Channel:
         self.sessions.clear()
 
     def token_matches(self, token: str) -> bool:
-        return self.token is not None and hmac.compare_digest(token_digest(token), self.token)
+        if self.token is None or not well_formed(token):
+            return False
+        return hmac.compare_digest(token_digest(token), self.token)
 
     def placeholder_matches(self, placeholder: str) -> bool:
-        return self.placeholder is not None and hmac.compare_digest(
-            token_digest(placeholder), self.placeholder
-        )
+        if self.placeholder is None or not placeholder.isascii():
+            return False
+        return hmac.compare_digest(token_digest(placeholder), self.placeholder)
 
     def open_session(self) -> str:
         session = secrets.token_hex(32)
@@ -81,6 +92,8 @@ class Channel:
         return session
 
     def session_matches(self, session: str) -> bool:
+        if not well_formed(session):
+            return False
         presented = token_digest(session)
         found = False
         for known in self.sessions:

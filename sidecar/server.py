@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
-import structlog
+from google.protobuf.message import DecodeError
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -24,8 +27,8 @@ from grpc_reflection.v1alpha import reflection
 from sdk.protocol.soma.v1 import sidecar_pb2, sidecar_pb2_grpc
 from soma_runtime.unix import prepare_socket_path, private_umask, remove_socket
 
-SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name
-log = structlog.get_logger(component="sidecar")
+SERVICE = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"]
+SERVICE_NAME = SERVICE.full_name
 
 # How long stopping a crashed server may take before it is abandoned.
 _STOP_CRASHED_S = 2.0
@@ -43,6 +46,55 @@ class ConnectionLimits:
     max_connections: int
     handshake_timeout_s: float
     idle_timeout_s: float
+
+
+class _Undecodable:
+    """What the deserializer hands over in place of a message that is not protobuf."""
+
+
+_UNDECODABLE = _Undecodable()
+Behaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return _UNDECODABLE
+
+    return deserialize
+
+
+def _refusing_undecodable(behaviour: Behaviour, type_name: str) -> Behaviour:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if request is _UNDECODABLE:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {type_name}"
+            )
+        return await behaviour(request, context)
+
+    return handle
+
+
+def service_handlers(
+    servicer: sidecar_pb2_grpc.SidecarServicer,
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """The `soma.v1.Sidecar` handlers, built from the service descriptor like the generated
+    registration, except that a request that is not protobuf is INVALID_ARGUMENT (the
+    contract in sidecar.proto): grpcio answers a deserializer's failure with UNKNOWN, which a
+    client cannot tell from a sidecar fault."""
+    handlers = {}
+    for method in SERVICE.methods:
+        if method.client_streaming or method.server_streaming:
+            raise NotImplementedError(f"{method.full_name}: only unary methods are registered")
+        request_type = GetMessageClass(method.input_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _refusing_undecodable(getattr(servicer, method.name), method.input_type.full_name),
+            request_deserializer=_lenient(request_type.FromString),
+            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+        )
+    return handlers
 
 
 class SocketServer:
@@ -72,7 +124,11 @@ class SocketServer:
     async def start(self) -> None:
         prepare_socket_path(self.path)
         server = grpc.aio.server(options=self._options)
-        sidecar_pb2_grpc.add_SidecarServicer_to_server(self._servicer, server)
+        handlers = service_handlers(self._servicer)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [

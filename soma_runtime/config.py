@@ -27,6 +27,19 @@ DEFAULT_CONFIG_NAME = "soma.toml"
 MiB = 1024 * 1024
 
 
+def _expandable(path: Path) -> Path:
+    """A `~user/...` path names a user that exists (it is expanded when used)."""
+    try:
+        path.expanduser()
+    except RuntimeError:
+        raise ValueError(f"{str(path).split('/')[0]}: no such user") from None
+    return path
+
+
+# Every path in the file: `~` and `~user` are allowed, an unknown user is a config error.
+ConfigPath = Annotated[Path, AfterValidator(_expandable)]
+
+
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the file and the key."""
 
@@ -38,8 +51,8 @@ class _Section(BaseModel):
 class SomaSection(_Section):
     """Where state and runtime files live ($STATE_DIRECTORY / $RUNTIME_DIRECTORY win)."""
 
-    state_dir: Path = Path(".soma/state")
-    runtime_dir: Path = Path(".soma/run")
+    state_dir: ConfigPath = Path(".soma/state")
+    runtime_dir: ConfigPath = Path(".soma/run")
 
 
 class LoggingSection(_Section):
@@ -86,7 +99,7 @@ class SidecarSection(RestartPolicy):
     # Seconds the sidecar gets to start serving before the start counts as failed.
     start_timeout: float = Field(default=30.0, gt=0.0, le=600.0)
 
-    socket: Path | None = None
+    socket: ConfigPath | None = None
     organs: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["system"])
     # Largest request or response message accepted, in bytes.
     max_message_bytes: int = Field(default=4 * MiB, ge=1024, le=64 * MiB)
@@ -120,7 +133,7 @@ class RuntimeSection(RestartPolicy):
     gateways: list[Annotated[str, Field(pattern=NAME)]] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     # Working directory; default: the directory of the configuration file.
-    cwd: Path | None = None
+    cwd: ConfigPath | None = None
 
 
 class VaultSection(_Section):
@@ -132,7 +145,7 @@ class VaultSection(_Section):
 
     kek: Literal["auto", "file", "systemd-credential"] = "auto"
     # A 32-byte key, created 0600 on first use; relative to the state directory.
-    kek_file: Path = Path("kek")
+    kek_file: ConfigPath = Path("kek")
     credential: str = Field(default="soma-kek", pattern=NAME)
 
 
@@ -246,12 +259,14 @@ class SomaConfig(_Section):
     source: Path | None = Field(default=None, exclude=True)
 
     def resolve(self, path: Path) -> Path:
-        """`path` made absolute against the config file's directory."""
+        """`path` made absolute against the config file's directory. Normalised without
+        following links: whoever uses it checks every component, links included (see
+        `soma_runtime.unix.open_directory`)."""
         path = path.expanduser()
         if path.is_absolute():
-            return path
+            return Path(os.path.normpath(path))
         base = self.source.parent if self.source is not None else Path.cwd()
-        return (base / path).resolve()
+        return Path(os.path.normpath(base / path))
 
     @property
     def state_dir(self) -> Path:
@@ -290,6 +305,8 @@ def load_config(path: Path | None = None) -> SomaConfig:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: it nests too deeply") from None
     return parse_config(data, source=path.resolve())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sidecar.access import MAX_SESSIONS, AllowList, Channel, token_digest
 
 
@@ -12,11 +14,19 @@ def channel(token: str = "t" * 64) -> Channel:
 
 
 def test_only_the_digest_is_kept_and_the_token_matches() -> None:
-    c = channel("secret-token")
-    assert c.token == token_digest("secret-token") and c.token != b"secret-token"
-    assert c.token_matches("secret-token")
-    assert not c.token_matches("secret-tokeN")
-    assert not Channel(name="x", allow=AllowList([])).token_matches("anything")
+    token = "5e" * 32
+    c = channel(token)
+    assert c.token == token_digest(token) and c.token != token.encode()
+    assert c.token_matches(token)
+    assert not c.token_matches(token[:-1] + "f")
+    assert not Channel(name="x", allow=AllowList([])).token_matches(token)
+
+
+@pytest.mark.parametrize("presented", ["", "\ud800" * 64, "5E" * 32, "5e" * 32 + "\n", "x"])
+def test_a_malformed_token_or_session_is_refused_not_an_error(presented: str) -> None:
+    c = channel("5e" * 32)
+    assert not c.token_matches(presented)
+    assert not c.session_matches(presented)
 
 
 def test_sessions_die_with_a_new_identity() -> None:

@@ -35,8 +35,8 @@ from typing import Any
 import grpc
 
 import sdk
-from sdk import _auth, _wire
-from sdk.client import arguments_from_env
+from sdk import _auth, _wire, protocol
+from sdk._core import arguments_from_env
 from soma_runtime import jsonline
 from soma_runtime.supervisor.control import same_user
 from soma_runtime.unix import Peer
@@ -80,7 +80,7 @@ class RawCaller:
                 reply = rpc(
                     payload,
                     timeout=max(0.01, deadline - time.monotonic()),
-                    metadata=_wire.bearer(self._session),
+                    metadata=protocol.bearer_metadata(self._session),
                     wait_for_ready=True,
                 )
             except grpc.RpcError as exc:
