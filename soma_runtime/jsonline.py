@@ -18,9 +18,13 @@ from typing import Any
 
 import structlog
 
+from soma_runtime import strict_json
 from soma_runtime.unix import Peer, peer_credentials, prepare_socket_path, private_umask
 
 MAX_LINE = 64 * 1024
+# The deepest nesting a line may have: messages are flat objects of names, numbers and
+# lists; the bound is checked before a line is parsed, so no line can exhaust the stack.
+MAX_DEPTH = 16
 # A connection silent this long is closed: none may hold a server open (or its shutdown up).
 IDLE_TIMEOUT = 10.0
 
@@ -37,14 +41,15 @@ class ProtocolError(OSError):
 
 
 def encode(message: Message) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
 def decode(line: bytes) -> Message:
+    """One message (strict JSON, at most `MAX_DEPTH` deep); `ProtocolError` says what is wrong."""
     try:
-        value = json.loads(line)
-    except ValueError:
-        raise ProtocolError("not a JSON line") from None
+        value = strict_json.loads(line, MAX_DEPTH)
+    except strict_json.JsonError as exc:
+        raise ProtocolError(f"the line {exc}") from None
     if not isinstance(value, dict):
         raise ProtocolError("not a JSON object")
     return value
@@ -102,7 +107,10 @@ async def request(path: Path, message: Message, timeout: float = 5.0) -> Message
         reader, writer = await asyncio.open_unix_connection(os.fspath(path), limit=MAX_LINE)
         try:
             writer.write(encode(message))
-            await writer.drain()
+            # A server that refuses this peer answers and closes without reading: sending can
+            # fail, and the refusal is still there to read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                await writer.drain()
             line = await reader.readline()
         finally:
             writer.close()
@@ -118,7 +126,8 @@ def request_sync(path: Path, message: Message, timeout: float = 5.0) -> Message:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
-        sock.sendall(encode(message))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # as in `request`
+            sock.sendall(encode(message))
         with sock.makefile("rb") as stream:
             line = stream.readline(MAX_LINE)
     if not line:
