@@ -32,6 +32,8 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# parse_constant runs only for the words NaN, Infinity and -Infinity; parse_float for every
+# number with a fraction or exponent (a Python call each, which only float-heavy inputs feel).
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 # A JSON string (escapes included); what it contains never nests.

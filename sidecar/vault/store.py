@@ -198,7 +198,8 @@ def _unreadable(key: str, exc: RecordUnreadable) -> Unreadable:
 def _keys_in(keys: list[str], prefix: str, after: str, upper: str | None) -> Iterator[str]:
     """The sorted `keys` that start with `prefix`, after `after`, up to `upper` if given."""
     start = max(bisect.bisect_right(keys, after), bisect.bisect_left(keys, prefix))
-    for key in keys[start:]:
+    for index in range(start, len(keys)):
+        key = keys[index]
         if not key.startswith(prefix) or (upper is not None and key > upper):
             return
         yield key
@@ -248,7 +249,12 @@ class Vault:
         provider.recover(in_use)
         self._manifests: dict[str, _Manifest] = {}
         if version < SCHEMA_VERSION:
-            self._migrate()
+            try:
+                self._migrate()
+            except sqlite3.Error as exc:  # a full disk, a lock held past the busy timeout
+                raise VaultUnavailable(
+                    f"the vault database {path} cannot be migrated: {exc}"
+                ) from None
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 path.with_name(path.name + suffix).chmod(0o600)
@@ -300,7 +306,6 @@ class Vault:
             for namespace, manifest in entries.items():
                 self._seal_manifest(db, namespace, manifest)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        self._manifests.clear()
 
     def _reseal_v1(self, db: sqlite3.Connection, namespace: str, key: str) -> bytes:
         """Re-seal one version-1 blob under version-2 associated data; its sealed header."""
