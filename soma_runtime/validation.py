@@ -44,7 +44,8 @@ class InputValidator:
         if error is None:
             return None
         if error.validator == "pattern":  # name the card's pattern, not its translation
-            error.validator_value = self._patterns.get(str(error.validator_value), "")
+            used = str(error.validator_value)
+            error.validator_value = self._patterns.get(used, used)
         return InputError(path=error.json_path, message=_describe(error))
 
 

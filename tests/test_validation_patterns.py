@@ -7,7 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from soma_runtime.admin_protocol import Register
 from soma_runtime.validation import InputValidator, ecma_pattern
 
 NAME = "^[a-z]+$"
@@ -77,3 +79,12 @@ def test_values_that_are_data_are_left_alone() -> None:
     """A "pattern" inside const or enum is data, not a pattern."""
     validator = InputValidator({"const": {"pattern": "^a$"}})
     assert validator.first_error({"pattern": "^a$"}) is None
+
+
+def test_pydantic_patterns_already_end_at_the_end() -> None:
+    """Config, cards and the admin protocol use pydantic, whose (Rust) regex engine reads "$"
+    as JSON Schema does; this holds them to it."""
+    with pytest.raises(ValidationError):
+        Register(runtime="claims\n", token_sha256="0" * 64)
+    with pytest.raises(ValidationError):
+        Register(runtime="claims", token_sha256="0" * 64 + "\n")
