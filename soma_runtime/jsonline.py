@@ -18,10 +18,14 @@ from typing import Any
 
 import structlog
 
+from soma_runtime import strict_json
 from soma_runtime.throttle import RepeatedWarnings
 from soma_runtime.unix import Peer, peer_credentials, prepare_socket_path, private_umask
 
 MAX_LINE = 64 * 1024
+# The deepest nesting a line may have: messages are flat objects of names, numbers and
+# lists; the bound is checked before a line is parsed, so no line can exhaust the stack.
+MAX_DEPTH = 16
 # A connection silent this long is closed: none may hold a server open (or its shutdown up).
 IDLE_TIMEOUT = 10.0
 # Connections one server holds at once; more are closed as soon as they are accepted, so no
@@ -43,14 +47,15 @@ class ProtocolError(OSError):
 
 
 def encode(message: Message) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
 def decode(line: bytes) -> Message:
+    """One message (strict JSON, at most `MAX_DEPTH` deep); `ProtocolError` says what is wrong."""
     try:
-        value = json.loads(line)
-    except ValueError:
-        raise ProtocolError("not a JSON line") from None
+        value = strict_json.loads(line, MAX_DEPTH)
+    except strict_json.JsonError as exc:
+        raise ProtocolError(f"the line {exc}") from None
     if not isinstance(value, dict):
         raise ProtocolError("not a JSON object")
     return value

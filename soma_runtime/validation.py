@@ -7,6 +7,7 @@ secret or megabytes long, and these messages reach logs and callers.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,19 +28,73 @@ class InputError:
 class InputValidator:
     """A compiled validator for one schema."""
 
-    __slots__ = ("_validator",)
+    __slots__ = ("_patterns", "_validator")
 
     def __init__(self, schema: dict[str, Any]) -> None:
         cls = validator_for(schema)
         cls.check_schema(schema)
-        self._validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
+        self._patterns: dict[str, str] = {}
+        self._validator = cls(
+            _with_ecma_anchors(schema, self._patterns), format_checker=cls.FORMAT_CHECKER
+        )
 
     def first_error(self, instance: Any) -> InputError | None:
         """The most relevant error, or None when the instance is valid."""
         error = best_match(self._validator.iter_errors(instance))
         if error is None:
             return None
+        if error.validator == "pattern":  # name the card's pattern, not its translation
+            used = str(error.validator_value)
+            error.validator_value = self._patterns.get(used, used)
         return InputError(path=error.json_path, message=_describe(error))
+
+
+# JSON Schema patterns are ECMA-262 regular expressions, where "$" matches only at the end of
+# the text; in Python's re it also matches before a final newline, so "^[a-z]+$" would accept
+# "name\n". Every pattern is compiled with "$" (outside classes and escapes) as "\Z".
+_ANCHOR = re.compile(r"\\.|\[\^?\]?(?:\\.|[^\]\\])*\]?|\$", re.DOTALL)  # escape|class|$
+
+# The keywords whose values are schemas, lists of schemas, or maps of names to schemas.
+_SUBSCHEMA = frozenset(
+    {
+        "additionalItems", "additionalProperties", "contains", "contentSchema", "else", "if",
+        "items", "not", "propertyNames", "then", "unevaluatedItems", "unevaluatedProperties",
+        "allOf", "anyOf", "oneOf", "prefixItems",
+    }
+)  # fmt: skip
+_SUBSCHEMA_MAPS = frozenset(
+    {"$defs", "definitions", "dependencies", "dependentSchemas", "properties"}
+)
+
+
+def ecma_pattern(pattern: str) -> str:
+    """`pattern` for Python's re with ECMA-262's meaning of "$"."""
+    return _ANCHOR.sub(lambda m: r"\Z" if m.group() == "$" else m.group(), pattern)
+
+
+def _with_ecma_anchors(schema: Any, originals: dict[str, str]) -> Any:
+    """A copy of `schema` whose `pattern`s and `patternProperties` use `ecma_pattern`;
+    `originals` maps each translated pattern back to the card's."""
+    if not isinstance(schema, dict):
+        return schema
+    copy: dict[str, Any] = {}
+    for keyword, value in schema.items():
+        if keyword == "pattern" and isinstance(value, str):
+            copy[keyword] = ecma_pattern(value)
+            originals[copy[keyword]] = value
+        elif keyword == "patternProperties" and isinstance(value, dict):
+            copy[keyword] = {
+                ecma_pattern(p): _with_ecma_anchors(s, originals) for p, s in value.items()
+            }
+        elif keyword in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            copy[keyword] = {k: _with_ecma_anchors(s, originals) for k, s in value.items()}
+        elif keyword in _SUBSCHEMA and isinstance(value, list):
+            copy[keyword] = [_with_ecma_anchors(s, originals) for s in value]
+        elif keyword in _SUBSCHEMA:
+            copy[keyword] = _with_ecma_anchors(value, originals)
+        else:
+            copy[keyword] = value
+    return copy
 
 
 def _schema_value(value: Any) -> str:

@@ -313,3 +313,41 @@ def test_a_bad_config_exits_2_with_the_key(tmp_path: Path) -> None:
     proc = Process([SOMA, "sidecar", "--config", str(config)], tmp_path / "log")
     assert proc.wait() == 2
     assert "sidecar.organs[0]" in proc.output()
+
+
+NON_STANDARD_JSON = [
+    b'{"x": NaN}',
+    b'{"x": Infinity}',
+    b'{"x": -Infinity}',
+    b'{"x": 1e400}',
+    b'{"x": [-1E400]}',
+    b'{"key": "k", "data": "", "metadata": {"deep": [1, NaN]}}',
+]
+
+
+def test_nan_and_infinity_are_refused_at_the_wire_for_every_op(tmp_path: Path) -> None:
+    """RFC 8259 JSON only: what no other parser reads never reaches an organ (stored, it
+    would fail every later answer that contains it), whatever the op."""
+    proc, target = start_sidecar(tmp_path, ["system", "vault", "tests.fixtures.organs:Acme"])
+    try:
+        channel, stub = raw_stub(target)
+        with channel, sdk.Client(target) as client:
+            ops = [
+                function["name"]
+                for card in client.describe()
+                for function in [
+                    *card["functions"],
+                    *(f for sub in card["sub_organs"] for f in sub["functions"]),
+                ]
+            ]
+            assert {"system.echo", "vault.store", "vault.list", "similarity.search"} <= set(ops)
+            for op in ops:
+                for payload in NON_STANDARD_JSON:
+                    with pytest.raises(grpc.RpcError) as info:
+                        stub.Stimulate(pb.StimulateRequest(op=op, input_json=payload))
+                    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (op, payload)
+                    assert "input_json is not valid JSON" in (info.value.details() or "")
+            assert client.call("system.echo", {"x": 1.5e300}) == {"x": 1.5e300}
+            assert client.call("vault.list", {}) == {"items": [], "unreadable": []}
+    finally:
+        assert proc.stop() == 0

@@ -59,7 +59,7 @@ def test_values_are_not_stored_in_the_clear(vault: Vault) -> None:
 
 
 def test_bad_names_and_values_are_refused(vault: Vault) -> None:
-    for name in ("../x", "UPPER", "", "a" * 65, "a b"):
+    for name in ("../x", "UPPER", "", "a" * 65, "a b", "openai\n"):
         with pytest.raises(VaultError, match="not a secret name"):
             vault.set_secret(name, b"v")
     with pytest.raises(VaultError, match="empty"):
@@ -241,10 +241,10 @@ def test_blobs(vault: Vault) -> None:
     vault.put_blob("triage", "doc-1", b"other namespace", {}, None)
     blob = vault.get_blob("claims", "doc-1")
     assert blob is not None and (blob.data, blob.revision) == (b"uno", 2)
-    assert [b.key for b in vault.list_blobs("claims")] == ["doc-1", "doc-2"]
-    assert [b.key for b in vault.list_blobs("claims", after="doc-1")] == ["doc-2"]
-    assert [b.key for b in vault.list_blobs("claims", prefix="doc-2")] == ["doc-2"]
-    assert [b.key for b in vault.blobs_with_embeddings("claims")] == ["doc-1"]
+    assert [b.key for b in vault.list_blobs("claims").items] == ["doc-1", "doc-2"]
+    assert [b.key for b in vault.list_blobs("claims", after="doc-1").items] == ["doc-2"]
+    assert [b.key for b in vault.list_blobs("claims", prefix="doc-2").items] == ["doc-2"]
+    assert [b.key for b in vault.blobs_with_embeddings("claims").items] == ["doc-1"]
     assert vault.delete_blob("claims", "doc-1") and not vault.delete_blob("claims", "doc-1")
     assert vault.get_blob("claims", "doc-1") is None
     triage = vault.get_blob("triage", "doc-1")

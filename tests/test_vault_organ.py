@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import sdk
 from sidecar.organs.vault import VaultOrgan
 from soma_runtime import Executive, OrganEnvironment, Stimulus
 from soma_runtime.config import parse_config
+from tests.fixtures.legacy_vault import write_v1_vault
 from tests.helpers import SOMA, Process, start_sidecar
 
 
@@ -21,17 +23,23 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-@pytest.fixture
-async def executive(tmp_path: Path) -> AsyncIterator[Executive]:
+@contextlib.asynccontextmanager
+async def vault_executive(tmp_path: Path, **settings: Any) -> AsyncIterator[Executive]:
     config = parse_config({"soma": {"state_dir": str(tmp_path / "state")}})
     organ = VaultOrgan()
-    organ.configure(
-        {"max_blob_bytes": 1000}, OrganEnvironment(config.state_dir, config.runtime_dir, config)
-    )
+    organ.configure(settings, OrganEnvironment(config.state_dir, config.runtime_dir, config))
     executive = Executive([organ])
     await executive.start()
-    yield executive
-    await executive.stop()
+    try:
+        yield executive
+    finally:
+        await executive.stop()
+
+
+@pytest.fixture
+async def executive(tmp_path: Path) -> AsyncIterator[Executive]:
+    async with vault_executive(tmp_path, max_blob_bytes=1000) as executive:
+        yield executive
 
 
 async def call(
@@ -80,7 +88,7 @@ async def test_bad_blobs_are_refused(executive: Executive) -> None:
         executive, "vault.store", {"key": "k", "data": "", "metadata": {"m": "x" * 20000}}
     )
     assert meta["error"] == "TooLarge" and meta["path"] == "$.metadata"
-    for key in ("../x", "a/b", ".hidden", "x" * 256, "a..b"):
+    for key in ("../x", "a/b", ".hidden", "x" * 256, "a..b", "x\n", "doc-1\n"):
         answer = await call(executive, "vault.store", {"key": key, "data": ""})
         assert answer["error"] == "InvalidInput", key
 
@@ -111,6 +119,42 @@ async def test_similarity_search_ranks_by_cosine(executive: Executive) -> None:
     assert [m["key"] for m in after["matches"]] == ["north-east"]
     elsewhere = await call(executive, "similarity.search", {"vector": [0.0, 1.0]}, "triage")
     assert elsewhere["matches"] == []
+
+
+async def test_one_poisoned_blob_never_breaks_a_shared_namespace(tmp_path: Path) -> None:
+    """Blobs stored by an older version with NaN in their metadata (it let them in): each is
+    reported on its own, and every runtime still lists, searches and reads the others."""
+    write_v1_vault(
+        tmp_path / "state",
+        {
+            ("shared", "good"): ({"kind": "form"}, [1.0, 0.0], b"fine"),
+            ("shared", "poisoned"): ({"score": float("nan")}, [0.0, 1.0], b"bad"),
+            ("shared", "huge"): ({}, [10**400, 1.0], b"beyond float32"),
+        },
+    )
+    async with vault_executive(tmp_path, namespace="shared") as executive:
+        bad = await call(executive, "vault.retrieve", {"key": "poisoned"}, "claims")
+        assert bad["error"] == "RecordUnreadable" and "'poisoned'" in bad["message"]
+        listing = await call(executive, "vault.list", {}, "triage")
+        assert [i["key"] for i in listing["items"]] == ["good", "huge"]
+        assert [(u["key"], u["error"]) for u in listing["unreadable"]] == [
+            ("poisoned", "RecordUnreadable")
+        ]
+        found = await call(executive, "similarity.search", {"vector": [1.0, 0.0]}, "triage")
+        assert [m["key"] for m in found["matches"]] == ["good"]
+        assert sorted(u["key"] for u in found["unreadable"]) == ["huge", "poisoned"]
+        good = await call(executive, "vault.retrieve", {"key": "good"}, "triage")
+        assert base64.b64decode(good["data"]) == b"fine"
+        assert await call(executive, "vault.delete", {"key": "poisoned"}) == {"deleted": True}
+        assert (await call(executive, "vault.list", {}, "triage"))["unreadable"] == []
+
+
+async def test_embeddings_beyond_float32_are_refused(executive: Executive) -> None:
+    for vector in ([1e39, 0.0], [10**400, 1]):
+        stored = await call(executive, "vault.store", {"key": "k", "data": "", "embedding": vector})
+        assert stored["error"] == "InvalidInput" and stored["path"] == "$.embedding[0]"
+        found = await call(executive, "similarity.search", {"vector": vector})
+        assert found["error"] == "InvalidInput" and found["path"] == "$.vector[0]"
 
 
 def test_over_the_wire_and_with_a_damaged_vault(tmp_path: Path) -> None:

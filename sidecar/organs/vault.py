@@ -19,7 +19,7 @@ import numpy as np
 
 from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import open_vault
-from sidecar.vault.store import Blob, BlobInfo, Vault, VaultError
+from sidecar.vault.store import Blob, BlobInfo, BlobPage, Unreadable, Vault, VaultError
 from soma_runtime import (
     FunctionCard,
     OrganCard,
@@ -36,6 +36,8 @@ VERSION = "0.1.0"
 KEY_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"
 MAX_METADATA_BYTES = 16 * 1024
 MAX_DIMENSIONS = 4096
+# The similarity index holds float32: a component beyond its range would become inf there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 LOCAL_NAMESPACE = "local"
 
 _KEY = {
@@ -44,7 +46,28 @@ _KEY = {
     "description": "Letters, digits, '.', '_' and '-'; no '..'; at most 255 characters.",
 }
 _METADATA = {"type": "object", "description": "Key-value metadata, at most 16 KiB as JSON."}
-_VECTOR = {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": MAX_DIMENSIONS}
+_VECTOR = {
+    "type": "array",
+    "items": {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX},
+    "minItems": 1,
+    "maxItems": MAX_DIMENSIONS,
+}
+_UNREADABLE = {
+    "type": "array",
+    "description": (
+        "Blobs that did not open (tampered, rolled back, removed outside the vault, or not "
+        "JSON inside), each with its key, error kind and message; the others are unaffected."
+    ),
+    "items": {
+        "type": "object",
+        "properties": {
+            "key": {"type": "string"},
+            "error": {"type": "string"},
+            "message": {"type": "string"},
+        },
+        "required": ["key", "error", "message"],
+    },
+}
 
 _STORE = FunctionCard(
     name="vault.store",
@@ -147,7 +170,8 @@ _LIST = FunctionCard(
     name="vault.list",
     description=(
         "List stored blobs in key order with their sizes and metadata, optionally only keys "
-        "starting with a prefix. Pages with `after` (the last key of the previous page)."
+        "starting with a prefix. Pages with `after` (the last key of the previous page). "
+        "Blobs that do not open are reported one by one in `unreadable`."
     ),
     tags=["read", "list", "storage", "blob"],
     examples=[
@@ -180,9 +204,10 @@ _LIST = FunctionCard(
                     "required": ["key", "size_bytes", "revision", "updated_at", "metadata"],
                 },
             },
+            "unreadable": _UNREADABLE,
             "next_after": {"type": "string", "description": "Present when there may be more."},
         },
-        "required": ["items"],
+        "required": ["items", "unreadable"],
     },
     slo=SloConfig(p95_latency_ms=100, max_error_rate=0.001, queue_cap=200),
     residency=ResidencyPolicy.LOCAL,
@@ -225,9 +250,10 @@ _SEARCH = FunctionCard(
                     },
                     "required": ["key", "score", "metadata"],
                 },
-            }
+            },
+            "unreadable": _UNREADABLE,
         },
-        "required": ["matches"],
+        "required": ["matches", "unreadable"],
     },
     slo=SloConfig(p95_latency_ms=50, max_error_rate=0.001, queue_cap=500),
     residency=ResidencyPolicy.LOCAL,
@@ -253,7 +279,7 @@ class BlobStore:
         try:
             return await self.vault.run(fn, *args)
         except VaultError as exc:
-            raise OrganFailure("VaultError", str(exc)) from None
+            raise OrganFailure(exc.kind, str(exc)) from None
 
     def invalidate(self, namespace: str) -> None:
         self._indexes.pop(namespace, None)
@@ -267,15 +293,29 @@ class BlobStore:
 
 
 class _Index:
-    """Normalised embeddings grouped by dimension, for cosine similarity as one product."""
+    """Normalised embeddings grouped by dimension, for cosine similarity as one product;
+    and the blobs that could not be indexed, which every search reports."""
 
-    def __init__(self, blobs: list[BlobInfo]) -> None:
-        by_dim: dict[int, list[BlobInfo]] = {}
-        for blob in blobs:
-            assert blob.embedding is not None
-            by_dim.setdefault(len(blob.embedding), []).append(blob)
+    def __init__(self, page: BlobPage) -> None:
+        self.unreadable = [_unreadable(u) for u in page.unreadable]
+        by_dim: dict[int, list[tuple[BlobInfo, np.ndarray[Any, Any]]]] = {}
+        for blob in page.items:
+            vector = _in_float32_range(blob.embedding)
+            if vector is None:  # stored before inputs were bounded to float32's range
+                self.unreadable.append(
+                    {
+                        "key": blob.key,
+                        "error": "RecordUnreadable",
+                        "message": f"blob {blob.key!r}: its embedding is beyond float32's range",
+                    }
+                )
+                continue
+            by_dim.setdefault(len(vector), []).append((blob, vector))
         self._groups = {
-            dim: (_normalised(np.array([b.embedding for b in group], dtype=np.float32)), group)
+            dim: (
+                _normalised(np.array([v for _, v in group], dtype=np.float32)),
+                [b for b, _ in group],
+            )
             for dim, group in by_dim.items()
         }
 
@@ -296,6 +336,18 @@ class _Index:
             for i in top
             if scores[i] >= min_score
         ]
+
+
+def _in_float32_range(embedding: list[float] | None) -> np.ndarray[Any, Any] | None:
+    try:
+        vector = np.array(embedding, dtype=np.float64)
+    except OverflowError:  # an integer beyond even float64
+        return None
+    return vector if bool(np.all(np.abs(vector) <= FLOAT32_MAX)) else None
+
+
+def _unreadable(entry: Unreadable) -> dict[str, str]:
+    return {"key": entry.key, "error": entry.kind, "message": entry.message}
 
 
 def _normalised(matrix: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -326,7 +378,7 @@ class Similarity(RoutedOrgan):
     async def search(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
         index = await self._store.index(self._store.namespace(stimulus))
         matches = index.search(input["vector"], input.get("k", 5), input.get("min_score", -1.0))
-        return {"matches": matches}
+        return {"matches": matches, "unreadable": index.unreadable}
 
 
 class VaultOrgan(RoutedOrgan):
@@ -427,7 +479,7 @@ class VaultOrgan(RoutedOrgan):
     @organ_function(_LIST)
     async def list(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
         limit = input.get("limit", 100)
-        infos: list[BlobInfo] = await self._store.run(
+        found: BlobPage = await self._store.run(
             Vault.list_blobs,
             self._store.namespace(stimulus),
             input.get("prefix", ""),
@@ -442,9 +494,13 @@ class VaultOrgan(RoutedOrgan):
                 "updated_at": i.updated_at,
                 "metadata": i.metadata,
             }
-            for i in infos
+            for i in found.items
         ]
-        page: dict[str, Any] = {"items": items}
-        if len(items) == limit:
-            page["next_after"] = items[-1]["key"]
+        page: dict[str, Any] = {
+            "items": items,
+            "unreadable": [_unreadable(u) for u in found.unreadable],
+        }
+        keys = [i.key for i in found.items] + [u.key for u in found.unreadable]
+        if len(keys) == limit:
+            page["next_after"] = max(keys)
         return page

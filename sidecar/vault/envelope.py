@@ -1,8 +1,9 @@
 """Envelope encryption: each record sealed with AES-256-GCM under its own data key (DEK),
 the DEK wrapped by a key-encryption key.
 
-The associated data names the record (a secret's name and version, a blob's namespace, key
-and revision), so a ciphertext copied onto another row does not open.
+The associated data names the record (a secret's name and version; a blob's namespace, key,
+revision, size and time, every column a caller sees), so a ciphertext copied onto another row,
+or a row whose columns were altered, does not open.
 """
 
 from __future__ import annotations

@@ -1,0 +1,97 @@
+"""Strict JSON for everything that arrives from outside: RFC 8259 only, nesting bounded before
+the text is parsed.
+
+Python's json module also reads `NaN`, `Infinity` and `-Infinity`, and turns `1e400` into
+`inf`. No other JSON parser accepts them, and every answer is encoded with
+`allow_nan=False`, so a value let in once would fail every later answer that contains it
+(a blob's metadata, a whole listing), long after the request that brought it. They are
+refused where they arrive, with the other ways a text can fail to be JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+
+class JsonError(ValueError):
+    """Not strict JSON. The message is a predicate ("is not valid JSON: ...") for the caller
+    to put its subject before; it says why and where, and never quotes the text."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JsonError("is not valid JSON: NaN, Infinity and -Infinity are not JSON numbers")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonError("is not valid JSON: a number is beyond the range of a 64-bit float")
+    return value
+
+
+# parse_constant runs only for the words NaN, Infinity and -Infinity; parse_float for every
+# number with a fraction or exponent (a Python call each, which only float-heavy inputs feel).
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+# A JSON string (escapes included); what it contains never nests.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_TO_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_RUNS = re.compile(rb"\(+|\)+")
+_OPEN = ord("(")
+# Passes that delete innermost pairs before the walk: after p of them, what is left has at
+# most 1/(p+1) of the runs, so a hostile document costs a few passes over its bytes.
+_PASSES = 8
+
+
+def loads(data: bytes, max_depth: int) -> Any:
+    """The JSON value in `data` (UTF-8), whose arrays and objects nest at most `max_depth`
+    deep; `JsonError` otherwise."""
+    try:
+        text = data.decode("utf-8")  # json.loads(bytes) would also take UTF-16 and UTF-32
+    except UnicodeDecodeError:
+        raise JsonError("is not UTF-8 text") from None
+    # Counting brackets is a C loop; only text with more of them than the limit can nest
+    # too deep, and only that text pays for the exact scan.
+    if data.count(b"[") + data.count(b"{") > max_depth and _nests_deeper(data, max_depth):
+        raise JsonError(_too_deep(max_depth))
+    try:
+        return _DECODER.decode(text)
+    except JsonError:
+        raise
+    except json.JSONDecodeError as exc:
+        # msg, lineno and colno say where, without echoing the text.
+        raise JsonError(
+            f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except ValueError:  # an integer longer than sys.get_int_max_str_digits()
+        raise JsonError("is not valid JSON: a number has too many digits") from None
+    except RecursionError:  # unreachable after the scan; kept so no text can crash a caller
+        raise JsonError(_too_deep(max_depth)) from None
+
+
+def _nests_deeper(data: bytes, max_depth: int) -> bool:
+    """Whether arrays and objects nest deeper than `max_depth`, decided on the raw bytes
+    with strings removed and brackets kept. A few passes delete every innermost pair (each
+    lowers the deepest nesting by one, at C speed), which leaves little of a wide document;
+    what remains is walked run by run."""
+    brackets = _STRING.sub(b"", data).translate(_TO_PARENS, _NOT_BRACKETS)
+    limit = max_depth
+    for _ in range(min(max_depth, _PASSES)):
+        shorter = brackets.replace(b"()", b"")
+        if len(shorter) == len(brackets):
+            break
+        brackets, limit = shorter, limit - 1
+    depth = 0
+    for run in _RUNS.findall(brackets):
+        depth += len(run) if run[0] == _OPEN else -len(run)
+        if depth > limit:
+            return True
+    return False  # (unbalanced brackets are not JSON: the parser says where)
+
+
+def _too_deep(max_depth: int) -> str:
+    return f"nests deeper than the limit of {max_depth} levels"
