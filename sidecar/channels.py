@@ -42,10 +42,12 @@ log = structlog.get_logger(component="sidecar")
 # closes connections from outside a runtime's process tree this often (see `sidecar.sweep`).
 WATCH_INTERVAL_S = 1.0
 SWEEP_INTERVAL_S = 5.0
-# Failed handshakes a runtime's process may make in a burst, and per second after it.
-HANDSHAKE_FAILURE_BURST = 5
-HANDSHAKE_FAILURE_RATE = 1.0
-HANDSHAKE_MAX_BACKOFF_S = 2.0
+# Failed handshakes a runtime's process may make in a burst, and per second after it; each
+# one over that waits before its answer (at most HANDSHAKE_MAX_BACKOFF_S, as it holds one of
+# the socket's connections): with the connection cap, at most ~30 failures a second.
+HANDSHAKE_FAILURE_BURST = 10
+HANDSHAKE_FAILURE_RATE = 5.0
+HANDSHAKE_MAX_BACKOFF_S = 0.5
 
 
 def socket_paths(directory: Path, name: str) -> tuple[Path, Path]:

@@ -5,7 +5,9 @@ Python's json module also reads `NaN`, `Infinity` and `-Infinity`, and turns `1e
 `inf`. No other JSON parser accepts them, and every answer is encoded with
 `allow_nan=False`, so a value let in once would fail every later answer that contains it
 (a blob's metadata, a whole listing), long after the request that brought it. They are
-refused where they arrive, with the other ways a text can fail to be JSON.
+refused where they arrive, with the other ways a text can fail to be JSON. So are escaped
+lone surrogates (`"\ud800"`): they decode to a string that cannot be encoded as UTF-8, so
+no answer that contains it could be sent.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def loads(data: bytes, max_depth: int) -> Any:
     if data.count(b"[") + data.count(b"{") > max_depth and _nests_deeper(data, max_depth):
         raise JsonError(_too_deep(max_depth))
     try:
-        return _DECODER.decode(text)
+        value = _DECODER.decode(text)
     except JsonError:
         raise
     except json.JSONDecodeError as exc:
@@ -71,6 +73,28 @@ def loads(data: bytes, max_depth: int) -> Any:
         raise JsonError("is not valid JSON: a number has too many digits") from None
     except RecursionError:  # unreachable after the scan; kept so no text can crash a caller
         raise JsonError(_too_deep(max_depth)) from None
+    # Only an escape can make a surrogate (the UTF-8 decode refused raw ones): the common
+    # text without `\uD…` skips the check.
+    if (b"\\ud" in data or b"\\uD" in data) and _has_lone_surrogate(value):
+        raise JsonError("is not valid JSON: a string holds a lone surrogate (\\ud800-\\udfff)")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _nests_deeper(data: bytes, max_depth: int) -> bool:

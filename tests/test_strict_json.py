@@ -95,3 +95,15 @@ def test_depth_agrees_with_the_parsed_value_on_random_documents() -> None:
         else:
             with pytest.raises(JsonError, match="nests deeper"):
                 loads(text, limit)
+
+
+@pytest.mark.parametrize("text", [rb'{"x":"\ud800"}', rb'{"\udc00":1}', rb'["\udfff\ud800"]'])
+def test_escaped_lone_surrogates_are_refused(text: bytes) -> None:
+    """They decode to strings no answer could carry (not encodable as UTF-8)."""
+    with pytest.raises(JsonError, match="lone surrogate"):
+        loads(text, 10)
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_fine() -> None:
+    assert loads(rb'{"x":"\ud83d\ude00"}', 10) == {"x": "\U0001f600"}
+    assert loads(rb'{"x":"\\ud800"}', 10) == {"x": "\\ud800"}

@@ -20,6 +20,7 @@ import structlog
 from soma_runtime import jsonline
 from soma_runtime.config import SomaConfig
 from soma_runtime.layout import RuntimeLayout
+from soma_runtime.supervisor import keeper
 from soma_runtime.supervisor.child import State, Supervised
 from soma_runtime.supervisor.children import RuntimeChild, SidecarChild, gateway_socket
 from soma_runtime.supervisor.control import same_user
@@ -73,6 +74,8 @@ class Supervisor:
             loop.add_signal_handler(signum, self._stop.set)
         watchdog = asyncio.create_task(self._watchdog())
         tasks: dict[Supervised, asyncio.Task[None]] = {}
+        # Before any child: if this process is SIGKILLed, the keeper ends what it left.
+        self._keeper = keeper.start()
         try:
             REAPER.install()  # before any child starts: its orphans are ours to stop and reap
             tasks[self.sidecar] = asyncio.create_task(self.sidecar.run())

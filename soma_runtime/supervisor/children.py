@@ -17,6 +17,7 @@ from soma_runtime.admin_protocol import Register
 from soma_runtime.config import RuntimeSection, SidecarSection, SomaConfig
 from soma_runtime.gateway_sockets import SOCKETS_ENV
 from soma_runtime.layout import RuntimeLayout
+from soma_runtime.supervisor import keeper
 from soma_runtime.supervisor.child import StartFailed, Supervised
 from soma_runtime.supervisor.identity import Identity, mint_identity
 from soma_runtime.supervisor.process import ChildProcess, Command
@@ -39,9 +40,11 @@ _SIDECAR_ONLY = ("CREDENTIALS_DIRECTORY",)
 
 def child_env(strip: tuple[str, ...]) -> dict[str, str]:
     """The supervisor's environment without `strip` and `SOMA_*`, with this Python's `bin`
-    first on PATH so that "python" in a command means the interpreter running Soma."""
+    first on PATH so that "python" in a command means the interpreter running Soma, and the
+    supervisor's mark (see `keeper`)."""
     env = {k: v for k, v in os.environ.items() if k not in strip and not k.startswith("SOMA_")}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(keeper.mark())
     return env
 
 

@@ -69,6 +69,16 @@ class RawCaller:
         self._channel = grpc.insecure_channel(target, options=_wire.CHANNEL_OPTIONS)
         self._session: str | None = None
 
+    def refusal(self, message: jsonline.Message) -> str | None:
+        """Why a handshake with the token in `message` is refused; None when it is not."""
+        assert self._auth_socket is not None and self._token is not None
+        token = self._token if message.get("token") is None else str(message["token"])
+        try:
+            _auth.handshake(self._auth_socket, token, time.monotonic() + 5)
+        except sdk.SomaError as exc:
+            return str(exc)
+        return None
+
     def call(self, path: str, payload: bytes, timeout: float) -> tuple[str, bytes | None]:
         assert self._token is not None and self._auth_socket is not None
         rpc: Any = self._channel.unary_unary(path)  # no serializers: bytes in, bytes out
@@ -112,8 +122,12 @@ class Relay:
     - `{"op": "raw", "path": "/soma.v1.Sidecar/Stimulate", "payload": b64, "timeout": s}` →
       `{"ok": true, "code": "OK" | status name, "reply": b64 | null}`
     - `{"op": "spawn"}` → a helper process (`sleep`) started, `{"ok": true, "pid": ...}`
-    - `{"op": "send", "path": SOCKET, "data": b64}` → raw bytes written to a socket from inside
-      this runtime's process tree (see `send_and_read`), `{"ok": true, "closed": bool}`
+    - `{"op": "send", "path": SOCKET, "file": PATH}` → the bytes of PATH written to a socket
+      from inside this runtime's process tree (see `send_and_read`), `{"ok": true, "closed":
+      bool, "answer": b64}`
+    - `{"op": "handshake", "token": T}` → a handshake with token T (null: the runtime's own)
+      on this runtime's handshake socket, from inside its tree: `{"ok": true, "refused":
+      null | message}`
     """
 
     def __init__(self) -> None:
@@ -141,12 +155,16 @@ class Relay:
             encoded = None if reply is None else base64.b64encode(reply).decode()
             return {"ok": True, "code": code, "reply": encoded}
         if op == "send":
-            data = base64.b64decode(message["data"])
+            data = Path(message["file"]).read_bytes()
             try:
-                _, closed = await asyncio.to_thread(send_and_read, message["path"], data)
+                answer, closed = await asyncio.to_thread(
+                    send_and_read, message["path"], data, message.get("timeout", 5.0)
+                )
             except OSError as exc:  # the server does not accept: the test's check will say
                 return {"ok": True, "closed": True, "error": type(exc).__name__}
-            return {"ok": True, "closed": closed}
+            return {"ok": True, "closed": closed, "answer": base64.b64encode(answer).decode()}
+        if op == "handshake":
+            return {"ok": True, "refused": await asyncio.to_thread(self.raw.refusal, message)}
         if op == "spawn":
             helper = await asyncio.to_thread(subprocess.Popen, ["sleep", "300"])
             self.helpers.append(helper)

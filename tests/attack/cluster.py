@@ -57,8 +57,27 @@ class Relay:
     def send(self, path: str, data: bytes) -> bool:
         """Write `data` to the socket at `path` from inside this runtime's process tree; True
         when the server closed the connection."""
-        encoded = base64.b64encode(data).decode()
-        return bool(self.request({"op": "send", "path": path, "data": encoded})["closed"])
+        return self.exchange(path, data)[1]
+
+    def exchange(self, path: str, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
+        """`send`, with what the server answered before it closed or went quiet."""
+        # In a file: the relay's own requests are lines of at most jsonline.MAX_LINE bytes.
+        payload = self.path.with_name(f"payload-{uuid.uuid4().hex}")
+        payload.write_bytes(data)
+        try:
+            answer = self.request(
+                {"op": "send", "path": path, "file": str(payload), "timeout": timeout},
+                timeout=timeout + 10,
+            )
+        finally:
+            payload.unlink(missing_ok=True)
+        return base64.b64decode(answer.get("answer", "")), bool(answer["closed"])
+
+    def handshake_refusal(self, token: str | None = None) -> str | None:
+        """Why the runtime's handshake socket refuses `token` (default: the runtime's own)
+        when presented from inside the runtime's own process tree (None: it gave a session)."""
+        refused = self.request({"op": "handshake", "token": token})["refused"]
+        return None if refused is None else str(refused)
 
     def spawn(self) -> int:
         return int(self.request({"op": "spawn"})["pid"])

@@ -36,6 +36,9 @@ class Target:
     path: Path
     probe: Callable[[], bool]  # the server still answers a well-formed request correctly
     requests: st.SearchStrategy[Any]  # well-formed requests, to mutate
+    # Sends bytes on a fresh connection and returns what came back before the server closed
+    # it (or went quiet for longer than its idle timeout).
+    exchange: Callable[[bytes], bytes]
 
 
 def answers(path: Path, request: dict[str, Any], check: Callable[[dict[str, Any]], bool]) -> bool:
@@ -100,18 +103,27 @@ ADMIN_REQUESTS = st.one_of(
 def targets(cluster: Cluster, admin: Path) -> dict[str, Target]:
     auth = cluster.auth_socket("alpha")
     control = cluster.run.run_dir / "supervisor.sock"
+    alpha = cluster.relay("alpha")
     return {
+        # From inside alpha's process tree: anyone else is refused before a byte is read.
         "handshake": Target(
             auth,
-            lambda: answers(
-                auth, {"token": "0" * 64}, lambda a: a.get("error") == "unauthenticated"
-            ),
+            lambda: alpha.handshake_refusal() is None,
             st.fixed_dictionaries({"token": TOKEN}),
+            lambda data: alpha.exchange(str(auth), data, jsonline.IDLE_TIMEOUT + 5)[0],
         ),
         "supervisor": Target(
-            control, lambda: answers(control, {"op": "status"}, ok), st.just({"op": "status"})
+            control,
+            lambda: answers(control, {"op": "status"}, ok),
+            st.just({"op": "status"}),
+            lambda data: exchange(control, data),
         ),
-        "admin": Target(admin, lambda: answers(admin, {"op": "ping"}, ok), ADMIN_REQUESTS),
+        "admin": Target(
+            admin,
+            lambda: answers(admin, {"op": "ping"}, ok),
+            ADMIN_REQUESTS,
+            lambda data: exchange(admin, data),
+        ),
     }
 
 
@@ -163,7 +175,7 @@ def test_every_complete_line_gets_one_typed_answer(
     @example(data=Bytes(b'{"token": "\\ud800"}\n'))
     def case(data: Bytes) -> None:
         tally.count("fuzz", f"{name} lines")
-        assert_answered(name, data.data, exchange(target.path, data.data))
+        assert_answered(name, data.data, target.exchange(data.data))
         assert target.probe(), f"the {name} socket stopped answering"
 
     case()
@@ -189,7 +201,7 @@ def test_any_byte_stream_leaves_the_server_answering(
     @example(data=Bytes(b"[" * 70000))
     def case(data: Bytes) -> None:
         tally.count("fuzz", f"{name} byte streams")
-        exchange(target.path, data.data)
+        target.exchange(data.data)
         assert target.probe(), f"the {name} socket stopped answering"
 
     case()
