@@ -114,7 +114,10 @@ class ClientCore:
             # second refusal in the same call is final.
             call.stale = self.session
             return Retry.NEW_SESSION
-        if code != grpc.StatusCode.UNAVAILABLE:
+        # UNAVAILABLE: the sidecar could not be reached or went away. CANCELLED (never the
+        # client's own cancellation, which raises differently): a sidecar stopping or
+        # replacing a channel's server cut the call off. Either way it may not have run.
+        if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             return Retry.RAISE
         if call.op is None:
             return Retry.RESEND

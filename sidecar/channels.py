@@ -195,7 +195,7 @@ class ChannelRegistry:
         """Close connections to runtime sockets from outside each runtime's process tree
         (in a thread: it looks at every descriptor of the process)."""
         owners: Owners = {
-            str(host.grpc.path): _tree_of(host.channel.pid)
+            str(host.grpc.bound): _tree_of(host.channel.pid)
             for host in self._hosts.values()
             if host.channel.pid is not None
         }
@@ -220,9 +220,11 @@ class ChannelRegistry:
         return revived
 
     async def probe(self, timeout: float = 2.0) -> dict[str, str]:
-        """Exercise every channel as a client would: a health check over its gRPC socket and
-        a live handshake server. A channel that fails is revived and checked once more.
-        `ok`, `revived` or `failed`, by runtime."""
+        """Exercise every channel as a client would: revive a crashed server, then a health
+        check over its gRPC socket and a live handshake server. `ok`, `revived` or
+        `unresponsive`, by runtime. An unresponsive channel is logged, never acted on beyond
+        itself: a runtime that fills its own socket's connections must not get the sidecar
+        (and with it every other runtime's channel) restarted."""
 
         async def check(host: _Host) -> bool:
             if not host.handshake.is_serving():
@@ -236,19 +238,15 @@ class ChannelRegistry:
                     return False
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
-        async def probe_one(name: str, host: _Host) -> str:
-            if await check(host):
-                return "ok"
-            if self._hosts.get(name) is not host:  # closed meanwhile
-                return "ok"
-            log.error("channel_unresponsive", runtime=name)
-            with contextlib.suppress(OSError):
-                await host.grpc.revive()
-            return "revived" if await check(host) else "failed"
-
+        revived = set(await self.repair())
         hosts = list(self._hosts.items())
-        results = await asyncio.gather(*(probe_one(name, host) for name, host in hosts))
-        return {name: result for (name, _), result in zip(hosts, results, strict=True)}
+        results = await asyncio.gather(*(check(host) for _, host in hosts))
+        answer = {}
+        for (name, _), fine in zip(hosts, results, strict=True):
+            if not fine:
+                self.warnings.warning("channel_unresponsive", name, runtime=name)
+            answer[name] = "unresponsive" if not fine else "revived" if name in revived else "ok"
+        return answer
 
     async def _handshake(
         self, channel: Channel, message: jsonline.Message, peer: Peer

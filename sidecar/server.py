@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,9 +122,14 @@ class SocketServer:
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self.revivals = 0
+        # The name the socket was bound under: what its connections' getsockname() says.
+        self.bound = path
 
     async def start(self) -> None:
         prepare_socket_path(self.path)
+        self._server = await self._serve(self.path)
+
+    async def _serve(self, bind_path: Path) -> grpc.aio.Server:
         server = grpc.aio.server(options=self._options)
         handlers = service_handlers(self._servicer)
         server.add_generic_rpc_handlers(
@@ -139,12 +146,13 @@ class SocketServer:
             server,
         )
         with private_umask():
-            server.add_insecure_port(f"unix:{self.path}")
+            server.add_insecure_port(f"unix:{bind_path}")
             await server.start()
-        self.path.chmod(0o600)
+        bind_path.chmod(0o600)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        self._server = server
+        self.bound = bind_path
+        return server
 
     async def crashed(self) -> BaseException | None:
         """The exception that ended this server's main loop, None while it serves.
@@ -161,16 +169,23 @@ class SocketServer:
         return None
 
     async def revive(self) -> None:
-        """Replace a crashed server with a new one on the same socket. The servicer (and with
-        it the channel's sessions) is kept, so clients simply reconnect."""
-        crashed, self._server = self._server, None
+        """Put a new server on the socket of a crashed one. The servicer (and with it the
+        channel's sessions) is kept, so clients simply reconnect.
+
+        The new server is bound under a fresh name beside the socket and renamed over it
+        once the crashed one has stopped (grpcio unlinks a server's socket path when it
+        stops, which would remove the new socket if it were already there). The crashed
+        server's calls are cancelled: a call that arrives on an old connection after the
+        crash is never dispatched and would otherwise hang to its deadline; cancelled, the
+        SDK sends it again when that is safe (as after a sidecar restart)."""
+        fresh = self.path.with_name(f".{secrets.token_hex(4)}.sock")
+        prepare_socket_path(fresh)
+        crashed, self._server = self._server, await self._serve(fresh)
         if crashed is not None:
-            # Cancels what was in flight; bounded, since the crash may have left it half done.
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # the crash may have left it half shut down
                 async with asyncio.timeout(_STOP_CRASHED_S):
                     await crashed.stop(None)
-        remove_socket(self.path)
-        await self.start()
+        os.replace(fresh, self.path)
         self.revivals += 1
 
     async def stop(self, grace: float) -> None:

@@ -51,9 +51,9 @@ class Status(_Message):
 
 
 class Liveness(_Message):
-    """Exercise every runtime channel as a client would (a health check over its gRPC socket,
-    a live handshake server); channels that fail are revived. The answer's `channels` maps
-    each runtime to `ok`, `revived` or `failed`."""
+    """Exercise every runtime channel as a client would (a crashed server is revived, then a
+    health check over its gRPC socket and a live handshake server). The answer's `channels`
+    maps each runtime to `ok`, `revived` or `unresponsive`."""
 
     op: Literal["liveness"] = "liveness"
 

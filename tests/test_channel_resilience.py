@@ -238,5 +238,5 @@ def test_connections_from_outside_the_runtime_s_tree_are_closed(two: SupervisorR
     finally:
         for sock in held:
             sock.close()
-    assert two.events("foreign_connections_closed")
+    wait_until(lambda: two.events("foreign_connections_closed"), what="the closing logged")
     assert health_status(f"unix://{two.run_dir / 'rt' / 'alpha.sock'}") == "SERVING"

@@ -36,7 +36,7 @@ class SidecarLink:
 
     async def liveness(self, timeout: float = 10.0) -> dict[str, str] | None:
         """Have the sidecar exercise every runtime channel; each channel's result (`ok`,
-        `revived`, `failed`), or None when the sidecar did not answer."""
+        `revived`, `unresponsive`), or None when the sidecar did not answer."""
         try:
             answer = await jsonline.request(
                 self.admin_socket, Liveness().model_dump(), timeout=timeout
