@@ -95,6 +95,7 @@ def test_the_token_is_not_in_the_environment(probes: SupervisorRun) -> None:
         "SOMA_AUTH_SOCKET",
         "SOMA_RUNTIME",
         "SOMA_SIDECAR_ADDRESS",
+        "SOMA_SUPERVISOR",  # the supervisor's mark (an instance id, not a secret)
         "SOMA_TOKEN_FD",
     ]
     assert alpha["token_fd_inheritable"] is False  # the SDK closed it to the runtime's children
