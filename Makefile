@@ -9,12 +9,15 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint typecheck pytest chaos soak proto cards bench clean
 
 $(STAMP): pyproject.toml sdk/pyproject.toml constraints.txt
+	@echo "Setting up $(VENV) with the pinned packages (the first time takes about a minute)..."
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ./sdk -e '.[dev]'
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar off \
+		-c constraints.txt -e ./sdk -e '.[dev]' | { grep --line-buffered -E '^(Collecting|Successfully)' || true; }
 	@touch $(STAMP)
 
 run: $(STAMP)
+	@echo "In another terminal: export PATH=\"$$PWD/$(BIN):\$$PATH\", then \`soma status\`. Ctrl-C stops everything."
 	$(BIN)/soma supervise --config soma.toml
 
 test: lint typecheck pytest
