@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml sdk/pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
 	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar off \
-		-c constraints.txt -e ./sdk -e '.[dev]' | { grep --line-buffered -E '^(Collecting|Successfully)' || true; }
+		-c constraints.txt -e ./sdk -e '.[dev]' 2>&1 | { grep --line-buffered -E '^(Collecting|Successfully|ERROR)' || true; }
 	@touch $(STAMP)
 
 run: $(STAMP)

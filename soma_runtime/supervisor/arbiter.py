@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -75,9 +76,10 @@ class Supervisor:
         watchdog = asyncio.create_task(self._watchdog())
         tasks: dict[Supervised, asyncio.Task[None]] = {}
         # Before any child: if this process is SIGKILLed, the keeper ends what it left.
-        self._keeper = keeper.start()
+        guard = keeper.start()
         try:
             REAPER.install()  # before any child starts: its orphans are ours to stop and reap
+            REAPER.started(guard.pid, lambda: _reap(guard))  # ours, not an orphan
             tasks[self.sidecar] = asyncio.create_task(self.sidecar.run())
             if await self._first(self.sidecar.ready.wait(), tasks[self.sidecar]):
                 for runtime in self.runtimes:
@@ -104,6 +106,8 @@ class Supervisor:
             await _settle(list(tasks.values()))
             # Orphans whose runtime could not be told (they left its session and environment).
             await end(REAPER.orphans, self._grace(), child="orphans")
+            guard.terminate()  # a clean stop leaves nothing for it to do
+            await asyncio.to_thread(guard.wait, 5.0)
             REAPER.uninstall()
             await asyncio.gather(*(c.drain(_DRAIN) for c in self.children))
             watchdog.cancel()
@@ -167,3 +171,8 @@ async def _settle(tasks: list[asyncio.Task[None]]) -> None:
         log.error("child_task_late", task=task.get_name())
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        REAPER.reaped(process.pid)
