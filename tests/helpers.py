@@ -156,9 +156,12 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
-def start_sidecar(tmp: Path, organs: list[str], extra: str = "") -> tuple[Process, str]:
-    """`soma sidecar` on a socket in `tmp`, started and serving; returns it and its target."""
-    socket_path = tmp / "run" / "sidecar.sock"
+def start_sidecar(
+    tmp: Path, organs: list[str], extra: str = "", socket: Path | None = None
+) -> tuple[Process, str]:
+    """`soma sidecar` on a socket in `tmp` (or at `socket`), started and serving; returns it
+    and its target."""
+    socket_path = socket or tmp / "run" / "sidecar.sock"
     listed = ", ".join(f'"{o}"' for o in organs)
     config = write_config(
         tmp / "soma.toml",
