@@ -10,6 +10,7 @@ value, which is what a fuzzer wants anyway.
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -120,8 +121,9 @@ def _object(schema: dict[str, Any], depth: int) -> st.SearchStrategy[dict[str, A
 
 @st.composite
 def mutated(draw: st.DrawFn, base: st.SearchStrategy[Any]) -> Any:
-    """A value of `base`, then one change a careless or hostile caller would make."""
-    value = draw(base)
+    """A value of `base`, then one change a careless or hostile caller would make (to a copy:
+    `st.just` hands out the same object every time, which must not change under it)."""
+    value = copy.deepcopy(draw(base))
     how = draw(st.sampled_from(["none", "drop", "add", "replace", "retype", "wrap"]))
     if how == "none":
         return value
