@@ -15,6 +15,8 @@ from jsonschema.validators import validator_for
 
 from sidecar.loading import resolve_organ_class
 from sidecar.organs import BUILTIN_ORGANS
+from sidecar.vault.async_vault import AsyncVault
+from sidecar.vault.open import open_vault
 from soma_runtime import Executive, Organ, OrganEnvironment, Stimulus
 from soma_runtime.config import parse_config
 
@@ -96,11 +98,13 @@ async def organ(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     config = parse_config(
         {"soma": {"state_dir": str(tmp_path / "state"), "runtime_dir": str(tmp_path / "run")}}
     )
+    vault = AsyncVault(lambda: open_vault(config, durable=False))
     organ = resolve_organ_class(request.param)()
-    organ.configure({}, OrganEnvironment(config.state_dir, config.runtime_dir, config))
+    organ.configure({}, OrganEnvironment(config.state_dir, config.runtime_dir, {AsyncVault: vault}))
     await organ.start()
     yield organ
     await organ.stop()
+    await vault.close()
 
 
 def test_organ_description_complete(organ: Organ) -> None:

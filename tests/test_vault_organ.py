@@ -13,6 +13,9 @@ import pytest
 
 import sdk
 from sidecar.organs.vault import VaultOrgan
+from sidecar.vault.async_vault import AsyncVault
+from sidecar.vault.open import open_vault
+from sidecar.vault.store import Vault
 from soma_runtime import Executive, OrganEnvironment, Stimulus
 from soma_runtime.config import parse_config
 from tests.fixtures.legacy_vault import write_v1_vault
@@ -26,14 +29,17 @@ def b64(data: bytes) -> str:
 @contextlib.asynccontextmanager
 async def vault_executive(tmp_path: Path, **settings: Any) -> AsyncIterator[Executive]:
     config = parse_config({"soma": {"state_dir": str(tmp_path / "state")}})
+    vault = AsyncVault(lambda: open_vault(config, durable=False))
     organ = VaultOrgan()
-    organ.configure(settings, OrganEnvironment(config.state_dir, config.runtime_dir, config))
+    env = OrganEnvironment(config.state_dir, config.runtime_dir, {AsyncVault: vault})
+    organ.configure(settings, env)
     executive = Executive([organ])
     await executive.start()
     try:
         yield executive
     finally:
         await executive.stop()
+        await vault.close()
 
 
 @pytest.fixture
@@ -119,6 +125,39 @@ async def test_similarity_search_ranks_by_cosine(executive: Executive) -> None:
     assert [m["key"] for m in after["matches"]] == ["north-east"]
     elsewhere = await call(executive, "similarity.search", {"vector": [0.0, 1.0]}, "triage")
     assert elsewhere["matches"] == []
+
+
+async def test_the_index_follows_stores_and_deletes_without_reading_the_vault_again(
+    executive: Executive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once built, a namespace's index takes each write's embedding in hand: no store or
+    delete makes the next search decrypt every blob again."""
+    reads: list[str] = []
+    read_all = Vault.blobs_with_embeddings
+
+    def counted(vault: Vault, namespace: str) -> Any:
+        reads.append(namespace)
+        return read_all(vault, namespace)
+
+    monkeypatch.setattr(Vault, "blobs_with_embeddings", counted)
+    await call(executive, "vault.store", {"key": "old", "data": "", "embedding": [1.0, 0.0]})
+    first = await call(executive, "similarity.search", {"vector": [1.0, 0.0]})
+    assert [m["key"] for m in first["matches"]] == ["old"] and reads == ["claims"]
+    await call(
+        executive,
+        "vault.store",
+        {"key": "new", "data": "", "metadata": {"n": 1}, "embedding": [0.0, 2.0]},
+    )
+    found = await call(executive, "similarity.search", {"vector": [0.0, 1.0], "k": 1})
+    assert found["matches"] == [{"key": "new", "score": 1.0, "metadata": {"n": 1}}]
+    assert reads == ["claims"]
+    await call(executive, "vault.store", {"key": "old", "data": ""})  # now without embedding
+    await call(executive, "vault.delete", {"key": "new"})
+    gone = await call(executive, "similarity.search", {"vector": [0.0, 1.0]})
+    assert gone["matches"] == [] and reads == ["claims"]
+    await call(executive, "vault.store", {"key": "3d", "data": "", "embedding": [0.0, 0.0, 1.0]})
+    other = await call(executive, "similarity.search", {"vector": [0.0, 0.5, 1.0], "k": 1})
+    assert [m["key"] for m in other["matches"]] == ["3d"] and reads == ["claims"]
 
 
 async def test_one_poisoned_blob_never_breaks_a_shared_namespace(tmp_path: Path) -> None:
