@@ -40,7 +40,7 @@ class OrganEnvironment:
         """The host's instance of `kind`; `ValueError` when this host provides none."""
         found = self.services.get(kind)
         if not isinstance(found, kind):
-            raise ValueError(f"needs a {kind.__name__}, which this host does not provide")
+            raise ValueError(f"this host provides no {kind.__name__}, which the organ needs")
         return found
 
 

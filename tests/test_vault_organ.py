@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,8 +19,9 @@ from sidecar.vault.open import open_vault
 from sidecar.vault.store import Vault
 from soma_runtime import Executive, OrganEnvironment, Stimulus
 from soma_runtime.config import parse_config
+from tests.fake_upstream import FakeUpstream
 from tests.fixtures.legacy_vault import write_v1_vault
-from tests.helpers import SOMA, Process, start_sidecar
+from tests.helpers import SOMA, Process, set_secret, start_sidecar, write_config
 
 
 def b64(data: bytes) -> str:
@@ -53,6 +55,11 @@ async def call(
 ) -> Any:
     response = await executive.stimulate(Stimulus(op, input, {}, caller=caller))
     return response.output
+
+
+def test_the_organ_uses_the_hosts_vault_and_refuses_a_host_without_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="this host provides no AsyncVault"):
+        VaultOrgan().configure({}, OrganEnvironment(tmp_path, tmp_path))
 
 
 async def test_store_retrieve_list_delete(executive: Executive) -> None:
@@ -225,6 +232,35 @@ def test_over_the_wire_and_with_a_damaged_vault(tmp_path: Path) -> None:
             assert client.call("system.echo", {"still": "serving"}) == {"still": "serving"}
     finally:
         assert proc.stop() == 0
+
+
+def test_the_sidecar_opens_one_vault_for_its_credentials_and_its_organ(tmp_path: Path) -> None:
+    """The credential broker and the vault organ share the sidecar's one vault: one SQLite
+    connection (one descriptor on vault.db), whichever of them used it first."""
+    upstream = FakeUpstream()
+    extra = f'[[credential]]\nname = "api"\nhosts = ["{upstream.url}"]\n'
+    config = write_config(tmp_path / "soma.toml", f'[soma]\nstate_dir = "state"\n{extra}')
+    set_secret(config, "api", "s3cret-value")
+    proc, target = start_sidecar(tmp_path, ["system", "vault", "http"], extra)
+    try:
+        with sdk.Client(target) as client:
+            request = {"url": f"{upstream.url}/v1/echo", "credential": "api"}
+            assert client.call("http.request", request)["status"] == 200
+            client.call("vault.store", {"key": "a", "data": b64(b"A")})
+        database = tmp_path / "state" / "vault.db"
+        descriptors = Path(f"/proc/{proc.pid}/fd")
+        opened = [fd for fd in descriptors.iterdir() if _points_to(fd, database)]
+        assert len(opened) == 1
+    finally:
+        assert proc.stop() == 0
+        upstream.close()
+
+
+def _points_to(link: Path, target: Path) -> bool:
+    try:
+        return Path(os.readlink(link)) == target
+    except FileNotFoundError:  # a descriptor closed while listing
+        return False
 
 
 def test_the_sidecar_refuses_a_kek_others_can_read(tmp_path: Path) -> None:
