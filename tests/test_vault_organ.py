@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
 import stat
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,34 @@ async def test_the_index_follows_stores_and_deletes_without_reading_the_vault_ag
     await call(executive, "vault.store", {"key": "3d", "data": "", "embedding": [0.0, 0.0, 1.0]})
     other = await call(executive, "similarity.search", {"vector": [0.0, 0.5, 1.0], "k": 1})
     assert [m["key"] for m in other["matches"]] == ["3d"] and reads == ["claims"]
+
+
+async def test_a_store_whose_caller_went_away_still_reaches_the_index(
+    executive: Executive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller cancelled while the vault's thread writes (a client that gave up) never
+    learns the outcome, nor does the index from it: the next search reads the vault again."""
+    entered, release = threading.Event(), threading.Event()
+    put = Vault.put_blob
+
+    def held(vault: Vault, *args: Any) -> int:
+        entered.set()
+        release.wait(10)
+        return put(vault, *args)
+
+    await call(executive, "vault.store", {"key": "old", "data": "", "embedding": [1.0, 0.0]})
+    assert len((await call(executive, "similarity.search", {"vector": [1.0, 0.0]}))["matches"]) == 1
+    monkeypatch.setattr(Vault, "put_blob", held)
+    store = asyncio.create_task(
+        call(executive, "vault.store", {"key": "new", "data": "", "embedding": [0.0, 1.0]})
+    )
+    await asyncio.to_thread(entered.wait, 10)
+    store.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await store
+    release.set()  # the write completes after its caller has gone
+    found = await call(executive, "similarity.search", {"vector": [0.0, 1.0], "k": 1})
+    assert [m["key"] for m in found["matches"]] == ["new"]
 
 
 async def test_one_poisoned_blob_never_breaks_a_shared_namespace(tmp_path: Path) -> None:

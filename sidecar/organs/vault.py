@@ -270,11 +270,22 @@ class BlobStore:
         except VaultError as exc:
             raise OrganFailure(exc.kind, str(exc)) from None
 
+    async def write(self, namespace: str, fn: Any, *args: Any) -> Any:
+        """Run a write whose effect on the index the caller applies when it returns (the
+        vault's one thread runs calls in order, and each writer applies its effect as soon
+        as its own call returns, so the index sees the writes in the vault's order). When it
+        does not return (a failure, or a caller cancelled while the vault's thread may still
+        run the write), the namespace's index is dropped: the next search reads it anew."""
+        try:
+            return await self.run(fn, *args)
+        except BaseException:
+            self._indexes.pop(namespace, None)
+            raise
+
     def stored(
         self, namespace: str, key: str, metadata: dict[str, Any], embedding: list[float] | None
     ) -> None:
-        """Keep a built index current after a store (the vault serialises the writes, and
-        each writer updates the index as soon as its own write returns, in that order)."""
+        """Keep a built index current after a store."""
         index = self._indexes.get(namespace)
         if index is not None:
             index.put(key, metadata, embedding)
@@ -452,8 +463,8 @@ class VaultOrgan(RoutedOrgan):
         if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
             raise OrganFailure("TooLarge", "metadata is limited to 16 KiB", path="$.metadata")
         namespace, embedding = self._store.namespace(stimulus), input.get("embedding")
-        revision = await self._store.run(
-            Vault.put_blob, namespace, input["key"], data, metadata, embedding
+        revision = await self._store.write(
+            namespace, Vault.put_blob, namespace, input["key"], data, metadata, embedding
         )
         self._store.stored(namespace, input["key"], metadata, embedding)
         return {"stored": True, "key": input["key"], "revision": revision, "size_bytes": len(data)}
@@ -477,7 +488,7 @@ class VaultOrgan(RoutedOrgan):
     @organ_function(_DELETE)
     async def delete(self, input: KeyInput, stimulus: Stimulus) -> DeleteOutput:
         namespace = self._store.namespace(stimulus)
-        deleted = await self._store.run(Vault.delete_blob, namespace, input["key"])
+        deleted = await self._store.write(namespace, Vault.delete_blob, namespace, input["key"])
         self._store.deleted(namespace, input["key"])
         return {"deleted": deleted}
 
