@@ -9,6 +9,7 @@ per runtime.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import signal
 from pathlib import Path
@@ -27,6 +28,7 @@ from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import kek_provider, open_vault
 from soma_runtime import Executive, jsonline
 from soma_runtime.config import ConfigError, SomaConfig
+from soma_runtime.gateway_sockets import SOCKETS_ENV
 from soma_runtime.layout import RuntimeLayout
 from soma_runtime.unix import private_umask, remove_socket
 
@@ -35,61 +37,82 @@ log = structlog.get_logger(component="sidecar")
 LOCAL_CHANNEL = "local"
 
 
+class GatewayUnavailable(RuntimeError):
+    """The gateway sockets the supervisor passed cannot be served."""
+
+
 async def serve(config: SomaConfig, *, supervised: bool) -> None:
-    """Serve until SIGTERM or SIGINT, then drain in-flight calls and clean up."""
+    """Serve until SIGTERM or SIGINT, then drain in-flight calls and clean up.
+
+    Every part is entered on one exit stack as it starts, so whatever fails (a gateway that
+    cannot start, an organ that refuses to), each part already started is stopped, last first:
+    no socket or channel outlives the process's serving.
+    """
     settings = config.sidecar
     if not supervised and settings.socket is None:
         raise ConfigError("sidecar.socket: required to run the sidecar on its own")
     ensure_budget(config, supervised)
-    executive = Executive(load_organs(config))
-    if config.credential or "vault" in executive.organ_names():
-        # A key-encryption key others can read, or a wrong one, stops the start; a damaged
-        # database does not (each vault call reports it, everything else keeps serving).
-        kek_provider(config)
-    vault = AsyncVault(lambda: open_vault(config, durable=False))
-    broker = CredentialBroker(config.credential, vault)
-    registry = ChannelRegistry(executive, settings, broker)
-    gateway: GatewayServer | None = None
-    layout = RuntimeLayout(config.runtime_dir)
+    async with contextlib.AsyncExitStack() as parts:
+        # The one vault of this process: the credential broker and the vault organ share it.
+        vault = AsyncVault(lambda: open_vault(config, durable=False))
+        parts.push_async_callback(vault.close)
+        executive = Executive(load_organs(config, {AsyncVault: vault}))
+        if config.credential or "vault" in executive.organ_names():
+            # A key-encryption key others can read, or a wrong one, stops the start; a damaged
+            # database does not (each vault call reports it, everything else keeps serving).
+            kek_provider(config)
+        broker = CredentialBroker(config.credential, vault)
+        registry = ChannelRegistry(executive, settings, broker)
+        stop = _stop_on_signals(parts)
+        await executive.start()
+        parts.push_async_callback(executive.stop)
+        parts.push_async_callback(_cancel, asyncio.create_task(registry.watch()))
+        parts.push_async_callback(registry.close_all, settings.grace_period)
+        if supervised:
+            layout = RuntimeLayout(config.runtime_dir)
+            layout.prepare()
+            admin = Admin(registry, executive, layout.channel_dir)
+            admin_server = await jsonline.serve(layout.admin_socket, admin.handle, supervisor_only)
+            parts.callback(remove_socket, layout.admin_socket)
+            parts.callback(admin_server.close)
+            gateway = await _start_gateway(config, broker, registry)
+            if gateway is not None:
+                parts.push_async_callback(gateway.stop)
+            log.info("serving", admin=str(layout.admin_socket), organs=executive.organ_names())
+        else:
+            token_file = await _open_local_channel(config, registry)
+            parts.callback(token_file.unlink, missing_ok=True)
+        await stop.wait()
+        log.info("stopping", grace_s=settings.grace_period)
+    log.info("stopped")
+
+
+def _stop_on_signals(parts: contextlib.AsyncExitStack) -> asyncio.Event:
+    """An event SIGTERM and SIGINT set, for as long as `parts` is open."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await executive.start()
-    admin_server: asyncio.Server | None = None
-    token_file: Path | None = None
-    watcher = asyncio.create_task(registry.watch())
-    try:
-        if supervised:
-            layout.prepare()
-            admin = Admin(registry, executive, layout.channel_dir)
-            admin_server = await jsonline.serve(layout.admin_socket, admin.handle, supervisor_only)
-            gateway = await _start_gateway(config, broker, registry)
-            log.info("serving", admin=str(layout.admin_socket), organs=executive.organ_names())
-        else:
-            token_file = await _open_local_channel(config, registry)
-        await stop.wait()
-        log.info("stopping", grace_s=settings.grace_period)
-        if admin_server is not None:
-            admin_server.close()
-            remove_socket(layout.admin_socket)
-        if gateway is not None:
-            await gateway.stop()
-        await registry.close_all(settings.grace_period)
-        if token_file is not None:
-            token_file.unlink(missing_ok=True)
-    finally:
-        watcher.cancel()
-        await executive.stop()
-        await vault.close()
-    log.info("stopped")
+        parts.callback(loop.remove_signal_handler, signum)
+    return stop
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _start_gateway(
     config: SomaConfig, broker: CredentialBroker, registry: ChannelRegistry
 ) -> GatewayServer | None:
     """Serve the gateway on the listening sockets the supervisor passed, if it passed any."""
-    sockets = sockets_from_env()
+    try:
+        sockets = sockets_from_env()
+    except (OSError, ValueError) as exc:
+        raise GatewayUnavailable(
+            f"{SOCKETS_ENV}: the gateway sockets passed cannot be used: {exc}"
+        ) from None
     if not sockets:
         return None
     ports = {sock.getsockname()[1]: runtime for runtime, sock in sockets.items()}

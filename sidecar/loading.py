@@ -2,12 +2,16 @@
 
 An entry is a built-in short name (`"system"`) or an import path `"module:Class"`. The class
 is instantiated with no arguments; settings reach it through `Organ.configure`, which gets the
-`[organ.<name>]` table named after the organ's card (an empty table when there is none).
+`[organ.<name>]` table named after the organ's card (an empty table when there is none), and
+the services the host shares with its organs (the sidecar's vault) through `OrganEnvironment`.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
 
 from sidecar.organs import BUILTIN_ORGANS
 from soma_runtime import Organ, OrganEnvironment
@@ -33,9 +37,14 @@ def resolve_organ_class(spec: str) -> type[Organ]:
     return cls
 
 
-def load_organs(config: SomaConfig) -> list[Organ]:
+_NO_SERVICES: Mapping[type[Any], object] = MappingProxyType({})
+
+
+def load_organs(
+    config: SomaConfig, services: Mapping[type[Any], object] = _NO_SERVICES
+) -> list[Organ]:
     """Instantiate and configure every organ of `config.sidecar.organs`, in order."""
-    env = OrganEnvironment(config.state_dir, config.runtime_dir, config)
+    env = OrganEnvironment(config.state_dir, config.runtime_dir, services)
     organs: list[Organ] = []
     names: set[str] = set()
     for index, spec in enumerate(config.sidecar.organs):

@@ -1,6 +1,13 @@
 """Soma Runtime's shared core: the organ contract, capability cards and the executive."""
 
-from soma_runtime.cards import FunctionCard, OrganCard, ResidencyPolicy, SloConfig, SubOrganCard
+from soma_runtime.cards import (
+    FunctionCard,
+    OrganCard,
+    ResidencyPolicy,
+    SloConfig,
+    SubOrganCard,
+    schema_of,
+)
 from soma_runtime.contract import ErrorKind, Response, Stimulus
 from soma_runtime.executive import (
     Executive,
@@ -32,4 +39,5 @@ __all__ = [
     "UnknownFunction",
     "UnknownOrgan",
     "function",
+    "schema_of",
 ]

@@ -4,6 +4,10 @@ A card is what discovery, validation, the MCP bridge and the exported `cards/` f
 built from, so a card that could mislead any of them is refused when it is built:
 schemas must be valid JSON Schema, names must be dotted and unique, and nothing may hold a
 JSON `null` (TOML has no null, and exported cards must round-trip).
+
+A function's schemas are written by hand as JSON Schema dicts, or derived from typed models
+with `schema_of` (a pydantic model, or a `typing_extensions.TypedDict` whose handlers then get
+typed dicts), as the mcp SDK derives tool schemas from signatures.
 """
 
 from __future__ import annotations
@@ -13,11 +17,35 @@ from typing import Annotated, Any
 
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
+from pydantic_core import CoreSchema
 
 FUNCTION_NAME = r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+$"
 ORGAN_NAME = r"^[a-z][a-z0-9_-]*$"
 CREDENTIAL_REF = r"^(input:[a-z_][a-z0-9_]*|[a-z0-9][a-z0-9_-]{0,63})$"
+
+
+def schema_of(shape: type[Any]) -> dict[str, Any]:
+    """The JSON Schema of a typed model, for a card's `input_schema` or `output_schema`.
+
+    `Annotated[..., Field(...)]` constraints become the schema's (`pattern`, bounds, lengths),
+    `NotRequired` fields are left out of `required`, `ConfigDict(extra="forbid")` is
+    `additionalProperties: false`, and nested models stay in `$defs` (the validator resolves
+    them). The titles pydantic derives from Python names are dropped: they only repeat them.
+    """
+    return TypeAdapter(shape).json_schema(schema_generator=_Untitled)
+
+
+class _Untitled(GenerateJsonSchema):
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def generate(self, schema: CoreSchema, mode: JsonSchemaMode = "validation") -> JsonSchemaValue:
+        generated = super().generate(schema, mode)
+        for model in [generated, *generated.get("$defs", {}).values()]:
+            model.pop("title", None)
+        return generated
 
 
 class _Card(BaseModel):

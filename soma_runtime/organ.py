@@ -12,24 +12,36 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from soma_runtime.cards import FunctionCard, OrganCard, SubOrganCard
-from soma_runtime.config import SomaConfig
 from soma_runtime.contract import Response, Stimulus, unsupported
+
+_S = TypeVar("_S")
 
 
 @dataclass(frozen=True, slots=True)
 class OrganEnvironment:
-    """What the host tells an organ about where it runs (and the configuration it runs under,
-    for built-in organs that share the sidecar's settings, such as the vault's)."""
+    """What the host tells an organ about where it runs, and the services it shares.
+
+    `services` maps a type to the host's one instance of it (the sidecar puts its vault handle
+    there), so organs share what the host opened instead of opening their own, and the core
+    needs to know nothing of what a host provides.
+    """
 
     state_dir: Path
     runtime_dir: Path
-    config: SomaConfig | None = None
+    services: Mapping[type[Any], object] = field(default_factory=dict)
+
+    def service(self, kind: type[_S]) -> _S:
+        """The host's instance of `kind`; `ValueError` when this host provides none."""
+        found = self.services.get(kind)
+        if not isinstance(found, kind):
+            raise ValueError(f"this host provides no {kind.__name__}, which the organ needs")
+        return found
 
 
 class Organ(ABC):

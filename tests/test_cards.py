@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NotRequired
 
 import pytest
-from pydantic import ValidationError
+from pydantic import ConfigDict, Field, ValidationError, with_config
+from typing_extensions import TypedDict  # pydantic needs it for TypedDict on 3.11
 
-from soma_runtime import FunctionCard, OrganCard
+from soma_runtime import FunctionCard, OrganCard, schema_of
 from soma_runtime.card_files import (
     card_from_json,
     card_from_toml,
@@ -22,6 +23,7 @@ from soma_runtime.card_files import (
     load_cards,
 )
 from soma_runtime.search import search_functions
+from soma_runtime.validation import InputValidator
 from tests.fixtures.organs import Acme, Composite, Manual, fn_card
 from tests.helpers import REPO, child_env, run_soma
 
@@ -69,6 +71,74 @@ def test_function_names_must_be_dotted_and_unique() -> None:
             execution_modes=[],
             functions=[fn, fn],
         )
+
+
+@with_config(ConfigDict(extra="forbid", regex_engine="python-re"))
+class Line(TypedDict):
+    sku: Annotated[str, Field(pattern=r"^(?!x)[a-z]+$")]
+    count: Annotated[int, Field(ge=1, le=9)]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class Order(TypedDict):
+    lines: Annotated[list[Line], Field(min_length=1)]
+    note: NotRequired[Annotated[str, Field(max_length=5)]]
+
+
+ORDER_BY_HAND = {
+    "type": "object",
+    "properties": {
+        "lines": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sku": {"type": "string", "pattern": "^(?!x)[a-z]+$"},
+                    "count": {"type": "integer", "minimum": 1, "maximum": 9},
+                },
+                "required": ["sku", "count"],
+                "additionalProperties": False,
+            },
+        },
+        "note": {"type": "string", "maxLength": 5},
+    },
+    "required": ["lines"],
+    "additionalProperties": False,
+}
+
+
+def test_a_schema_derived_from_a_typed_dict_validates_like_the_hand_written_one() -> None:
+    derived = fn_card("shop.order", schema_of(Order)).input_schema
+    assert "$defs" in derived  # the nested model stays a reference the validator resolves
+    by_model, by_hand = InputValidator(derived), InputValidator(ORDER_BY_HAND)
+    line = {"sku": "ab", "count": 2}
+    assert by_model.first_error({"lines": [line], "note": "hi"}) is None
+    refused: list[Any] = [
+        {"lines": [{"sku": "ab\n", "count": 2}]},  # "$" is the end of the text, as in ECMA
+        {"lines": [{"sku": "xa", "count": 2}]},
+        {"lines": [{"sku": "ab", "count": 10}]},
+        {"lines": [{"sku": "ab"}]},
+        {"lines": [{**line, "extra": 1}]},
+        {"lines": []},
+        {"lines": [line], "note": "too long"},
+        {"lines": [line], "surprise": True},
+        {},
+        [],
+    ]
+    for bad in refused:
+        error = by_model.first_error(bad)
+        assert error is not None, bad
+        assert error == by_hand.first_error(bad), bad
+
+
+def test_a_card_with_derived_schemas_round_trips() -> None:
+    card = (
+        Manual()
+        .describe()
+        .model_copy(update={"functions": [fn_card("shop.order", schema_of(Order))]})
+    )
+    assert card_from_toml(card_to_toml(card)) == card
 
 
 def test_unknown_card_fields_are_refused() -> None:

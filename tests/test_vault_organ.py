@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import os
 import stat
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +16,14 @@ import pytest
 
 import sdk
 from sidecar.organs.vault import VaultOrgan
+from sidecar.vault.async_vault import AsyncVault
+from sidecar.vault.open import open_vault
+from sidecar.vault.store import Vault
 from soma_runtime import Executive, OrganEnvironment, Stimulus
 from soma_runtime.config import parse_config
+from tests.fake_upstream import FakeUpstream
 from tests.fixtures.legacy_vault import write_v1_vault
-from tests.helpers import SOMA, Process, start_sidecar
+from tests.helpers import SOMA, Process, set_secret, start_sidecar, write_config
 
 
 def b64(data: bytes) -> str:
@@ -26,14 +33,17 @@ def b64(data: bytes) -> str:
 @contextlib.asynccontextmanager
 async def vault_executive(tmp_path: Path, **settings: Any) -> AsyncIterator[Executive]:
     config = parse_config({"soma": {"state_dir": str(tmp_path / "state")}})
+    vault = AsyncVault(lambda: open_vault(config, durable=False))
     organ = VaultOrgan()
-    organ.configure(settings, OrganEnvironment(config.state_dir, config.runtime_dir, config))
+    env = OrganEnvironment(config.state_dir, config.runtime_dir, {AsyncVault: vault})
+    organ.configure(settings, env)
     executive = Executive([organ])
     await executive.start()
     try:
         yield executive
     finally:
         await executive.stop()
+        await vault.close()
 
 
 @pytest.fixture
@@ -47,6 +57,11 @@ async def call(
 ) -> Any:
     response = await executive.stimulate(Stimulus(op, input, {}, caller=caller))
     return response.output
+
+
+def test_the_organ_uses_the_hosts_vault_and_refuses_a_host_without_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="this host provides no AsyncVault"):
+        VaultOrgan().configure({}, OrganEnvironment(tmp_path, tmp_path))
 
 
 async def test_store_retrieve_list_delete(executive: Executive) -> None:
@@ -121,6 +136,67 @@ async def test_similarity_search_ranks_by_cosine(executive: Executive) -> None:
     assert elsewhere["matches"] == []
 
 
+async def test_the_index_follows_stores_and_deletes_without_reading_the_vault_again(
+    executive: Executive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once built, a namespace's index takes each write's embedding in hand: no store or
+    delete makes the next search decrypt every blob again."""
+    reads: list[str] = []
+    read_all = Vault.blobs_with_embeddings
+
+    def counted(vault: Vault, namespace: str) -> Any:
+        reads.append(namespace)
+        return read_all(vault, namespace)
+
+    monkeypatch.setattr(Vault, "blobs_with_embeddings", counted)
+    await call(executive, "vault.store", {"key": "old", "data": "", "embedding": [1.0, 0.0]})
+    first = await call(executive, "similarity.search", {"vector": [1.0, 0.0]})
+    assert [m["key"] for m in first["matches"]] == ["old"] and reads == ["claims"]
+    await call(
+        executive,
+        "vault.store",
+        {"key": "new", "data": "", "metadata": {"n": 1}, "embedding": [0.0, 2.0]},
+    )
+    found = await call(executive, "similarity.search", {"vector": [0.0, 1.0], "k": 1})
+    assert found["matches"] == [{"key": "new", "score": 1.0, "metadata": {"n": 1}}]
+    assert reads == ["claims"]
+    await call(executive, "vault.store", {"key": "old", "data": ""})  # now without embedding
+    await call(executive, "vault.delete", {"key": "new"})
+    gone = await call(executive, "similarity.search", {"vector": [0.0, 1.0]})
+    assert gone["matches"] == [] and reads == ["claims"]
+    await call(executive, "vault.store", {"key": "3d", "data": "", "embedding": [0.0, 0.0, 1.0]})
+    other = await call(executive, "similarity.search", {"vector": [0.0, 0.5, 1.0], "k": 1})
+    assert [m["key"] for m in other["matches"]] == ["3d"] and reads == ["claims"]
+
+
+async def test_a_store_whose_caller_went_away_still_reaches_the_index(
+    executive: Executive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller cancelled while the vault's thread writes (a client that gave up) never
+    learns the outcome, nor does the index from it: the next search reads the vault again."""
+    entered, release = threading.Event(), threading.Event()
+    put = Vault.put_blob
+
+    def held(vault: Vault, *args: Any) -> int:
+        entered.set()
+        release.wait(10)
+        return put(vault, *args)
+
+    await call(executive, "vault.store", {"key": "old", "data": "", "embedding": [1.0, 0.0]})
+    assert len((await call(executive, "similarity.search", {"vector": [1.0, 0.0]}))["matches"]) == 1
+    monkeypatch.setattr(Vault, "put_blob", held)
+    store = asyncio.create_task(
+        call(executive, "vault.store", {"key": "new", "data": "", "embedding": [0.0, 1.0]})
+    )
+    await asyncio.to_thread(entered.wait, 10)
+    store.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await store
+    release.set()  # the write completes after its caller has gone
+    found = await call(executive, "similarity.search", {"vector": [0.0, 1.0], "k": 1})
+    assert [m["key"] for m in found["matches"]] == ["new"]
+
+
 async def test_one_poisoned_blob_never_breaks_a_shared_namespace(tmp_path: Path) -> None:
     """Blobs stored by an older version with NaN in their metadata (it let them in): each is
     reported on its own, and every runtime still lists, searches and reads the others."""
@@ -186,6 +262,35 @@ def test_over_the_wire_and_with_a_damaged_vault(tmp_path: Path) -> None:
             assert client.call("system.echo", {"still": "serving"}) == {"still": "serving"}
     finally:
         assert proc.stop() == 0
+
+
+def test_the_sidecar_opens_one_vault_for_its_credentials_and_its_organ(tmp_path: Path) -> None:
+    """The credential broker and the vault organ share the sidecar's one vault: one SQLite
+    connection (one descriptor on vault.db), whichever of them used it first."""
+    upstream = FakeUpstream()
+    extra = f'[[credential]]\nname = "api"\nhosts = ["{upstream.url}"]\n'
+    config = write_config(tmp_path / "soma.toml", f'[soma]\nstate_dir = "state"\n{extra}')
+    set_secret(config, "api", "s3cret-value")
+    proc, target = start_sidecar(tmp_path, ["system", "vault", "http"], extra)
+    try:
+        with sdk.Client(target) as client:
+            request = {"url": f"{upstream.url}/v1/echo", "credential": "api"}
+            assert client.call("http.request", request)["status"] == 200
+            client.call("vault.store", {"key": "a", "data": b64(b"A")})
+        database = tmp_path / "state" / "vault.db"
+        descriptors = Path(f"/proc/{proc.pid}/fd")
+        opened = [fd for fd in descriptors.iterdir() if _points_to(fd, database)]
+        assert len(opened) == 1
+    finally:
+        assert proc.stop() == 0
+        upstream.close()
+
+
+def _points_to(link: Path, target: Path) -> bool:
+    try:
+        return Path(os.readlink(link)) == target
+    except FileNotFoundError:  # a descriptor closed while listing
+        return False
 
 
 def test_the_sidecar_refuses_a_kek_others_can_read(tmp_path: Path) -> None:

@@ -17,11 +17,13 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, NotRequired
 from urllib.parse import urljoin
 
 import httpx2
 import structlog
+from pydantic import ConfigDict, Field, with_config
+from typing_extensions import TypedDict  # pydantic needs it for TypedDict on 3.11
 
 from sidecar.credentials import Credential
 from sidecar.scrub import scrubbable
@@ -35,6 +37,7 @@ from soma_runtime import (
     RoutedOrgan,
     SloConfig,
     Stimulus,
+    schema_of,
 )
 from soma_runtime import function as organ_function
 from soma_runtime.hosts import upstream_host
@@ -51,6 +54,43 @@ LIMIT_MAX_RESPONSE = 16 * 1024 * 1024
 # stay true (the gateway, which relays bytes, masks with a same-length run of `*` instead).
 MASK = REDACTED.encode()
 
+
+# A body is text or JSON, never both; inputs refuse fields they do not define.
+@with_config(ConfigDict(extra="forbid", json_schema_extra={"not": {"required": ["body", "json"]}}))
+class RequestInput(TypedDict):
+    method: NotRequired[Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]]
+    url: Annotated[str, Field(pattern="^https?://", max_length=8192)]
+    headers: NotRequired[
+        Annotated[
+            dict[str, str],
+            Field(
+                description="Names are HTTP tokens, values printable ASCII. With a "
+                "credential, Host may not be set: the URL's host is sent."
+            ),
+        ]
+    ]
+    body: NotRequired[Annotated[str, Field(description="Request body as text.")]]
+    json: NotRequired[
+        Annotated[Any, Field(description="Request body as JSON (sets Content-Type).")]
+    ]
+    credential: NotRequired[Annotated[str, Field(description="Name of a credential to inject.")]]
+    timeout_s: NotRequired[Annotated[float, Field(gt=0, le=300)]]
+    max_response_bytes: NotRequired[Annotated[int, Field(ge=1, le=LIMIT_MAX_RESPONSE)]]
+    follow_redirects: NotRequired[bool]
+
+
+class RequestOutput(TypedDict):
+    status: int
+    headers: dict[str, str]
+    body: NotRequired[Annotated[str, Field(description="The body, when it is UTF-8 text.")]]
+    body_base64: NotRequired[Annotated[str, Field(description="The body, otherwise.")]]
+    url: Annotated[str, Field(description="The final URL, after redirects.")]
+    redirects: int
+    credential_dropped: NotRequired[
+        Annotated[bool, Field(description="True when a redirect left the credential's hosts.")]
+    ]
+
+
 _REQUEST = FunctionCard(
     name="http.request",
     description=(
@@ -64,44 +104,8 @@ _REQUEST = FunctionCard(
         "Fetch a JSON document from a public URL",
         "POST a webhook payload with a bearer token injected by the sidecar",
     ],
-    input_schema={
-        "type": "object",
-        "properties": {
-            "method": {"enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]},
-            "url": {"type": "string", "pattern": "^https?://", "maxLength": 8192},
-            "headers": {
-                "type": "object",
-                "additionalProperties": {"type": "string"},
-                "description": "Names are HTTP tokens, values printable ASCII. With a "
-                "credential, Host may not be set: the URL's host is sent.",
-            },
-            "body": {"type": "string", "description": "Request body as text."},
-            "json": {"description": "Request body as JSON (sets Content-Type)."},
-            "credential": {"type": "string", "description": "Name of a credential to inject."},
-            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 300},
-            "max_response_bytes": {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX_RESPONSE},
-            "follow_redirects": {"type": "boolean"},
-        },
-        "required": ["url"],
-        "additionalProperties": False,
-        "not": {"required": ["body", "json"]},
-    },
-    output_schema={
-        "type": "object",
-        "properties": {
-            "status": {"type": "integer"},
-            "headers": {"type": "object"},
-            "body": {"type": "string", "description": "The body, when it is UTF-8 text."},
-            "body_base64": {"type": "string", "description": "The body, otherwise."},
-            "url": {"type": "string", "description": "The final URL, after redirects."},
-            "redirects": {"type": "integer"},
-            "credential_dropped": {
-                "type": "boolean",
-                "description": "True when a redirect left the credential's hosts.",
-            },
-        },
-        "required": ["status", "headers", "url", "redirects"],
-    },
+    input_schema=schema_of(RequestInput),
+    output_schema=schema_of(RequestOutput),
     slo=SloConfig(p95_latency_ms=2000, max_error_rate=0.01, queue_cap=256),
     residency=ResidencyPolicy.GLOBAL,
     idempotent=False,
@@ -152,7 +156,7 @@ class HttpOrgan(RoutedOrgan):
             await self._client.aclose()
 
     @organ_function(_REQUEST)
-    async def request(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
+    async def request(self, input: RequestInput, stimulus: Stimulus) -> RequestOutput:
         credential = self._credential(input, stimulus)
         method = input.get("method", "GET")
         url = input["url"]
@@ -213,7 +217,7 @@ class HttpOrgan(RoutedOrgan):
         raise OrganFailure("TooManyRedirects", f"more than {MAX_REDIRECTS} redirects")
 
     @staticmethod
-    def _credential(input: dict[str, Any], stimulus: Stimulus) -> Credential | None:
+    def _credential(input: RequestInput, stimulus: Stimulus) -> Credential | None:
         name = input.get("credential")
         if not name:
             return None
@@ -284,8 +288,8 @@ class _Reply:
         headers = [(scrubber.scrub(k, MASK), scrubber.scrub(v, MASK)) for k, v in self.headers]
         return _Reply(self.status, headers, scrubber.scrub(self.body, MASK))
 
-    def output(self, url: str, redirects: int, dropped: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def output(self, url: str, redirects: int, dropped: bool) -> RequestOutput:
+        out: RequestOutput = {
             "status": self.status,
             "headers": {_text(k).lower(): _text(v) for k, v in self.headers},
             "url": url,
