@@ -90,6 +90,7 @@ def test_the_runtime_example_runs_under_the_supervisor(tmp_path: Path) -> None:
         run.wait_ready()
         wait_until(
             lambda: any(e.get("line") == "{'hello': 'world'}" for e in run.events("output")),
+            timeout=30,
             what="the example's output",
         )
     finally:
