@@ -232,8 +232,8 @@ async def test_the_sidecar_admin_socket_refuses_anyone_but_its_supervisor(tmp_pa
         [
             str(Path(sys.executable)),
             "-m",
+            "soma_cli",
             "sidecar",
-            "serve",
             "--supervised",
             "--config",
             str(config),

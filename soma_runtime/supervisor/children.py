@@ -79,8 +79,8 @@ class SidecarChild(Supervised):
         argv = [
             sys.executable,
             "-m",
+            "soma_cli",
             "sidecar",
-            "serve",
             "--supervised",
             "--config",
             str(self._config.source),
