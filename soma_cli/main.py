@@ -133,7 +133,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = handler(args)
     except CommandError as exc:
-        words = " ".join(w for w in (args.command, getattr(args, "action", None)) if w)
-        print(f"soma {words}: {exc}", file=sys.stderr)
+        print(f"soma {args.command}: {exc}", file=sys.stderr)
         code = exc.code
     sys.exit(code)
