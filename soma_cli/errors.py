@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from soma_runtime.config import SomaConfig
 
-RUNTIME_FAILURE = 1
-SETUP_ERROR = 2  # usage and configuration: argparse also exits 2 on a usage error
+from soma_runtime.exit_status import RUNTIME_FAILURE, SETUP_ERROR
+
+__all__ = ["RUNTIME_FAILURE", "SETUP_ERROR", "CommandError", "load"]
 
 
 class CommandError(Exception):

@@ -9,8 +9,6 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from soma_cli.errors import CommandError
-
 Handler = Callable[[argparse.Namespace], int]
 CARDS_DIR = Path("cards")
 
@@ -128,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from soma_cli.errors import CommandError  # after parsing: --help and --version stay light
+
     module, _, name = args.handler.partition(":")
     handler: Handler = getattr(importlib.import_module(module), name)
     try:

@@ -71,6 +71,8 @@ UMask=0077
 WatchdogSec=30s
 Restart=on-failure
 RestartSec=2s
+# Exit 2 is a setup error (configuration, organ, key, path): restarting cannot fix it.
+RestartPreventExitStatus=2
 # SIGTERM reaches the supervisor only: it stops the runtimes (each with every process it
 # started), then the sidecar, in order. Then SIGKILL goes to whatever is left in the unit's
 # cgroup, as soon as the supervisor has exited or died (even by SIGKILL): the backstop for
