@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 from soma_cli.main import build_parser
-from tests.helpers import REPO, SOMA, child_env, run_soma, write_config
+from tests.helpers import (
+    REPO,
+    SOMA,
+    Process,
+    SupervisorRun,
+    child_env,
+    run_soma,
+    set_secret,
+    wait_until,
+    write_config,
+)
 
 
 def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -152,3 +162,34 @@ def test_secrets_set_on_a_terminal_reads_without_echo(tmp_path: Path) -> None:
     assert b"hunter2-typed" not in seen
     listing = run_soma("secrets", "list", "--json", "--config", str(config))
     assert [s["name"] for s in json.loads(listing.stdout)] == ["typed"]
+
+
+def test_the_operator_reaches_the_service_without_its_environment(tmp_path: Path) -> None:
+    """The service runs with systemd's $RUNTIME_DIRECTORY and $STATE_DIRECTORY set (here to
+    other directories); the operator's `soma status` and `soma secrets`, without them, reach
+    the same supervisor and the same vault."""
+    config = SupervisorRun.write(tmp_path, "")
+    elsewhere = {"RUNTIME_DIRECTORY": str(tmp_path / "svc-run")}
+    elsewhere["STATE_DIRECTORY"] = str(tmp_path / "svc-state")
+    service = Process(
+        [SOMA, "supervise", "--config", str(config)],
+        tmp_path / "supervisor.log",
+        env=child_env(**elsewhere),
+    )
+    try:
+        status = wait_until(
+            lambda: (
+                service.proc.poll() is not None
+                or run_soma("status", "--json", "--config", str(config)).returncode == 0
+            ),
+            30,
+            "the operator's `soma status` to reach the service",
+        )
+        assert service.proc.poll() is None, service.output()
+        assert status
+        set_secret(config, "shared", "one-value")
+        assert (tmp_path / "state" / "vault.db").exists()
+        assert not (tmp_path / "svc-state").exists()
+        assert not (tmp_path / "svc-run").exists()
+    finally:
+        assert service.stop(30) == 0, service.output()
