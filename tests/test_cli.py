@@ -193,3 +193,20 @@ def test_the_operator_reaches_the_service_without_its_environment(tmp_path: Path
         assert not (tmp_path / "svc-run").exists()
     finally:
         assert service.stop(30) == 0, service.output()
+
+
+def test_the_cli_is_on_the_top_floor() -> None:
+    """Nothing below imports `soma_cli`: the core, the sidecar and the SDK stand without it."""
+    import ast
+
+    for package in ("soma_runtime", "sidecar", "sdk"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                assert not any(n.split(".")[0] == "soma_cli" for n in names), path
