@@ -1,7 +1,10 @@
 """The TOML configuration, validated by pydantic; every error names the key at fault.
 
 Relative paths are resolved against the directory of the configuration file, so the same
-file means the same thing whatever directory `soma` is started from.
+file means the same thing whatever directory `soma` is started from. That directory holds
+the file itself and, by default, `.soma/state` (the vault and its key) and `.soma/run`
+(sockets); `module:Class` organs are imported from it; runtimes start in it unless their `cwd`
+says otherwise, and so does the systemd unit (`WorkingDirectory=`).
 """
 
 from __future__ import annotations
@@ -49,7 +52,11 @@ class _Section(BaseModel):
 
 
 class SomaSection(_Section):
-    """Where state and runtime files live ($STATE_DIRECTORY / $RUNTIME_DIRECTORY win)."""
+    """Where state and runtime files live. Only the file says so ($STATE_DIRECTORY and
+    $RUNTIME_DIRECTORY are not read): the service and an operator's `soma status` or
+    `soma secrets` on the host must reach the same sockets and the same vault, and systemd sets
+    those variables for the service alone. `soma systemd-unit` has systemd manage the
+    directories the file names (see `soma_runtime.systemd_unit`)."""
 
     state_dir: ConfigPath = Path(".soma/state")
     runtime_dir: ConfigPath = Path(".soma/run")
@@ -270,13 +277,11 @@ class SomaConfig(_Section):
 
     @property
     def state_dir(self) -> Path:
-        env = os.environ.get("STATE_DIRECTORY")
-        return Path(env.split(":")[0]) if env else self.resolve(self.soma.state_dir)
+        return self.resolve(self.soma.state_dir)
 
     @property
     def runtime_dir(self) -> Path:
-        env = os.environ.get("RUNTIME_DIRECTORY")
-        return Path(env.split(":")[0]) if env else self.resolve(self.soma.runtime_dir)
+        return self.resolve(self.soma.runtime_dir)
 
 
 def _unique_names(table: str, entries: list[Any]) -> None:

@@ -1,7 +1,15 @@
-"""`soma systemd-unit`: a unit file that runs `soma supervise` as a notify service."""
+"""`soma systemd-unit`: a unit file that runs `soma supervise` as a notify service.
+
+The service uses the directories the configuration names, exactly as an operator's commands on
+the host do. When one lies under the base systemd manages (`/run` and `/var/lib` for the system
+manager; `$XDG_RUNTIME_DIR` and `$XDG_STATE_HOME` for a user's), the unit has systemd create it
+(`RuntimeDirectory=`, `StateDirectory=`); any other directory a system unit may write
+(`ReadWritePaths=`), and then it must exist before the service starts.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -40,8 +48,42 @@ def soma_executable() -> str:
     return str(Path(found).resolve()) if found else str(beside)
 
 
+def _bases(user: bool) -> dict[str, Path | None]:
+    """Where systemd creates `RuntimeDirectory=` and `StateDirectory=` for this manager."""
+    if not user:
+        return {"RuntimeDirectory": Path("/run"), "StateDirectory": Path("/var/lib")}
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    state = os.environ.get("XDG_STATE_HOME") or Path("~/.local/state").expanduser()
+    return {
+        "RuntimeDirectory": Path(runtime) if runtime else None,
+        "StateDirectory": Path(state),
+    }
+
+
+def _directories(config: SomaConfig, *, user: bool) -> str:
+    """The lines that give the service the configured runtime and state directories."""
+    lines: list[str] = []
+    writable: list[str] = []
+    bases = _bases(user)
+    for setting, path in (
+        ("RuntimeDirectory", config.runtime_dir),
+        ("StateDirectory", config.state_dir),
+    ):
+        base = bases[setting]
+        if base is not None and path != base and path.is_relative_to(base):
+            lines += [f"{setting}={path.relative_to(base)}", f"{setting}Mode=0700"]
+        elif not user:  # the system unit's ProtectSystem/ProtectHome make the rest read-only
+            writable.append(str(path))
+    if writable:
+        lines += [
+            f"# These must exist before it starts: mkdir -p -m 0700 {' '.join(writable)}",
+            *(f"ReadWritePaths={path}" for path in writable),
+        ]
+    return "\n".join(lines)
+
+
 def unit_file(config: SomaConfig, *, user: bool) -> str:
-    """The unit's text. Sockets go to `RuntimeDirectory=`, the vault to `StateDirectory=`."""
+    """The unit's text, for the directories `config` names."""
     assert config.source is not None
     grace = max([config.sidecar.stop_timeout, *(r.stop_timeout for r in config.runtime)])
     # The supervisor's stop: the runtimes, the sidecar, then orphans nothing could place.
@@ -61,16 +103,16 @@ Type=notify
 NotifyAccess=main
 ExecStart={soma_executable()} supervise --config {config.source}
 WorkingDirectory={config.source.parent}
-# Sockets and tokens: /run/soma (or $XDG_RUNTIME_DIR/soma); state and the vault: /var/lib/soma.
-RuntimeDirectory=soma
-RuntimeDirectoryMode=0700
-StateDirectory=soma
-StateDirectoryMode=0700
+# Sockets: {config.runtime_dir}; the vault and its key: {config.state_dir}.
+# The configuration names them; `soma status` and `soma secrets` on the host use the same.
+{_directories(config, user=user)}
 UMask=0077
 # The supervisor pings at half this interval while its event loop is healthy.
 WatchdogSec=30s
 Restart=on-failure
 RestartSec=2s
+# Exit 2 is a setup error (configuration, organ, key, path): restarting cannot fix it.
+RestartPreventExitStatus=2
 # SIGTERM reaches the supervisor only: it stops the runtimes (each with every process it
 # started), then the sidecar, in order. Then SIGKILL goes to whatever is left in the unit's
 # cgroup, as soon as the supervisor has exited or died (even by SIGKILL): the backstop for

@@ -192,7 +192,7 @@ def test_cards_search_cli_imports_no_organ(tmp_path: Path) -> None:
     export_cards(CARDS, tmp_path)
     probe = (
         "import sys; sys.modules['tests.fixtures.organs'] = None; sys.modules['sidecar'] = None\n"
-        "from soma_runtime.cli import main\n"
+        "from soma_cli.main import main\n"
         f"main(['cards', 'search', 'add', '--dir', {str(tmp_path)!r}, '--json'])\n"
     )
     result = subprocess.run(

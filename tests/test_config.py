@@ -23,12 +23,15 @@ def test_defaults_and_relative_paths_resolve_against_the_file(tmp_path: Path) ->
     assert config.state_dir == tmp_path / ".soma" / "state"
 
 
-def test_systemd_directories_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_the_file_names_the_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd sets these for the service alone: an operator's command would miss it."""
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/soma")
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/soma")
     config = load(tmp_path, "")
-    assert config.state_dir == Path("/var/lib/soma")
-    assert config.runtime_dir == Path("/run/soma")
+    assert config.state_dir == tmp_path / ".soma" / "state"
+    assert config.runtime_dir == tmp_path / ".soma" / "run"
 
 
 @pytest.mark.parametrize(

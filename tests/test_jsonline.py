@@ -80,7 +80,7 @@ async def test_the_admin_socket_answers_hostile_lines(tmp_path: Path) -> None:
     """Only the sidecar's parent may use its admin socket: this test starts it."""
     config = tmp_path / "soma.toml"
     config.write_text('[soma]\nruntime_dir = "run"\nstate_dir = "state"\n')
-    argv = [sys.executable, "-m", "sidecar", "serve", "--supervised", "--config", str(config)]
+    argv = [sys.executable, "-m", "soma_cli", "sidecar", "--supervised", "--config", str(config)]
     sidecar = Process(argv, tmp_path / "sidecar.log")
     admin = tmp_path / "run" / "admin.sock"
     try:

@@ -1,6 +1,7 @@
 """The import arrows of DESIGN.md's layout point one way, and nobody imports another package's
 private modules: the SDK imports neither the core nor the sidecar, the core imports neither
-the sidecar nor gRPC, and the sidecar uses the SDK only through its public `sdk.protocol`."""
+the sidecar nor gRPC, the sidecar uses the SDK only through its public `sdk.protocol`, and
+only the CLI (the top floor) imports from everything."""
 
 from __future__ import annotations
 
@@ -10,18 +11,20 @@ from pathlib import Path
 
 from tests.helpers import REPO
 
-PACKAGES = ("sdk", "soma_runtime", "sidecar")
+PACKAGES = ("sdk", "soma_runtime", "sidecar", "soma_cli")
 # What each package may import of the project's packages (by prefix), beside itself.
 ALLOWED = {
     "sdk": (),
     "soma_runtime": ("sdk.protocol",),
     "sidecar": ("soma_runtime", "sdk.protocol"),
+    "soma_cli": ("soma_runtime", "sidecar", "sdk.protocol"),  # the top floor
 }
 # Third-party packages each may not import at all.
 FORBIDDEN = {
     "sdk": ("pydantic", "cryptography", "mcp", "starlette", "uvicorn", "structlog", "jsonschema"),
     "soma_runtime": ("grpc", "grpc_health", "grpc_reflection", "google", "cryptography", "mcp"),
     "sidecar": (),
+    "soma_cli": (),
 }
 
 

@@ -24,7 +24,7 @@ from soma_runtime.supervisor.notify import Notifier
 from soma_runtime.supervisor.policy import backoff_delay, wants_restart
 from soma_runtime.supervisor.reaper import describe_exit
 from soma_runtime.unix import is_descendant, loopback_peer_uid, parent_pid
-from tests.helpers import REPO, Process, run_soma, wait_until
+from tests.helpers import REPO, SOMA, Process, child_env, wait_until
 
 
 @pytest.mark.parametrize(
@@ -189,36 +189,58 @@ def test_status_table() -> None:
     assert lines[2].split() == ["claims", "runtime", "fatal", "-", "-", "5", "exit", "3"]
 
 
-@pytest.mark.parametrize("user", [False, True], ids=["system", "user"])
-def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path, user: bool) -> None:
-    args = ["systemd-unit", "--config", str(REPO / "soma.toml"), *(["--user"] if user else [])]
-    result = run_soma(*args)
+SYSTEMD_DIRS = '[soma]\nruntime_dir = "{run}/soma"\nstate_dir = "{state}/soma"\n'
+
+
+@pytest.mark.parametrize(
+    ("user", "managed"),
+    [(False, True), (False, False), (True, True), (True, False)],
+    ids=["system", "system-project-dirs", "user", "user-project-dirs"],
+)
+def test_systemd_unit_passes_systemd_analyze_verify(
+    tmp_path: Path, user: bool, managed: bool
+) -> None:
+    """The unit has systemd manage the configured directories when they lie under its bases;
+    otherwise it lets the system service write them (they are never swapped for others)."""
+    env = child_env(XDG_RUNTIME_DIR=str(tmp_path / "xdg"), XDG_STATE_HOME=str(tmp_path / "st"))
+    (tmp_path / "xdg").mkdir(mode=0o700)  # a user manager needs one to resolve %t
+    run, state = (tmp_path / "xdg", tmp_path / "st") if user else ("/run", "/var/lib")
+    config = tmp_path / "soma.toml"
+    config.write_text(SYSTEMD_DIRS.format(run=run, state=state) if managed else "")
+    args = ["systemd-unit", "--config", str(config), *(["--user"] if user else [])]
+    result = subprocess.run(
+        [SOMA, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
     unit = result.stdout
-    for line in [
+    expected = [
         "Type=notify",
-        "RuntimeDirectory=soma",
-        "StateDirectory=soma",
         "WatchdogSec=30s",
         "Restart=on-failure",
+        "RestartPreventExitStatus=2",
         "NoNewPrivileges=yes",
         # TERM to the supervisor alone (it stops everything in order), then the cgroup's
         # SIGKILL for anything left once it is gone, even after its own SIGKILL
         "KillMode=mixed",
-    ]:
-        assert line in unit.splitlines()
+    ]
+    if managed:
+        expected += ["RuntimeDirectory=soma", "StateDirectory=soma"]
+    elif not user:
+        expected += [
+            f"ReadWritePaths={tmp_path}/.soma/run",
+            f"ReadWritePaths={tmp_path}/.soma/state",
+        ]
     if not user:
-        for line in ["ProtectSystem=strict", "PrivateTmp=yes"]:
-            assert line in unit.splitlines()
+        expected += ["ProtectSystem=strict", "PrivateTmp=yes"]
+    for line in expected:
+        assert line in unit.splitlines()
+    if not managed:
+        assert "RuntimeDirectory=" not in unit and "StateDirectory=" not in unit
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
     path = tmp_path / "soma.service"
     path.write_text(unit)
-    env = dict(os.environ)
-    if user:  # a user manager needs a runtime directory to resolve %t
-        (tmp_path / "xdg").mkdir(mode=0o700)
-        env["XDG_RUNTIME_DIR"] = str(tmp_path / "xdg")
     check = subprocess.run(
         [analyze, *(["--user"] if user else []), "verify", str(path)],
         capture_output=True,
@@ -239,8 +261,8 @@ async def test_the_sidecar_admin_socket_refuses_anyone_but_its_supervisor(tmp_pa
         [
             str(Path(sys.executable)),
             "-m",
+            "soma_cli",
             "sidecar",
-            "serve",
             "--supervised",
             "--config",
             str(config),

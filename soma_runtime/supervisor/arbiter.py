@@ -4,7 +4,9 @@ Start: the sidecar, then (once it serves) every runtime; then READY=1. Stop (SIG
 SIGINT): STOPPING=1, runtimes first (SIGTERM, grace, SIGKILL; each with every process it
 started), then the sidecar, then any orphan still adopted. If the sidecar is given up on
 (FATAL), the supervisor stops the runtimes and exits 1, so that systemd can restart the whole
-service. Every wait of the stop is bounded.
+service; if the sidecar refused its setup (exit 2 before it served: a bad organ, key or path),
+at once and with 2, which the unit's `RestartPreventExitStatus=2` does not restart. Every wait
+of the stop is bounded.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import structlog
 
 from soma_runtime import jsonline
 from soma_runtime.config import SomaConfig
+from soma_runtime.exit_status import SETUP_ERROR
 from soma_runtime.layout import RuntimeLayout
 from soma_runtime.supervisor import keeper
 from soma_runtime.supervisor.child import State, Supervised
@@ -65,7 +68,8 @@ class Supervisor:
         return [self.sidecar, *self.runtimes]
 
     async def run(self) -> int:
-        """Supervise until a stop signal (exit 0) or until the sidecar is given up on (exit 1)."""
+        """Supervise until a stop signal (exit 0) or until the sidecar is given up on (exit 1;
+        2 when it refused its setup)."""
         began = time.monotonic()
         ensure_private_dir(self.config.state_dir)
         self.layout.prepare()
@@ -116,7 +120,9 @@ class Supervisor:
             control.close()
             remove_socket(self.layout.supervisor_socket)
             log.info("stopped")
-        return 0 if by_signal else 1
+        if by_signal:
+            return 0
+        return SETUP_ERROR if self.sidecar.setup_error else 1
 
     async def _first(self, awaitable: Awaitable[Any], sidecar_task: asyncio.Task[None]) -> bool:
         """Wait for `awaitable`, a stop signal, or the sidecar task ending (fatal or stopped);

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from soma_runtime.config import RestartPolicy
+from soma_runtime.exit_status import SETUP_ERROR
 from soma_runtime.supervisor.policy import backoff_delay, wants_restart
 from soma_runtime.supervisor.process import ChildProcess, Command
 from soma_runtime.supervisor.reaper import describe_exit
@@ -43,6 +44,9 @@ class Supervised:
     """Runs one process under a restart policy. Subclasses add what happens around a start."""
 
     kind = "process"
+    # Whether an exit with `SETUP_ERROR` before the process became ready is final (only for
+    # our own processes: for an agent's command, 2 may mean anything).
+    final_setup_error = False
 
     def __init__(self, name: str, policy: RestartPolicy, rng: random.Random | None = None) -> None:
         self.name = name
@@ -51,6 +55,7 @@ class Supervised:
         self.pid: int | None = None
         self.restarts = 0
         self.last_exit: str | None = None
+        self.setup_error = False  # it refused its setup: given up on at once
         self.on_change: Callable[[], None] = lambda: None
         self.first_start = asyncio.Event()  # set once the first start attempt is over
         self._started_at: float | None = None
@@ -84,7 +89,12 @@ class Supervised:
         consecutive = 0
         while not self._stopping.is_set():
             self._set_state(State.STARTING)
-            returncode, ran_for = await self._run_once()
+            returncode, ran_for, ready = await self._run_once()
+            if not self._stopping.is_set() and self._refused_setup(returncode, ready):
+                log.error("setup_error", child=self.name, exit=self.last_exit, restart=False)
+                self.setup_error = True
+                self._set_state(State.FATAL)
+                return
             if self._stopping.is_set() or not wants_restart(self.policy, returncode):
                 log.info("exited", child=self.name, exit=self.last_exit, restart=False)
                 self._set_state(State.STOPPED)
@@ -113,8 +123,11 @@ class Supervised:
                 pass
         self._set_state(State.STOPPED)
 
-    async def _run_once(self) -> tuple[int, float]:
-        """One start; the exit code and how long the process ran."""
+    def _refused_setup(self, returncode: int, ready: bool) -> bool:
+        return self.final_setup_error and returncode == SETUP_ERROR and not ready
+
+    async def _run_once(self) -> tuple[int, float, bool]:
+        """One start; the exit code, how long the process ran, and whether it became ready."""
         command = await self.prepare()
         started = time.monotonic()
         try:
@@ -124,7 +137,7 @@ class Supervised:
             self.last_exit = describe_exit(127)
             self.first_start.set()
             await self.exited()
-            return 127, 0.0
+            return 127, 0.0, False
         finally:
             for fd in command.close_after_spawn:  # the child has its own copies now
                 _close_quietly(fd)
@@ -132,6 +145,7 @@ class Supervised:
         self.pid = child.pid
         self._started_at = started
         log.info("started", child=self.name, pid=child.pid)
+        ready = False
         try:
             if self._stopping.is_set():  # stop() came while we were spawning
                 raise StartFailed("stopping")
@@ -141,6 +155,7 @@ class Supervised:
                 log.error("start_failed", child=self.name, pid=child.pid, reason=str(exc))
             await child.stop(self.policy.stop_timeout)
         else:
+            ready = True
             self._set_state(State.RUNNING)
         self.first_start.set()
         returncode = await child.wait()
@@ -156,7 +171,7 @@ class Supervised:
         drain = asyncio.create_task(child.close(), name=f"drain {self.name} {child.pid}")
         self._drains.add(drain)
         drain.add_done_callback(self._drains.discard)
-        return returncode, ran_for
+        return returncode, ran_for, ready
 
     async def stop(self) -> None:
         """Stop for good: no more restarts; SIGTERM to the process and every process that

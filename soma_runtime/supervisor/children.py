@@ -59,6 +59,7 @@ def gateway_socket() -> socket.socket:
 
 class SidecarChild(Supervised):
     kind = "sidecar"
+    final_setup_error = True  # `soma sidecar` exits 2 on a bad organ, key or path
 
     def __init__(
         self, config: SomaConfig, link: SidecarLink, gateway_sockets: dict[str, socket.socket]
@@ -79,8 +80,8 @@ class SidecarChild(Supervised):
         argv = [
             sys.executable,
             "-m",
+            "soma_cli",
             "sidecar",
-            "serve",
             "--supervised",
             "--config",
             str(self._config.source),

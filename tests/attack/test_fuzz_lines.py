@@ -62,7 +62,7 @@ def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     tmp = tmp_path_factory.mktemp("fuzz-admin")
     config = SupervisorRun.write(tmp, "")
     sidecar = Process(
-        [sys.executable, "-m", "sidecar", "serve", "--supervised", "--config", str(config)],
+        [sys.executable, "-m", "soma_cli", "sidecar", "--supervised", "--config", str(config)],
         tmp / "sidecar.log",
     )
     path = tmp / "run" / "admin.sock"

@@ -1,0 +1,138 @@
+"""The argparse tree. Handlers are named as `module:function` and imported only when run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], int]
+CARDS_DIR = Path("cards")
+
+
+def _version() -> str:
+    try:
+        return version("soma-runtime")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _command(
+    group: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    text: str,
+    handler: str,
+    *,
+    config: bool = True,
+) -> argparse.ArgumentParser:
+    sub = group.add_parser(name, help=text, description=text)
+    if config:
+        sub.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="configuration file (default $SOMA_CONFIG, then ./soma.toml)",
+        )
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="soma", description="Soma Runtime")
+    parser.add_argument("--version", action="version", version=f"soma {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _command(commands, "supervise", "run the sidecar and the runtimes", "soma_cli.run:supervise")
+    sidecar = _command(
+        commands, "sidecar", "run the sidecar on [sidecar].socket", "soma_cli.run:sidecar"
+    )
+    sidecar.add_argument(
+        "--supervised",
+        action="store_true",
+        help="serve the admin socket for `soma supervise` instead of [sidecar].socket",
+    )
+    status = _command(commands, "status", "show the supervised processes", "soma_cli.status:status")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    unit = _command(
+        commands,
+        "systemd-unit",
+        "print a systemd unit for `soma supervise`",
+        "soma_cli.status:systemd_unit",
+    )
+    unit.add_argument("--user", action="store_true", help="a unit for the user's manager")
+
+    secrets = commands.add_parser(
+        "secrets", help="the vault's secrets: set, list, delete, rotate-kek, audit"
+    )
+    actions = secrets.add_subparsers(dest="action", required=True, metavar="ACTION")
+    set_cmd = _command(
+        actions,
+        "set",
+        "store a new version (typed without echo on a terminal; else stdin or --file)",
+        "soma_cli.secrets:set_secret",
+    )
+    set_cmd.add_argument("name")
+    set_cmd.add_argument("--file", type=Path, help="read the value from this file")
+    listing = _command(
+        actions, "list", "names, versions, dates and users; no values", "soma_cli.secrets:list_"
+    )
+    listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    _command(
+        actions, "delete", "delete every version of a secret", "soma_cli.secrets:delete"
+    ).add_argument("name")
+    _command(
+        actions, "rotate-kek", "re-wrap every data key under a new KEK", "soma_cli.secrets:rotate"
+    )
+    audit = _command(
+        actions,
+        "audit",
+        "print the audit log (JSON lines), oldest first",
+        "soma_cli.secrets:audit",
+    )
+    audit.add_argument("name", nargs="?", default=None, help="only this secret's entries")
+    audit.add_argument("--limit", type=int, default=1000, help="at most this many entries")
+
+    cards = commands.add_parser("cards", help="capability cards: export, check, search")
+    actions = cards.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, handler, text in (
+        ("export", "soma_cli.cards:export", "write cards/<organ>.toml and .json"),
+        ("check", "soma_cli.cards:check", "exit 1 when the exported cards drift from the code"),
+    ):
+        sub = _command(actions, name, text, handler, config=False)
+        sub.add_argument("--dir", type=Path, default=CARDS_DIR, help="cards directory")
+        sub.add_argument(
+            "--organ",
+            action="append",
+            default=[],
+            metavar="MODULE:CLASS",
+            help="also include this organ (repeatable)",
+        )
+    search = _command(
+        actions,
+        "search",
+        "search the exported cards (imports no organ)",
+        "soma_cli.cards:search",
+        config=False,
+    )
+    search.add_argument("query", nargs="?", default="", help="words that must all match")
+    search.add_argument("--tag", default=None, help="only functions with this tag")
+    search.add_argument("--dir", type=Path, default=CARDS_DIR, help="cards directory")
+    search.add_argument("--json", action="store_true", help="print the matching cards as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from soma_cli.errors import CommandError  # after parsing: --help and --version stay light
+
+    module, _, name = args.handler.partition(":")
+    handler: Handler = getattr(importlib.import_module(module), name)
+    try:
+        code = handler(args)
+    except CommandError as exc:
+        print(f"soma {args.command}: {exc}", file=sys.stderr)
+        code = exc.code
+    sys.exit(code)
