@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from soma_runtime.gateway_sockets import SOCKETS_ENV
@@ -17,7 +16,7 @@ def test_a_gateway_that_cannot_start_leaves_no_socket_behind(tmp_path: Path) -> 
     """The admin socket is served before the gateway starts: a gateway fd that is no socket
     stops the start with a message naming the variable, and the admin socket goes too."""
     config = write_config(tmp_path / "soma.toml", '[soma]\nruntime_dir = "run"\nstate_dir = "s"\n')
-    argv = [sys.executable, "-m", "sidecar", "serve", "--supervised", "--config", str(config)]
+    argv = [SOMA, "sidecar", "--supervised", "--config", str(config)]
     env = child_env(**{SOCKETS_ENV: "claims=987"})  # not an open descriptor in the child
     sidecar = Process(argv, tmp_path / "sidecar.log", env=env)
     assert sidecar.wait() == 1
