@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 from collections.abc import Iterator
 from urllib.parse import quote_plus
@@ -12,6 +13,7 @@ from urllib.parse import quote_plus
 import httpx2
 import pytest
 
+from sidecar.gateway import MAX_CONNECTIONS_PER_PORT
 from tests.fake_upstream import FakeUpstream, encodings
 from tests.helpers import (
     SupervisorRun,
@@ -388,6 +390,51 @@ def test_the_gateway_scrubs_a_key_split_across_streamed_chunks(
     assert len(events) == len(encodings(MIRROR_KEY)) + 1 and events[-1] == "data: [DONE]"
     assert all(set(event[len("data: ") :]) == {"*"} for event in events[:-1])
     assert [form for form in encodings(MIRROR_KEY) if form in "".join(events)] == []
+
+
+def test_a_runtime_cannot_hold_more_gateway_connections_than_its_cap(
+    scenario: SupervisorRun,
+) -> None:
+    """Idle connections cost the sidecar a descriptor each: beyond the cap, a port closes
+    them as it accepts them, and serves again once the runtime lets go of the others."""
+    port, base_url, placeholder = agent_gateway(scenario)
+    fds = f"/proc/{scenario.child('sidecar')['pid']}/fd"
+    before = len(os.listdir(fds))
+    opened = [
+        socket.create_connection(("127.0.0.1", port)) for _ in range(3 * MAX_CONNECTIONS_PER_PORT)
+    ]
+    try:
+        closed: set[socket.socket] = set()
+
+        def closed_by_the_sidecar() -> int:
+            readable, _, _ = select.select([s for s in opened if s not in closed], [], [], 0.1)
+            closed.update(s for s in readable if s.recv(1) == b"")
+            return len(closed)
+
+        wait_until(
+            lambda: closed_by_the_sidecar() >= 2 * MAX_CONNECTIONS_PER_PORT,
+            10,
+            "the connections beyond the cap to be closed",
+        )
+        assert len(os.listdir(fds)) - before <= MAX_CONNECTIONS_PER_PORT + 2
+        wait_until(lambda: scenario.events("gateway_connections_capped"), what="the cap logged")
+    finally:
+        for sock in opened:
+            sock.close()
+
+    def serves() -> bool:
+        with httpx2.Client(trust_env=False, timeout=10) as http:
+            try:
+                answer = http.post(
+                    f"{base_url}/chat/completions",
+                    headers={"Authorization": f"Bearer {placeholder}"},
+                    json={"model": "m", "messages": []},
+                )
+            except httpx2.TransportError:
+                return False
+            return answer.status_code == 200
+
+    wait_until(serves, 10, "the port to serve again")
 
 
 def test_no_secret_in_any_log_line_or_runtime_environment(scenario: SupervisorRun) -> None:
