@@ -80,6 +80,14 @@ base_url_env = "ACCENTED_BASE_URL"
 api_key_env = "ACCENTED_API_KEY"
 
 [[gateway]]
+name = "small"
+upstream = "{upstream}/v1"
+credential = "upstream"
+base_url_env = "SMALL_BASE_URL"
+api_key_env = "SMALL_API_KEY"
+max_request_bytes = 4096
+
+[[gateway]]
 name = "mirror"
 upstream = "{upstream}/v1"
 credential = "mirror"
@@ -98,7 +106,7 @@ name = "agent"
 command = ["python", "-m", "tests.fixtures.agents", "credentials", "agent.jsonl"]
 allow = ["http.request"]
 credentials = ["upstream"]
-gateways = ["model", "mirror", "mirror-query", "accented"]
+gateways = ["model", "mirror", "mirror-query", "accented", "small"]
 env = {{ UPSTREAM = "{upstream}", OTHER = "{other}" }}
 
 [[runtime]]
@@ -222,7 +230,7 @@ def test_every_use_is_audited(scenario: SupervisorRun) -> None:
         ("agent", "gateway", "model"),
     }
     listing = run_soma("secrets", "list", "--config", str(scenario.config))
-    assert "agent (upstream, gateway model)" in listing.stdout
+    assert "agent (upstream, gateway model, gateway small)" in listing.stdout
     assert not any(secret in result.stdout + listing.stdout for secret in SECRETS)
 
 
@@ -272,6 +280,28 @@ def test_gateway_refusals(scenario: SupervisorRun, upstream: FakeUpstream) -> No
     wait_until(
         lambda: {e["status"] for e in scenario.events("gateway_refused")} >= {404, 403, 413},
         what="the refusals logged",
+    )
+
+
+def test_a_body_without_a_length_is_refused_once_it_exceeds_the_limit(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    """Chunked, so no Content-Length says it is too big: the gateway counts as it reads."""
+    port, _, placeholder = agent_gateway(scenario)
+
+    def chunks() -> Iterator[bytes]:
+        yield b"x" * (64 * 1024)  # one chunk beyond the limit: none of it is sent on
+
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        answer = http.post(
+            f"http://127.0.0.1:{port}/small/echo",
+            headers={"Authorization": f"Bearer {placeholder}"},
+            content=chunks(),
+        )
+    assert answer.status_code == 413 and "4096 bytes" in answer.json()["error"]["message"]
+    wait_until(
+        lambda: any(e.get("gateway") == "small" for e in scenario.events("gateway_refused")),
+        what="the refusal logged",
     )
 
 
