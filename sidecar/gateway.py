@@ -345,9 +345,9 @@ class _EmbeddedServer(uvicorn.Server):
 
 class _CappedH11(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, closing a connection as soon as it is accepted when its
-    port already holds `MAX_CONNECTIONS_PER_PORT`: idle connections never reach uvicorn's
-    own `limit_concurrency` (which answers requests 503), and would each hold a descriptor
-    of the sidecar for as long as the runtime keeps them open."""
+    port already holds `MAX_CONNECTIONS_PER_PORT`. uvicorn's own `limit_concurrency` is not
+    enough: it answers requests with 503, while a connection that sends none holds a
+    descriptor of the sidecar for as long as the runtime keeps it open."""
 
     refusals = RepeatedWarnings(log)
 
@@ -370,7 +370,6 @@ class GatewayServer:
             lifespan="off",
             access_log=False,
             log_config=None,
-            limit_concurrency=MAX_CONNECTIONS_PER_PORT,
             timeout_graceful_shutdown=math.ceil(grace),
         )
         self._servers = [(_EmbeddedServer(config), sock) for sock in sockets]

@@ -113,6 +113,7 @@ env = {{ UPSTREAM = "{upstream}", OTHER = "{other}" }}
 name = "bystander"
 command = ["python", "-c", "import signal; signal.pause()"]
 allow = ["system.*"]
+gateways = ["small"]
 """
 
 
@@ -448,6 +449,14 @@ def test_a_runtime_cannot_hold_more_gateway_connections_than_its_cap(
         )
         assert len(os.listdir(fds)) - before <= MAX_CONNECTIONS_PER_PORT + 2
         wait_until(lambda: scenario.events("gateway_connections_capped"), what="the cap logged")
+        # the cap is each port's own: another runtime's port serves meanwhile
+        environ = process_environ(scenario.child("bystander")["pid"])
+        with httpx2.Client(trust_env=False, timeout=10) as http:
+            answer = http.get(
+                f"{environ['SMALL_BASE_URL']}/echo",
+                headers={"Authorization": f"Bearer {environ['SMALL_API_KEY']}"},
+            )
+        assert answer.status_code == 200
     finally:
         for sock in opened:
             sock.close()
