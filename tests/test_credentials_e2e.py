@@ -360,6 +360,33 @@ def test_a_client_that_goes_away_stops_the_upstream_stream(
     wait_until(lambda: scenario.events("client_gone"), what="the disconnect logged")
 
 
+def test_a_client_that_goes_away_mid_body_is_let_go(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    """It promised 100 bytes and sent 10: nothing is answered, nothing fails, the port
+    serves on."""
+    port, _, placeholder = agent_gateway(scenario)
+
+    def gateway_uses() -> int:
+        audit = run_soma("secrets", "audit", "upstream", "--config", str(scenario.config))
+        return audit.stdout.count('"op": "model"')
+
+    before = gateway_uses()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(
+            f"POST /model/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {placeholder}\r\nContent-Length: 100\r\n\r\n".encode()
+            + b"x" * 10
+        )
+        # admitted (its credential resolved) before the client goes
+        wait_until(lambda: gateway_uses() > before, 20, "the credential to be used")
+    wait_until(
+        lambda: any(e["status"] == 0 for e in scenario.events("client_gone")),
+        what="the disconnect logged",
+    )
+    assert "Exception in ASGI application" not in scenario.proc.output()
+
+
 def test_the_gateway_scrubs_echoed_credentials_from_every_answer(
     scenario: SupervisorRun, upstream: FakeUpstream
 ) -> None:
