@@ -1,8 +1,13 @@
 """A stand-in for a model provider's API (OpenAI-style `/v1/chat/completions`), so the gateway
-example runs on a machine without network access. It prints a fingerprint of the key it
-received, never the key, so you can check it got the real one and not the placeholder:
+example runs on a machine without network access. It prints where it listens, and a
+fingerprint of the key it received, never the key, so you can check it got the real one and
+not the placeholder:
 
-    printf 'sk-example-key' | sha256sum | cut -c1-12
+    printf 'sk-example-key-0123456789' | sha256sum | cut -c1-12
+
+It listens on a free loopback port (`--port 0`, the default) or on a listening socket it
+inherits (`--fd`, as examples.gateway_demo starts it): never on a fixed port another process
+might hold.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import socket
 import time
+from collections.abc import AsyncIterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -35,7 +42,7 @@ async def completions(request: Request) -> Response:
             }
         )
 
-    async def events():  # type: ignore[no-untyped-def]
+    async def events() -> AsyncIterator[str]:
         for word in answer.split():
             chunk = {"choices": [{"index": 0, "delta": {"content": word + " "}}]}
             yield f"data: {json.dumps(chunk)}\n\n"
@@ -45,11 +52,20 @@ async def completions(request: Request) -> Response:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, default=8765)
+    parser = argparse.ArgumentParser(prog="python -m examples.fake_model")
+    parser.add_argument("--port", type=int, default=0, help="loopback port (0: a free one)")
+    parser.add_argument("--fd", type=int, help="serve on this inherited listening socket")
     args = parser.parse_args()
+    if args.fd is not None:
+        sock = socket.socket(fileno=args.fd)
+    else:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", args.port))
+        sock.listen()
+    host, port = sock.getsockname()
+    print(f"model-api: listening on http://{host}:{port}", flush=True)
     app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ asyncio, uvicorn), so every line a process writes has the same shape.
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 import structlog
 from structlog.typing import Processor
@@ -22,12 +23,26 @@ Format = Literal["auto", "json", "console"]
 # redactor stays the net for what it still says.
 QUIET_LOGGERS = ("httpx2", "httpcore2")
 
+# Set by the supervisor in every child's environment (as systemd sets JOURNAL_STREAM): the
+# child's stderr is read by the supervisor, which re-emits each JSON event as its own line in
+# the configured format. So a child writes JSON there whatever the format says; rendered
+# twice, its lines would arrive nested in the supervisor's, with two timestamps.
+TO_SUPERVISOR_ENV = "SOMA_LOG_TO_SUPERVISOR"
+_timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+
+def _timestamp(logger: object, method: str, event: structlog.typing.EventDict) -> Any:
+    """The time of the event: a child's event the supervisor re-emits keeps the child's."""
+    if "timestamp" in event:
+        return event
+    return _timestamper(logger, method, event)
+
 
 # Shared by structlog events and stdlib records; the redactor runs after exceptions are text.
 _SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.processors.add_log_level,
-    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    _timestamp,
     structlog.processors.StackInfoRenderer(),
     structlog.processors.format_exc_info,
     redactor,
@@ -45,7 +60,8 @@ def configure_logging(
     looks like a credential reaches the output, and no string in it is unboundedly long.
     """
     out = stream if stream is not None else sys.stderr
-    as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    to_supervisor = stream is None and os.environ.get(TO_SUPERVISOR_ENV) == "1"
+    as_json = fmt == "json" or to_supervisor or (fmt == "auto" and not out.isatty())
     renderer: Processor = (
         structlog.processors.JSONRenderer()
         if as_json

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 from collections.abc import Iterator
 from urllib.parse import quote_plus
@@ -12,6 +13,7 @@ from urllib.parse import quote_plus
 import httpx2
 import pytest
 
+from sidecar.gateway import MAX_CONNECTIONS_PER_PORT
 from tests.fake_upstream import FakeUpstream, encodings
 from tests.helpers import (
     SupervisorRun,
@@ -78,6 +80,14 @@ base_url_env = "ACCENTED_BASE_URL"
 api_key_env = "ACCENTED_API_KEY"
 
 [[gateway]]
+name = "small"
+upstream = "{upstream}/v1"
+credential = "upstream"
+base_url_env = "SMALL_BASE_URL"
+api_key_env = "SMALL_API_KEY"
+max_request_bytes = 4096
+
+[[gateway]]
 name = "mirror"
 upstream = "{upstream}/v1"
 credential = "mirror"
@@ -96,13 +106,14 @@ name = "agent"
 command = ["python", "-m", "tests.fixtures.agents", "credentials", "agent.jsonl"]
 allow = ["http.request"]
 credentials = ["upstream"]
-gateways = ["model", "mirror", "mirror-query", "accented"]
+gateways = ["model", "mirror", "mirror-query", "accented", "small"]
 env = {{ UPSTREAM = "{upstream}", OTHER = "{other}" }}
 
 [[runtime]]
 name = "bystander"
 command = ["python", "-c", "import signal; signal.pause()"]
 allow = ["system.*"]
+gateways = ["small"]
 """
 
 
@@ -220,7 +231,7 @@ def test_every_use_is_audited(scenario: SupervisorRun) -> None:
         ("agent", "gateway", "model"),
     }
     listing = run_soma("secrets", "list", "--config", str(scenario.config))
-    assert "agent (upstream, gateway model)" in listing.stdout
+    assert "agent (upstream, gateway model, gateway small)" in listing.stdout
     assert not any(secret in result.stdout + listing.stdout for secret in SECRETS)
 
 
@@ -270,6 +281,28 @@ def test_gateway_refusals(scenario: SupervisorRun, upstream: FakeUpstream) -> No
     wait_until(
         lambda: {e["status"] for e in scenario.events("gateway_refused")} >= {404, 403, 413},
         what="the refusals logged",
+    )
+
+
+def test_a_body_without_a_length_is_refused_once_it_exceeds_the_limit(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    """Chunked, so no Content-Length says it is too big: the gateway counts as it reads."""
+    port, _, placeholder = agent_gateway(scenario)
+
+    def chunks() -> Iterator[bytes]:
+        yield b"x" * (64 * 1024)  # one chunk beyond the limit: none of it is sent on
+
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        answer = http.post(
+            f"http://127.0.0.1:{port}/small/echo",
+            headers={"Authorization": f"Bearer {placeholder}"},
+            content=chunks(),
+        )
+    assert answer.status_code == 413 and "4096 bytes" in answer.json()["error"]["message"]
+    wait_until(
+        lambda: any(e.get("gateway") == "small" for e in scenario.events("gateway_refused")),
+        what="the refusal logged",
     )
 
 
@@ -325,6 +358,33 @@ def test_a_client_that_goes_away_stops_the_upstream_stream(
     # the gateway noticed the disconnect and closed its upstream connection mid-stream
     wait_until(lambda: upstream.aborted_streams > before, 10, "the upstream stream to be cut")
     wait_until(lambda: scenario.events("client_gone"), what="the disconnect logged")
+
+
+def test_a_client_that_goes_away_mid_body_is_let_go(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    """It promised 100 bytes and sent 10: nothing is answered, nothing fails, the port
+    serves on."""
+    port, _, placeholder = agent_gateway(scenario)
+
+    def gateway_uses() -> int:
+        audit = run_soma("secrets", "audit", "upstream", "--config", str(scenario.config))
+        return audit.stdout.count('"op": "model"')
+
+    before = gateway_uses()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(
+            f"POST /model/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {placeholder}\r\nContent-Length: 100\r\n\r\n".encode()
+            + b"x" * 10
+        )
+        # admitted (its credential resolved) before the client goes
+        wait_until(lambda: gateway_uses() > before, 20, "the credential to be used")
+    wait_until(
+        lambda: any(e["status"] == 0 for e in scenario.events("client_gone")),
+        what="the disconnect logged",
+    )
+    assert "Exception in ASGI application" not in scenario.proc.output()
 
 
 def test_the_gateway_scrubs_echoed_credentials_from_every_answer(
@@ -388,6 +448,59 @@ def test_the_gateway_scrubs_a_key_split_across_streamed_chunks(
     assert len(events) == len(encodings(MIRROR_KEY)) + 1 and events[-1] == "data: [DONE]"
     assert all(set(event[len("data: ") :]) == {"*"} for event in events[:-1])
     assert [form for form in encodings(MIRROR_KEY) if form in "".join(events)] == []
+
+
+def test_a_runtime_cannot_hold_more_gateway_connections_than_its_cap(
+    scenario: SupervisorRun,
+) -> None:
+    """Idle connections cost the sidecar a descriptor each: beyond the cap, a port closes
+    them as it accepts them, and serves again once the runtime lets go of the others."""
+    port, base_url, placeholder = agent_gateway(scenario)
+    fds = f"/proc/{scenario.child('sidecar')['pid']}/fd"
+    before = len(os.listdir(fds))
+    opened = [
+        socket.create_connection(("127.0.0.1", port)) for _ in range(3 * MAX_CONNECTIONS_PER_PORT)
+    ]
+    try:
+        closed: set[socket.socket] = set()
+
+        def closed_by_the_sidecar() -> int:
+            readable, _, _ = select.select([s for s in opened if s not in closed], [], [], 0.1)
+            closed.update(s for s in readable if s.recv(1) == b"")
+            return len(closed)
+
+        wait_until(
+            lambda: closed_by_the_sidecar() >= 2 * MAX_CONNECTIONS_PER_PORT,
+            10,
+            "the connections beyond the cap to be closed",
+        )
+        assert len(os.listdir(fds)) - before <= MAX_CONNECTIONS_PER_PORT + 2
+        wait_until(lambda: scenario.events("gateway_connections_capped"), what="the cap logged")
+        # the cap is each port's own: another runtime's port serves meanwhile
+        environ = process_environ(scenario.child("bystander")["pid"])
+        with httpx2.Client(trust_env=False, timeout=10) as http:
+            answer = http.get(
+                f"{environ['SMALL_BASE_URL']}/echo",
+                headers={"Authorization": f"Bearer {environ['SMALL_API_KEY']}"},
+            )
+        assert answer.status_code == 200
+    finally:
+        for sock in opened:
+            sock.close()
+
+    def serves() -> bool:
+        with httpx2.Client(trust_env=False, timeout=10) as http:
+            try:
+                answer = http.post(
+                    f"{base_url}/chat/completions",
+                    headers={"Authorization": f"Bearer {placeholder}"},
+                    json={"model": "m", "messages": []},
+                )
+            except httpx2.TransportError:
+                return False
+            return answer.status_code == 200
+
+    wait_until(serves, 10, "the port to serve again")
 
 
 def test_no_secret_in_any_log_line_or_runtime_environment(scenario: SupervisorRun) -> None:

@@ -93,6 +93,7 @@ def test_the_token_is_not_in_the_environment(probes: SupervisorRun) -> None:
     alpha = probe_report(probes, "alpha")
     assert alpha["env_keys"] == [
         "SOMA_AUTH_SOCKET",
+        "SOMA_LOG_TO_SUPERVISOR",  # its stderr is read by the supervisor (soma_runtime.logs)
         "SOMA_RUNTIME",
         "SOMA_SIDECAR_ADDRESS",
         "SOMA_SUPERVISOR",  # the supervisor's mark (an instance id, not a secret)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 import signal
 import subprocess
@@ -23,6 +22,8 @@ from typing import Any
 
 import structlog
 
+from soma_runtime import strict_json
+from soma_runtime.logs import TO_SUPERVISOR_ENV
 from soma_runtime.supervisor.ending import KILL_WAIT, end
 from soma_runtime.supervisor.proctree import Proc, has_environ_entry, read_proc, snapshot, subtree
 from soma_runtime.supervisor.reaper import REAPER, libc
@@ -31,6 +32,8 @@ log = structlog.get_logger(component="supervisor")
 
 # Lines longer than this are logged in pieces.
 MAX_LINE = 64 * 1024
+# A child's JSON event nested deeper than this is logged as a plain `output` line.
+_MAX_EVENT_DEPTH = 16
 _PR_SET_PDEATHSIG = 1
 # Set in a runtime's environment (children.py) and inherited by the helpers it starts: it
 # names the runtime an orphaned helper came from, once its parent is gone.
@@ -88,7 +91,8 @@ class ChildProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             bufsize=0,
-            env=command.env,
+            # Its events come to the pump as JSON, and are rendered once, by the supervisor.
+            env={**command.env, TO_SUPERVISOR_ENV: "1"},
             cwd=command.cwd,
             pass_fds=command.pass_fds,
             # Its own session and process group: a Ctrl-C in the terminal reaches only the
@@ -192,12 +196,15 @@ async def _pump(name: str, stream_name: str, reader: asyncio.StreamReader) -> No
 
 
 def _log_line(name: str, stream_name: str, text: str) -> None:
-    """Re-emit a child's structured (JSON) log line as ours; log other lines as `output`."""
+    """Re-emit a child's structured (JSON) log line as ours, at its level and with its
+    timestamp, so that it reads like the supervisor's own lines; log other lines as
+    `output`. Strict JSON: what the child wrote as NaN is not re-logged as a number no JSON
+    reader takes."""
     fields: dict[str, Any] | None = None
     if text.startswith("{"):
         try:
-            parsed = json.loads(text)
-        except ValueError:
+            parsed = strict_json.loads(text.encode(), _MAX_EVENT_DEPTH)
+        except strict_json.JsonError:
             parsed = None
         if isinstance(parsed, dict) and isinstance(parsed.get("event"), str):
             fields = parsed
@@ -206,9 +213,11 @@ def _log_line(name: str, stream_name: str, text: str) -> None:
         return
     event = fields.pop("event")
     level = str(fields.pop("level", "info")).lower()
-    fields.pop("timestamp", None)
+    stamp = fields.pop("timestamp", None)
     # The child cannot speak for another child, nor collide with the logger's own parameters.
-    fields = {(f"child_{k}" if k in _RESERVED else str(k)): v for k, v in fields.items()}
+    fields = {(f"child_{k}" if k in _RESERVED else k): v for k, v in fields.items()}
+    if isinstance(stamp, str):
+        fields["timestamp"] = stamp  # kept by the pipeline's stamper (soma_runtime.logs)
     method = getattr(log, level, None) if level in _LEVELS else None
     (method or log.info)(event, child=name, **fields)
 

@@ -1,0 +1,98 @@
+"""A child's structured log lines read as the supervisor's own: one line, one timestamp (the
+child's), the child's name, in the supervisor's format; and only strict JSON is re-emitted."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import structlog
+
+from soma_runtime import strict_json
+from soma_runtime.logs import Format, configure_logging
+from soma_runtime.supervisor import process
+from soma_runtime.supervisor.process import _log_line
+from tests.helpers import SOMA, NotifySocket, Process, child_env, wait_until, write_config
+
+ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+CHILD_TIME = "2026-01-02T03:04:05.000006Z"
+
+
+def logging_to(fmt: Format, monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """The supervisor's log, configured anew (its logger caches the first configuration)."""
+    out = io.StringIO()
+    configure_logging("info", fmt, stream=out)
+    monkeypatch.setattr(process, "log", structlog.get_logger(component="supervisor"))
+    return out
+
+
+def test_a_childs_event_keeps_its_own_timestamp_and_level_in_console_format(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = logging_to("console", monkeypatch)
+    _log_line(
+        "sidecar",
+        "stderr",
+        json.dumps(
+            {"event": "gateway_serving", "level": "warning", "timestamp": CHILD_TIME, "n": 7}
+        ),
+    )
+    line = out.getvalue().strip()
+    assert line.startswith(CHILD_TIME) and len(ISO_TIME.findall(line)) == 1, line
+    assert "gateway_serving" in line and "child=sidecar" in line and "n=7" in line
+    assert "warning" in line and "output" not in line
+
+
+def test_a_childs_event_without_a_usable_timestamp_gets_the_supervisors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = logging_to("json", monkeypatch)
+    _log_line("claims", "stderr", '{"event": "tick", "timestamp": {"not": "a time"}}')
+    record = json.loads(out.getvalue())
+    assert record["event"] == "tick" and ISO_TIME.match(record["timestamp"])
+
+
+def test_a_childs_non_standard_json_is_logged_as_text_never_re_emitted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python's json module reads NaN; re-emitted, it would make the supervisor's own line
+    something no other JSON reader takes."""
+    out = logging_to("json", monkeypatch)
+    text = '{"event": "score", "value": NaN}'
+    _log_line("claims", "stdout", text)
+    record = strict_json.loads(out.getvalue().encode(), 4)  # the supervisor's line is JSON
+    assert record["event"] == "output" and record["line"] == text
+
+
+def test_under_console_format_the_sidecars_lines_are_first_class(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "soma.toml",
+        """
+[soma]
+state_dir = "state"
+runtime_dir = "run"
+
+[logging]
+format = "console"
+
+[sidecar]
+organs = ["system"]
+""",
+    )
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = child_env(NOTIFY_SOCKET=str(notify.path))
+    proc = Process([SOMA, "supervise", "--config", str(config)], tmp_path / "log", env=env)
+    try:
+        wait_until(lambda: notify.has("READY=1") or proc.proc.poll() is not None, 30, "READY=1")
+        assert proc.proc.poll() is None, proc.output()
+    finally:
+        assert proc.stop(timeout=30) == 0
+        notify.close()
+    lines = proc.output().splitlines()
+    sidecar = [line for line in lines if "child=sidecar" in line]
+    assert any(" serving " in line for line in sidecar), proc.output()
+    for line in sidecar:
+        assert len(ISO_TIME.findall(line)) == 1 and "line=" not in line, line
