@@ -304,14 +304,13 @@ def test_loopback_peer_uid_names_the_client_sockets_owner() -> None:
         assert loopback_peer_uid(1, 2) is None  # no such connection
 
 
-def test_a_childs_json_log_line_cannot_impersonate_or_break_the_pump() -> None:
-    import io
-
-    from soma_runtime.logs import configure_logging
+def test_a_childs_json_log_line_cannot_impersonate_or_break_the_pump(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from soma_runtime.supervisor.process import _log_line
+    from tests.test_child_log_lines import logging_to
 
-    out = io.StringIO()
-    configure_logging("info", "json", stream=out)
+    out = logging_to("json", monkeypatch)  # a fresh logger: structlog caches the first one
     _log_line("claims", "stderr", '{"event": "hello", "child": "sidecar", "self": 1, "x": 2}')
     record = json.loads(out.getvalue())
     assert record["child"] == "claims" and record["child_child"] == "sidecar"
