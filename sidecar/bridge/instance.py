@@ -1,0 +1,229 @@
+"""Bridge instances: one MCP server per `[[bridge]]` table, each on its own port with only
+its own tools, served with the `mcp` SDK's Streamable HTTP machinery under uvicorn.
+
+Stateless: no session is kept between requests, so any number of bridge processes can sit
+behind one balancer. The SDK answers both protocol eras: 2026-07-28 (`server/discover`, no
+sessions) and the `initialize` handshake of 2025-11-25 / 2025-06-18.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mcp.types as types
+import structlog
+import uvicorn
+from mcp.server import Server
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+
+from sidecar.bridge.calls import ToolCalls
+from sidecar.bridge.guard import PRINCIPAL, Guard
+from sidecar.bridge.keys import KeyCache, KeyStore
+from sidecar.bridge.oauth import Jwks, TokenVerifier
+from sidecar.bridge.tools import Exposure, effects, to_tool
+from sidecar.credentials import CredentialBroker
+from sidecar.gateway import _EmbeddedServer
+from soma_runtime import Executive, FunctionCard, __version__
+from soma_runtime.bridge_config import BridgeSection
+from soma_runtime.config import ConfigError, SomaConfig
+
+log = structlog.get_logger(component="bridge")
+
+MCP_PATH = "/mcp"
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+@dataclass(frozen=True, slots=True)
+class RunningBridge:
+    name: str
+    url: str
+    port: int
+
+
+class BridgeTools:
+    """One instance's MCP handlers: its tools, derived from the cards at each request."""
+
+    def __init__(
+        self, section: BridgeSection, executive: Executive, broker: CredentialBroker
+    ) -> None:
+        self._executive = executive
+        self.exposure = Exposure(section)
+        self._calls = ToolCalls(section.name, frozenset(section.credentials), executive, broker)
+
+    def _functions(self) -> list[FunctionCard]:
+        return [card for _, card in self._executive.list_functions()]
+
+    def card(self, tool: str) -> FunctionCard | None:
+        return self.exposure.resolve(tool, self._functions())
+
+    def write_card(self, tool: str) -> FunctionCard | None:
+        """The card of an exposed tool that is not read-only (write scopes apply), else None."""
+        card = self.card(tool)
+        return card if card is not None and not effects(card).read_only else None
+
+    async def list_tools(
+        self, ctx: Any, params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        tools = self.exposure.tools(self._functions())
+        return types.ListToolsResult(tools=[to_tool(name, card) for name, card in tools])
+
+    async def call_tool(
+        self, ctx: Any, params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        card = self.card(params.name)
+        if card is None:
+            # The same answer for a tool that does not exist and one this instance does not
+            # expose, whatever the spelling: nothing reveals the other instances' tools.
+            raise MCPError(types.INVALID_PARAMS, f"unknown tool: {params.name}")
+        principal = ctx.request.scope["state"][PRINCIPAL]
+        return await self._calls.call(params.name, card, params.arguments, params.meta, principal)
+
+
+def build_app(
+    section: BridgeSection,
+    executive: Executive,
+    broker: CredentialBroker,
+    keys: KeyCache | None,
+    resource_url: str,
+    jwks_source: str | None,
+) -> Guard:
+    """The ASGI app of one instance: the guard in front of the SDK's Streamable HTTP app."""
+    tools = BridgeTools(section, executive, broker)
+    server: Server[Any] = Server(
+        f"soma-{section.name}",
+        version=__version__,
+        on_list_tools=tools.list_tools,
+        on_call_tool=tools.call_tool,
+    )
+    app = server.streamable_http_app(
+        streamable_http_path=MCP_PATH,
+        stateless_http=True,
+        json_response=True,
+        max_request_body_size=section.max_request_bytes,
+        transport_security=_transport_security(section, resource_url),
+    )
+    oauth = section.auth.oauth
+    verifier = None
+    if oauth is not None:
+        assert jwks_source is not None
+        verifier = TokenVerifier(
+            oauth, resource_url, Jwks(jwks_source, oauth.jwks_refresh_interval)
+        )
+    return Guard(
+        app,
+        section,
+        resource_url,
+        keys=keys if section.auth.api_keys else None,
+        verifier=verifier,
+        writes=tools.write_card,
+    )
+
+
+def _transport_security(section: BridgeSection, resource_url: str) -> TransportSecuritySettings:
+    """DNS-rebinding protection: only our own Host names and Origins are accepted."""
+    host = section.host
+    ip = ipaddress.ip_address(host)
+    shown = f"[{host}]" if ip.version == 6 else host
+    hosts = list(_LOOPBACK_HOSTS) if ip.is_loopback else [shown]
+    public = resource_url.split("/")[2]  # the netloc of the resource URL
+    allowed_hosts = [f"{h}:*" for h in hosts] + [public]
+    allowed_origins = [f"http://{h}:*" for h in hosts] + [f"{resource_url.split('/')[0]}//{public}"]
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=allowed_hosts,
+        allowed_origins=allowed_origins,
+    )
+
+
+class _BridgeServer(_EmbeddedServer):
+    """uvicorn in the sidecar's loop, telling when it has started."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+def _bind(section: BridgeSection) -> socket.socket:
+    family = socket.AF_INET6 if ":" in section.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((section.host, section.port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"bridge {section.name!r}: cannot listen on {section.listen}: {exc.strerror}"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _check(config: SomaConfig, section: BridgeSection) -> None:
+    known = {c.name for c in config.credential}
+    for name in section.credentials:
+        if name not in known:
+            raise ConfigError(f"bridge {section.name!r}: credential {name!r} is not configured")
+    if section.discovery == "search":
+        raise ConfigError(f"bridge {section.name!r}: discovery = 'search' is not available yet")
+
+
+@contextlib.asynccontextmanager
+async def serve_bridges(
+    config: SomaConfig, executive: Executive, broker: CredentialBroker
+) -> AsyncIterator[list[RunningBridge]]:
+    """Serve every `[[bridge]]` of `config` while the block runs; yields where each listens."""
+    for section in config.bridge:
+        _check(config, section)
+    keys = (
+        KeyCache(KeyStore(config.state_dir))
+        if any(b.auth.api_keys for b in config.bridge)
+        else None
+    )
+    running: list[RunningBridge] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for section in config.bridge:
+            sock = _bind(section)
+            stack.callback(sock.close)
+            port = sock.getsockname()[1]
+            host = f"[{section.host}]" if ":" in section.host else section.host
+            url = section.public_url or f"http://{host}:{port}{MCP_PATH}"
+            oauth = section.auth.oauth
+            jwks = None
+            if oauth is not None:
+                jwks = (
+                    oauth.jwks
+                    if oauth.jwks.startswith("https://")
+                    else str(config.resolve(Path(oauth.jwks)))
+                )
+            app = build_app(section, executive, broker, keys, url, jwks)
+            server = _BridgeServer(
+                uvicorn.Config(app, lifespan="on", access_log=False, log_config=None)
+            )
+            task = asyncio.create_task(server.serve(sockets=[sock]))
+            stack.push_async_callback(_stop, server, task)
+            ready = asyncio.create_task(server.ready.wait())
+            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if task.done():
+                raise ConfigError(f"bridge {section.name!r}: the server failed to start")
+            running.append(RunningBridge(section.name, url, port))
+            log.info("bridge_serving", bridge=section.name, url=url)
+        yield running
+
+
+async def _stop(server: _BridgeServer, task: asyncio.Task[None]) -> None:
+    server.should_exit = True
+    await task

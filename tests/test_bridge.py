@@ -1,0 +1,238 @@
+"""The MCP bridge over real Streamable HTTP: real uvicorn servers on 127.0.0.1 port 0, a real
+Executive with real organs, and the official `mcp` Python client in both protocol eras."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import mcp.types as types
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from sidecar.bridge import RunningBridge, serve_bridges
+from sidecar.bridge.keys import KeyStore
+from sidecar.bridge.names import function_name, tool_name
+from sidecar.bridge.tools import IDEMPOTENCY_KEY, META, to_tool
+from sidecar.credentials import CredentialBroker
+from sidecar.organs.system import SystemOrgan
+from sidecar.vault.async_vault import AsyncVault
+from sidecar.vault.open import open_vault
+from soma_runtime import Executive, OrganCard, RoutedOrgan, Stimulus, function
+from soma_runtime.card_files import functions_of, load_cards
+from soma_runtime.config import SomaConfig, parse_config
+from tests.fixtures.organs import fn_card
+
+MODES = ["auto", "legacy"]  # 2026-07-28 (server/discover) and 2025-11-25 (initialize)
+
+
+class Ledger(RoutedOrgan):
+    """Counts its calls, so a test can see whether a call ran once or twice."""
+
+    card = OrganCard(
+        name="ledger",
+        version="1.0.0",
+        description="Test organ with side effects.",
+        division="test",
+        subsystem="ledger",
+        tags=["test"],
+        execution_modes=["sidecar"],
+        functions=[],
+    )
+
+    def __init__(self) -> None:
+        self.appended = 0
+
+    @function(
+        fn_card(
+            "ledger.append",
+            {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+            idempotent=False,
+            side_effects=["writes a line to the ledger"],
+            output_schema={
+                "type": "object",
+                "properties": {"count": {"type": "integer"}},
+                "required": ["count"],
+            },
+        )
+    )
+    async def append(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
+        self.appended += 1
+        return {"count": self.appended}
+
+    @function(fn_card("ledger.wipe", {"type": "object"}, side_effects=["deletes every line"]))
+    async def wipe(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
+        self.appended = 0
+        return {}
+
+    @function(fn_card("ledger.fetch_all", {"type": "object"}, side_effects=["network request"]))
+    async def fetch_all(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
+        return {}
+
+
+def bridge_config(tmp_path: Path, bridges: str) -> SomaConfig:
+    import tomllib
+
+    data = tomllib.loads(f'[soma]\nstate_dir = "{tmp_path / "state"}"\n' + bridges)
+    return parse_config(data, source=tmp_path / "soma.toml")
+
+
+@contextlib.asynccontextmanager
+async def running(config: SomaConfig, organs: list[Any]) -> AsyncIterator[dict[str, RunningBridge]]:
+    executive = Executive(organs)
+    vault = AsyncVault(lambda: open_vault(config, durable=False))
+    broker = CredentialBroker(config.credential, vault)
+    try:
+        async with serve_bridges(config, executive, broker) as bridges:
+            yield {b.name: b for b in bridges}
+    finally:
+        await vault.close()
+
+
+@contextlib.asynccontextmanager
+async def client(url: str, key: str, mode: str = "auto") -> AsyncIterator[Client]:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with (
+        httpx2.AsyncClient(headers=headers) as http,
+        Client(streamable_http_client(url, http_client=http), mode=mode) as c,  # type: ignore[arg-type]
+    ):
+        yield c
+
+
+TWO = """
+[[bridge]]
+name = "one"
+expose = ["system.*", "ledger.append"]
+[[bridge]]
+name = "two"
+expose = ["ledger.*"]
+tool_names = "dotted"
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_list_and_call_in_both_protocol_eras(tmp_path: Path, mode: str) -> None:
+    config = bridge_config(tmp_path, TWO)
+    _, key = KeyStore(config.state_dir).create("one")
+    async with (
+        running(config, [SystemOrgan(), Ledger()]) as bridges,
+        client(bridges["one"].url, key, mode) as c,
+    ):
+        listed = await c.list_tools()
+        names = [t.name for t in listed.tools]
+        assert names == ["ledger_append", "system_echo", "system_ping"]  # sorted
+        echo = next(t for t in listed.tools if t.name == "system_echo")
+        assert echo.title == "system.echo"
+        assert "Examples:\n- " in (echo.description or "")
+        assert echo.input_schema == {
+            "type": "object",
+            "description": "Any JSON object; it is returned as is.",
+        }
+        assert echo.meta is not None and echo.meta[META + "slo"]["p95_latency_ms"] == 5
+        assert "read" in echo.meta[META + "tags"]
+        result = await c.call_tool("system_echo", {"a": [1, "x"]})
+        assert not result.is_error
+        assert result.structured_content == {"a": [1, "x"]}
+        assert isinstance(result.content[0], types.TextContent)
+        assert json.loads(result.content[0].text) == {"a": [1, "x"]}
+
+
+async def test_instances_expose_only_their_own_tools(tmp_path: Path) -> None:
+    config = bridge_config(tmp_path, TWO)
+    store = KeyStore(config.state_dir)
+    _, key_one = store.create("one")
+    _, key_two = store.create("two")
+    ledger = Ledger()
+    async with running(config, [SystemOrgan(), ledger]) as bridges:
+        assert bridges["one"].port != bridges["two"].port
+        async with client(bridges["two"].url, key_two) as c:
+            names = [t.name for t in (await c.list_tools()).tools]
+            assert names == ["ledger.append", "ledger.fetch_all", "ledger.wipe"]
+            # Not exposed here, under any spelling: unknown, exactly like a missing tool.
+            for name in ["system.echo", "system_echo", "system.echo\n", "SYSTEM.ECHO", "nope.x"]:
+                with pytest.raises(MCPError) as caught:
+                    await c.call_tool(name, {})
+                assert caught.value.code == types.INVALID_PARAMS
+        async with client(bridges["one"].url, key_one) as c:
+            for name in ["ledger_wipe", "ledger.wipe", "ledger.append", "ledger_append\n"]:
+                with pytest.raises(MCPError):
+                    await c.call_tool(name, {})
+        # A key of one instance does not open another.
+        async with httpx2.AsyncClient() as http:
+            reply = await http.post(bridges["two"].url, headers={"x-api-key": key_one}, json={})
+            assert reply.status_code == 401
+    assert ledger.appended == 0
+
+
+async def test_annotations_come_from_the_cards(tmp_path: Path) -> None:
+    config = bridge_config(tmp_path, TWO)
+    _, key = KeyStore(config.state_dir).create("two")
+    async with (
+        running(config, [SystemOrgan(), Ledger()]) as bridges,
+        client(bridges["two"].url, key) as c,
+    ):
+        tools = {t.name: t.annotations for t in (await c.list_tools()).tools}
+    append, wipe, fetch = tools["ledger.append"], tools["ledger.wipe"], tools["ledger.fetch_all"]
+    assert append is not None and wipe is not None and fetch is not None
+    assert (append.read_only_hint, append.destructive_hint, append.idempotent_hint) == (
+        False,
+        False,
+        False,
+    )
+    assert append.open_world_hint is False
+    assert (wipe.read_only_hint, wipe.destructive_hint, wipe.idempotent_hint) == (False, True, True)
+    assert fetch.open_world_hint is True
+
+
+def test_built_in_cards_say_what_they_destroy() -> None:
+    # The exported cards are checked against the code for drift, so they are the organs' cards.
+    cards = {c.name: c for _, c in functions_of(load_cards(Path(__file__).parent.parent / "cards"))}
+    delete = to_tool("vault_delete", cards["vault.delete"]).annotations
+    retrieve = to_tool("vault_retrieve", cards["vault.retrieve"]).annotations
+    assert delete is not None and retrieve is not None
+    assert delete.destructive_hint is True and delete.read_only_hint is False
+    assert retrieve.read_only_hint is True and retrieve.open_world_hint is False
+
+
+def test_safe_names_are_reversible_and_canonical() -> None:
+    for fn in ["vault.retrieve", "my_organ.do_it", "a_.b", "a.b_c", "a_b.c", "a__b.c_-d"]:
+        name = tool_name(fn, "safe")
+        assert name is not None and function_name(name, "safe") == fn
+    assert tool_name("o." + "x" * 70, "safe") is None  # over 64 characters: not exposable
+    for other in ["vault.retrieve", "vault_retrieve\n", "Vault_retrieve", "vault_retrieve_", ""]:
+        assert function_name(other, "safe") is None
+
+
+async def test_idempotency_key_replays_the_first_result(tmp_path: Path) -> None:
+    config = bridge_config(tmp_path, TWO)
+    _, key = KeyStore(config.state_dir).create("two")
+    ledger = Ledger()
+    async with running(config, [ledger]) as bridges, client(bridges["two"].url, key) as c:
+        meta = {IDEMPOTENCY_KEY: "order-17"}
+        first = await c.call_tool("ledger.append", {"n": 1}, meta=meta)
+        again = await c.call_tool("ledger.append", {"n": 1}, meta=meta)
+        assert first.structured_content == again.structured_content == {"count": 1}
+        assert ledger.appended == 1
+        other = await c.call_tool("ledger.append", {"n": 2}, meta=meta)
+        assert other.is_error and other.structured_content is not None
+        assert other.structured_content["error"] == "IdempotencyConflict"
+        fresh = await c.call_tool("ledger.append", {"n": 1}, meta={IDEMPOTENCY_KEY: "o-18"})
+        assert fresh.structured_content == {"count": 2}
+        await c.call_tool("ledger.append", {"n": 1})  # no key: runs every time
+        assert ledger.appended == 3
+
+
+async def test_invalid_input_is_a_tool_error(tmp_path: Path) -> None:
+    config = bridge_config(tmp_path, TWO)
+    _, key = KeyStore(config.state_dir).create("two")
+    async with running(config, [Ledger()]) as bridges, client(bridges["two"].url, key) as c:
+        result = await c.call_tool("ledger.append", {"n": "one"})
+        assert result.is_error and result.structured_content is not None
+        assert result.structured_content["error"] == "InvalidInput"
+        assert result.structured_content["path"] == "$.n"
