@@ -9,6 +9,7 @@ without `scope=` (which the 2025-11-25 authorization spec says it SHOULD carry).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Callable
@@ -30,6 +31,11 @@ log = structlog.get_logger(component="bridge")
 PRINCIPAL = "soma.principal"  # where the guard leaves the caller in the ASGI scope's state
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
 _API_KEY_PREFIX = "soma_"
+# Failed authentications per client address: a burst, then answers slow down (bounded), so
+# guessing keys costs time; success is never slowed.
+FAILURE_BURST = 10
+FAILURE_RATE = 2.0
+MAX_BACKOFF_S = 2.0
 
 
 class _Refusal(Exception):
@@ -66,6 +72,7 @@ class Guard:
         rate = bridge.auth.rate
         self._rate = TokenBuckets(rate.burst, rate.per_key) if rate else None
         self._warnings = RepeatedWarnings(log)
+        self._failures = TokenBuckets(FAILURE_BURST, FAILURE_RATE)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,6 +92,11 @@ class Guard:
             body = await _read_body(receive, self._bridge.max_request_bytes)
             self._check_write_scopes(principal, body)
         except _Refusal as refusal:
+            if refusal.status == 401:
+                client = scope.get("client")
+                wait = self._failures.take(client[0] if client else None)
+                if wait > 0.0:
+                    await asyncio.sleep(min(wait, MAX_BACKOFF_S))
             await _json(send, refusal.status, refusal.body, refusal.headers)
             return
         scope.setdefault("state", {})[PRINCIPAL] = principal

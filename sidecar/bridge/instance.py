@@ -187,13 +187,13 @@ async def serve_bridges(
     """Serve every `[[bridge]]` of `config` while the block runs; yields where each listens."""
     for section in config.bridge:
         _check(config, section)
-    keys = (
-        KeyCache(KeyStore(config.state_dir))
-        if any(b.auth.api_keys for b in config.bridge)
-        else None
-    )
     running: list[RunningBridge] = []
     async with contextlib.AsyncExitStack() as stack:
+        keys = None
+        if any(b.auth.api_keys for b in config.bridge):
+            store = KeyStore(config.state_dir)
+            stack.callback(store.close)
+            keys = KeyCache(store)
         for section in config.bridge:
             sock = _bind(section)
             stack.callback(sock.close)

@@ -62,6 +62,7 @@ class KeyStore:
         self._state_dir = state_dir
         self.path = state_dir / KEYS_FILE
         self._clock = clock
+        self._reader: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
         ensure_private_dir(self._state_dir)
@@ -110,11 +111,11 @@ class KeyStore:
         match = _KEY_SHAPE.fullmatch(key)
         if match is None:
             return None
-        with closing(self._connect()) as db:
-            row = db.execute(
-                "SELECT bridge, digest, expires, revoked FROM bridge_keys WHERE id = ?",
-                (match[1],),
-            ).fetchone()
+        if self._reader is None:  # the sidecar's lookups share one connection
+            self._reader = self._connect()
+        row = self._reader.execute(
+            "SELECT bridge, digest, expires, revoked FROM bridge_keys WHERE id = ?", (match[1],)
+        ).fetchone()
         if row is None:
             return None
         bridge, digest, expires, revoked = row
@@ -123,6 +124,11 @@ class KeyStore:
         if expires is not None and expires <= self._clock():
             return None
         return match[1], bridge
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 class KeyCache:
