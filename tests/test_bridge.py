@@ -3,6 +3,7 @@ Executive with real organs, and the official `mcp` Python client in both protoco
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from typing import Any
 import httpx2
 import mcp.types as types
 import pytest
+import structlog.testing
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -24,10 +26,11 @@ from sidecar.credentials import CredentialBroker
 from sidecar.organs.system import SystemOrgan
 from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import open_vault
-from soma_runtime import Executive, OrganCard, RoutedOrgan, Stimulus, function
+from soma_runtime import Executive, OrganCard, RoutedOrgan, SloConfig, Stimulus, function
 from soma_runtime.card_files import functions_of, load_cards
-from soma_runtime.config import SomaConfig, parse_config
+from soma_runtime.config import SomaConfig, load_config, parse_config
 from tests.fixtures.organs import fn_card
+from tests.helpers import set_secret
 
 MODES = ["auto", "legacy"]  # 2026-07-28 (server/discover) and 2025-11-25 (initialize)
 
@@ -236,3 +239,81 @@ async def test_invalid_input_is_a_tool_error(tmp_path: Path) -> None:
         assert result.is_error and result.structured_content is not None
         assert result.structured_content["error"] == "InvalidInput"
         assert result.structured_content["path"] == "$.n"
+
+
+class Keyring(RoutedOrgan):
+    """Tells which credential it was handed and where it may go; never the value."""
+
+    card = OrganCard(
+        name="keyring",
+        version="1.0.0",
+        description="Test organ that needs a credential.",
+        division="test",
+        subsystem="keyring",
+        tags=["test"],
+        execution_modes=["sidecar"],
+        functions=[],
+    )
+
+    @function(fn_card("keyring.whoami", {"type": "object"}, credentials=["crm"]))
+    async def whoami(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
+        credential = stimulus.credentials["crm"]
+        return {
+            "credential": credential.name,
+            "to_crm": credential.allows("https://api.crm.example/"),
+        }
+
+    @function(
+        fn_card(
+            "keyring.slow", {"type": "object"}, slo=SloConfig(p95_latency_ms=1, max_error_rate=0.1)
+        )
+    )
+    async def slow(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
+        self.cancelled = asyncio.Event()
+        try:
+            await asyncio.Event().wait()  # never answers
+        finally:
+            self.cancelled.set()
+        return {}
+
+
+async def test_credentials_are_injected_only_where_the_bridge_allows(tmp_path: Path) -> None:
+    path = tmp_path / "soma.toml"
+    path.write_text(
+        f'[soma]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[[credential]]\nname = "crm"\nhosts = ["api.crm.example"]\n'
+        '[[bridge]]\nname = "crm"\nexpose = ["keyring.*"]\ncredentials = ["crm"]\n'
+        '[[bridge]]\nname = "plain"\nexpose = ["keyring.*"]\n'
+    )
+    set_secret(path, "crm", "s3cret-crm-value")
+    config = load_config(path)
+    store = KeyStore(config.state_dir)
+    _, crm_key = store.create("crm")
+    _, plain_key = store.create("plain")
+    async with running(config, [Keyring()]) as bridges:
+        async with client(bridges["crm"].url, crm_key) as c:
+            result = await c.call_tool("keyring_whoami", {})
+            assert result.structured_content == {"credential": "crm", "to_crm": True}
+            assert "s3cret" not in result.model_dump_json()
+        async with client(bridges["plain"].url, plain_key) as c:
+            denied = await c.call_tool("keyring_whoami", {})
+            assert denied.is_error and denied.structured_content is not None
+            assert denied.structured_content["error"] == "PermissionDenied"
+
+
+async def test_deadline_cancels_the_organ_and_one_audit_event_per_call(tmp_path: Path) -> None:
+    config = bridge_config(tmp_path, '[[bridge]]\nname = "one"\nexpose = ["keyring.slow"]\n')
+    _, key = KeyStore(config.state_dir).create("one")
+    keyring = Keyring()
+    with structlog.testing.capture_logs() as logs:
+        async with running(config, [keyring]) as bridges, client(bridges["one"].url, key) as c:
+            result = await c.call_tool("keyring_slow", {})
+    assert result.is_error and result.structured_content is not None
+    assert result.structured_content["error"] == "DeadlineExceeded"
+    assert keyring.cancelled.is_set()  # the organ's call was cancelled, not left running
+    calls = [e for e in logs if e["event"] == "bridge_call"]
+    assert len(calls) == 1
+    (event,) = calls
+    assert event["bridge"] == "one" and event["op"] == "keyring.slow"
+    assert event["outcome"] == "DeadlineExceeded" and event["principal"].startswith("key:")
+    assert key not in json.dumps(logs, default=str)
