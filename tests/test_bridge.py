@@ -317,3 +317,44 @@ async def test_deadline_cancels_the_organ_and_one_audit_event_per_call(tmp_path:
     assert event["bridge"] == "one" and event["op"] == "keyring.slow"
     assert event["outcome"] == "DeadlineExceeded" and event["principal"].startswith("key:")
     assert key not in json.dumps(logs, default=str)
+
+
+async def test_search_discovery_lists_two_tools_and_reaches_only_exposed_ones(
+    tmp_path: Path,
+) -> None:
+    config = bridge_config(
+        tmp_path,
+        '[[bridge]]\nname = "big"\nexpose = ["system.*", "ledger.append"]\ndiscovery = "search"\n',
+    )
+    _, key = KeyStore(config.state_dir).create("big")
+    ledger = Ledger()
+    async with (
+        running(config, [SystemOrgan(), ledger]) as bridges,
+        client(bridges["big"].url, key) as c,
+    ):
+        assert [t.name for t in (await c.list_tools()).tools] == ["search_tools", "call_tool"]
+        found = await c.call_tool("search_tools", {"query": "echo"})
+        assert found.structured_content is not None
+        (echo,) = found.structured_content["tools"]
+        assert echo["name"] == "system_echo" and echo["annotations"]["readOnlyHint"] is True
+        assert "inputSchema" in echo
+        # The executive's search sees ledger.wipe, but this instance does not expose it.
+        wiped = await c.call_tool("search_tools", {"query": "ledger"})
+        assert wiped.structured_content is not None
+        assert [t["name"] for t in wiped.structured_content["tools"]] == ["ledger_append"]
+        echoed = await c.call_tool("call_tool", {"name": "system_echo", "arguments": {"x": 1}})
+        assert echoed.structured_content == {"x": 1}
+        meta = {IDEMPOTENCY_KEY: "k1"}
+        args = {"name": "ledger_append", "arguments": {"n": 1}}
+        await c.call_tool("call_tool", args, meta=meta)
+        await c.call_tool("call_tool", args, meta=meta)
+        assert ledger.appended == 1
+        for bad in ["ledger_wipe", "ledger.wipe", "system.echo"]:
+            with pytest.raises(MCPError):
+                await c.call_tool("call_tool", {"name": bad, "arguments": {}})
+        with pytest.raises(MCPError):
+            await c.call_tool("system_echo", {})  # only the two tools are callable directly
+        malformed = await c.call_tool("call_tool", {"arguments": {}})
+        assert malformed.is_error and malformed.structured_content is not None
+        assert malformed.structured_content["error"] == "InvalidInput"
+    assert ledger.appended == 1

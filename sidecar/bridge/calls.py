@@ -78,7 +78,7 @@ class ToolCalls:
             if card.idempotent or key is None:
                 result = await self._invoke(card, dict(arguments or {}), trace_id)
             elif not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-                result = _error_result(
+                result = error_result(
                     Response.failure(
                         ErrorKind.INVALID_INPUT,
                         path=f"_meta.{IDEMPOTENCY_KEY}",
@@ -94,26 +94,14 @@ class ToolCalls:
                         lambda: self._invoke(card, args, trace_id),
                     )
                 except IdempotencyConflict as exc:
-                    result = _error_result(
-                        Response.failure("IdempotencyConflict", message=str(exc))
-                    )
-            outcome = _outcome(result)
+                    result = error_result(Response.failure("IdempotencyConflict", message=str(exc)))
+            outcome = result_outcome(result)
             return result
         except asyncio.CancelledError:
             outcome = "Cancelled"
             raise
         finally:
-            # The audit event: who called what and how it went; never arguments, keys or tokens.
-            log.info(
-                "bridge_call",
-                bridge=self._bridge,
-                principal=principal.id,
-                tool=tool,
-                op=card.name,
-                outcome=outcome,
-                latency_ms=round((time.perf_counter() - started) * 1000.0, 3),
-                trace_id=trace_id,
-            )
+            audit(self._bridge, principal, tool, card.name, outcome, started, trace_id)
 
     async def _invoke(
         self, card: FunctionCard, arguments: dict[str, Any], trace_id: str
@@ -137,12 +125,12 @@ class ToolCalls:
             )
             response = Response.failure("PermissionDenied", op=card.name, message=str(exc))
         if not response.ok:
-            return _error_result(response)
+            return error_result(response)
         try:
             text = encode_output(response.output).decode()
         except (TypeError, ValueError) as exc:
             log.error("output_not_json", op=card.name, error=str(exc), trace_id=trace_id)
-            return _error_result(
+            return error_result(
                 Response.failure(ErrorKind.INTERNAL, op=card.name, message="output is not JSON")
             )
         structured = response.output if isinstance(response.output, dict) else None
@@ -158,7 +146,30 @@ class ToolCalls:
         )
 
 
-def _error_result(response: Response) -> types.CallToolResult:
+def audit(
+    bridge: str,
+    principal: Principal,
+    tool: str,
+    op: str,
+    outcome: str,
+    started: float,
+    trace_id: str,
+) -> None:
+    """The audit event of one tool call: who called what and how it went; never arguments,
+    keys or tokens."""
+    log.info(
+        "bridge_call",
+        bridge=bridge,
+        principal=principal.id,
+        tool=tool,
+        op=op,
+        outcome=outcome,
+        latency_ms=round((time.perf_counter() - started) * 1000.0, 3),
+        trace_id=trace_id,
+    )
+
+
+def error_result(response: Response) -> types.CallToolResult:
     """A failed call as a tool result the model can read: isError, with the error payload."""
     output = response.output if isinstance(response.output, dict) else {"error": "Failed"}
     return types.CallToolResult(
@@ -168,7 +179,7 @@ def _error_result(response: Response) -> types.CallToolResult:
     )
 
 
-def _outcome(result: types.CallToolResult) -> str:
+def result_outcome(result: types.CallToolResult) -> str:
     if not result.is_error:
         return "ok"
     error = (result.structured_content or {}).get("error")

@@ -54,9 +54,10 @@ class Guard:
         *,
         keys: KeyCache | None,
         verifier: TokenVerifier | None,
-        writes: Callable[[str], FunctionCard | None],
+        writes: Callable[[str, dict[str, Any]], FunctionCard | None],
     ) -> None:
-        """`writes(tool)` is the exposed card of a tool that is not read-only, else None."""
+        """`writes(tool, arguments)` is the card of the exposed function a call reaches when
+        it is not read-only, else None."""
         self._app = app
         self._bridge = bridge
         self._resource = resource_url
@@ -200,8 +201,14 @@ class Guard:
             if not isinstance(item, dict) or item.get("method") != "tools/call":
                 continue
             params = item.get("params")
-            name = params.get("name") if isinstance(params, dict) else None
-            if isinstance(name, str) and self._writes(name) is not None:
+            if not isinstance(params, dict):
+                continue
+            name, arguments = params.get("name"), params.get("arguments") or {}
+            if (
+                isinstance(name, str)
+                and isinstance(arguments, dict)
+                and self._writes(name, arguments)
+            ):
                 self._check_scopes(principal, self._write_scopes)
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +26,26 @@ from mcp.server import Server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 
-from sidecar.bridge.calls import ToolCalls
+from sidecar.bridge.calls import Principal, ToolCalls, audit, error_result
+from sidecar.bridge.discovery import (
+    CALL_TOOL,
+    CALL_TOOL_TOOL,
+    SEARCH_TOOL,
+    SEARCH_TOOLS,
+    call_target,
+)
 from sidecar.bridge.guard import PRINCIPAL, Guard
 from sidecar.bridge.keys import KeyCache, KeyStore
+from sidecar.bridge.names import tool_name
 from sidecar.bridge.oauth import Jwks, TokenVerifier
 from sidecar.bridge.tools import Exposure, effects, to_tool
 from sidecar.credentials import CredentialBroker
 from sidecar.gateway import _EmbeddedServer
-from soma_runtime import Executive, FunctionCard, __version__
+from sidecar.wire import encode_output
+from soma_runtime import ErrorKind, Executive, FunctionCard, Response, __version__
 from soma_runtime.bridge_config import BridgeSection
 from soma_runtime.config import ConfigError, SomaConfig
+from soma_runtime.validation import InputValidator
 
 log = structlog.get_logger(component="bridge")
 
@@ -54,37 +66,86 @@ class BridgeTools:
     def __init__(
         self, section: BridgeSection, executive: Executive, broker: CredentialBroker
     ) -> None:
+        self._bridge = section.name
         self._executive = executive
+        self._search = section.discovery == "search"
         self.exposure = Exposure(section)
         self._calls = ToolCalls(section.name, frozenset(section.credentials), executive, broker)
+        self._validators = {
+            tool.name: InputValidator(tool.input_schema) for tool in (SEARCH_TOOL, CALL_TOOL_TOOL)
+        }
 
     def _functions(self) -> list[FunctionCard]:
         return [card for _, card in self._executive.list_functions()]
 
-    def card(self, tool: str) -> FunctionCard | None:
-        return self.exposure.resolve(tool, self._functions())
+    def target(
+        self, tool: str, arguments: dict[str, Any]
+    ) -> tuple[str, FunctionCard, dict[str, Any]] | None:
+        """The exposed function a `tools/call` reaches (directly, or through `call_tool` in
+        search mode), with its tool name and arguments; None when it reaches none."""
+        if self._search:
+            if tool != CALL_TOOL or self._validators[CALL_TOOL].first_error(arguments):
+                return None
+            tool, arguments = call_target(arguments)
+        card = self.exposure.resolve(tool, self._functions())
+        return (tool, card, arguments) if card is not None else None
 
-    def write_card(self, tool: str) -> FunctionCard | None:
-        """The card of an exposed tool that is not read-only (write scopes apply), else None."""
-        card = self.card(tool)
-        return card if card is not None and not effects(card).read_only else None
+    def write_card(self, tool: str, arguments: dict[str, Any]) -> FunctionCard | None:
+        """The card of an exposed function that is not read-only (write scopes apply)."""
+        found = self.target(tool, arguments)
+        return found[1] if found is not None and not effects(found[1]).read_only else None
 
     async def list_tools(
         self, ctx: Any, params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
+        if self._search:
+            return types.ListToolsResult(tools=[SEARCH_TOOL, CALL_TOOL_TOOL])
         tools = self.exposure.tools(self._functions())
         return types.ListToolsResult(tools=[to_tool(name, card) for name, card in tools])
 
     async def call_tool(
         self, ctx: Any, params: types.CallToolRequestParams
     ) -> types.CallToolResult:
-        card = self.card(params.name)
-        if card is None:
+        principal = ctx.request.scope["state"][PRINCIPAL]
+        arguments = dict(params.arguments or {})
+        if self._search and params.name in self._validators:
+            problem = self._validators[params.name].first_error(arguments)
+            if problem is not None:
+                return error_result(
+                    Response.failure(
+                        ErrorKind.INVALID_INPUT, path=problem.path, message=problem.message
+                    )
+                )
+            if params.name == SEARCH_TOOLS:
+                return self._search_tools(arguments, principal)
+        found = self.target(params.name, arguments)
+        if found is None:
             # The same answer for a tool that does not exist and one this instance does not
             # expose, whatever the spelling: nothing reveals the other instances' tools.
             raise MCPError(types.INVALID_PARAMS, f"unknown tool: {params.name}")
-        principal = ctx.request.scope["state"][PRINCIPAL]
-        return await self._calls.call(params.name, card, params.arguments, params.meta, principal)
+        tool, card, arguments = found
+        return await self._calls.call(tool, card, arguments, params.meta, principal)
+
+    def _search_tools(
+        self, arguments: dict[str, Any], principal: Principal
+    ) -> types.CallToolResult:
+        started = time.perf_counter()
+        matches = self._executive.search_functions(arguments["query"], arguments.get("tag"))
+        form = self.exposure.form
+        named = ((tool_name(card.name, form), card) for _, card in matches)
+        found = [
+            to_tool(name, card).model_dump(mode="json", by_alias=True, exclude_none=True)
+            for name, card in named
+            if name is not None and self.exposure.exposes(card)
+        ][: arguments.get("limit", 10)]
+        output = {"tools": found}
+        audit(
+            self._bridge, principal, SEARCH_TOOLS, SEARCH_TOOLS, "ok", started, os.urandom(16).hex()
+        )
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=encode_output(output).decode())],
+            structured_content=output,
+        )
 
 
 def build_app(
@@ -176,8 +237,6 @@ def _check(config: SomaConfig, section: BridgeSection) -> None:
     for name in section.credentials:
         if name not in known:
             raise ConfigError(f"bridge {section.name!r}: credential {name!r} is not configured")
-    if section.discovery == "search":
-        raise ConfigError(f"bridge {section.name!r}: discovery = 'search' is not available yet")
 
 
 @contextlib.asynccontextmanager
