@@ -162,10 +162,24 @@ async def test_instances_expose_only_their_own_tools(tmp_path: Path) -> None:
                 with pytest.raises(MCPError) as caught:
                     await c.call_tool(name, {})
                 assert caught.value.code == types.INVALID_PARAMS
+            # server/discover names the instance, never another instance's tools.
+            assert c.protocol_version == "2026-07-28"
+            assert c.server_info is not None and c.server_info.name == "soma-two"
+            assert "system" not in c.server_info.model_dump_json()
+            resources = [r.uri for r in (await c.list_resources()).resources]
+            assert resources == [
+                f"soma://cards/ledger.{f}" for f in ["append", "fetch_all", "wipe"]
+            ]
+            card = await c.read_resource("soma://cards/ledger.wipe")
+            assert json.loads(card.contents[0].text)["name"] == "ledger.wipe"  # type: ignore[union-attr]
+            with pytest.raises(MCPError):
+                await c.read_resource("soma://cards/system.echo")
         async with client(bridges["one"].url, key_one) as c:
             for name in ["ledger_wipe", "ledger.wipe", "ledger.append", "ledger_append\n"]:
                 with pytest.raises(MCPError):
                     await c.call_tool(name, {})
+            with pytest.raises(MCPError):
+                await c.read_resource("soma://cards/ledger.wipe")
         # A key of one instance does not open another.
         async with httpx2.AsyncClient() as http:
             reply = await http.post(bridges["two"].url, headers={"x-api-key": key_one}, json={})

@@ -44,12 +44,14 @@ from sidecar.gateway import _EmbeddedServer
 from sidecar.wire import encode_output
 from soma_runtime import ErrorKind, Executive, FunctionCard, Response, __version__
 from soma_runtime.bridge_config import BridgeSection
+from soma_runtime.card_files import function_to_json
 from soma_runtime.config import ConfigError, SomaConfig
 from soma_runtime.validation import InputValidator
 
 log = structlog.get_logger(component="bridge")
 
 MCP_PATH = "/mcp"
+CARD_URI = "soma://cards/"  # + function name: the function's card as JSON
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -126,6 +128,37 @@ class BridgeTools:
         tool, card, arguments = found
         return await self._calls.call(tool, card, arguments, params.meta, principal)
 
+    async def list_resources(
+        self, ctx: Any, params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        """The card of each exposed function, as a resource (in search mode too)."""
+        return types.ListResourcesResult(
+            resources=[
+                types.Resource(
+                    name=card.name,
+                    uri=CARD_URI + card.name,
+                    description=card.description,
+                    mime_type="application/json",
+                )
+                for card in sorted(self._exposed(), key=lambda c: c.name)
+            ]
+        )
+
+    async def read_resource(
+        self, ctx: Any, params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
+        uri = str(params.uri)
+        card = next((c for c in self._exposed() if CARD_URI + c.name == uri), None)
+        if card is None:  # not exposed and missing look alike
+            raise MCPError(types.INVALID_PARAMS, f"unknown resource: {uri}")
+        text = function_to_json(card)
+        return types.ReadResourceResult(
+            contents=[types.TextResourceContents(uri=uri, mime_type="application/json", text=text)]
+        )
+
+    def _exposed(self) -> list[FunctionCard]:
+        return [card for card in self._functions() if self.exposure.exposes(card)]
+
     def _search_tools(
         self, arguments: dict[str, Any], principal: Principal
     ) -> types.CallToolResult:
@@ -163,6 +196,8 @@ def build_app(
         version=__version__,
         on_list_tools=tools.list_tools,
         on_call_tool=tools.call_tool,
+        on_list_resources=tools.list_resources,
+        on_read_resource=tools.read_resource,
     )
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
