@@ -239,7 +239,7 @@ def _transport_security(section: BridgeSection, resource_url: str) -> TransportS
     )
 
 
-class _BridgeServer(_EmbeddedServer):
+class ReadyServer(_EmbeddedServer):
     """uvicorn in the sidecar's loop, telling when it has started."""
 
     def __init__(self, config: uvicorn.Config) -> None:
@@ -303,7 +303,7 @@ async def serve_bridges(
                     else str(config.resolve(Path(oauth.jwks)))
                 )
             app = build_app(section, executive, broker, keys, url, jwks)
-            server = _BridgeServer(
+            server = ReadyServer(
                 uvicorn.Config(app, lifespan="on", access_log=False, log_config=None)
             )
             task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -318,6 +318,6 @@ async def serve_bridges(
         yield running
 
 
-async def _stop(server: _BridgeServer, task: asyncio.Task[None]) -> None:
+async def _stop(server: ReadyServer, task: asyncio.Task[None]) -> None:
     server.should_exit = True
     await task
