@@ -28,7 +28,7 @@ from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import open_vault
 from soma_runtime import Executive, OrganCard, RoutedOrgan, SloConfig, Stimulus, function
 from soma_runtime.card_files import functions_of, load_cards
-from soma_runtime.config import SomaConfig, load_config, parse_config
+from soma_runtime.config import ConfigError, SomaConfig, load_config, parse_config
 from tests.fixtures.organs import fn_card
 from tests.helpers import set_secret
 
@@ -372,3 +372,23 @@ async def test_search_discovery_lists_two_tools_and_reaches_only_exposed_ones(
         assert malformed.is_error and malformed.structured_content is not None
         assert malformed.structured_content["error"] == "InvalidInput"
     assert ledger.appended == 1
+
+
+async def test_bad_bridge_settings_are_config_errors(tmp_path: Path) -> None:
+    config = bridge_config(
+        tmp_path, '[[bridge]]\nname = "one"\nexpose = ["system.*"]\ncredentials = ["crm"]\n'
+    )
+    with pytest.raises(ConfigError, match="credential 'crm' is not configured"):
+        async with running(config, [SystemOrgan()]):
+            pass
+    busy = bridge_config(tmp_path, '[[bridge]]\nname = "one"\n[[bridge]]\nname = "two"\n')
+    async with running(busy, [SystemOrgan()]) as bridges:
+        port = bridges["one"].port
+        taken = bridge_config(tmp_path, f'[[bridge]]\nname = "x"\nlisten = "127.0.0.1:{port}"\n')
+        with pytest.raises(ConfigError, match="cannot listen on"):
+            async with running(taken, [SystemOrgan()]):
+                pass
+    with pytest.raises(ConfigError, match="used twice"):
+        bridge_config(tmp_path, '[[bridge]]\nname = "a"\n[[bridge]]\nname = "a"\n')
+    with pytest.raises(ConfigError, match="no open bridges"):
+        bridge_config(tmp_path, '[[bridge]]\nname = "a"\n[bridge.auth]\napi_keys = false\n')

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import os
 import socket
 import time
@@ -304,7 +305,14 @@ async def serve_bridges(
                 )
             app = build_app(section, executive, broker, keys, url, jwks)
             server = ReadyServer(
-                uvicorn.Config(app, lifespan="on", access_log=False, log_config=None)
+                uvicorn.Config(
+                    app,
+                    lifespan="on",
+                    access_log=False,
+                    log_config=None,
+                    # In-flight calls get the sidecar's grace period at shutdown.
+                    timeout_graceful_shutdown=math.ceil(config.sidecar.grace_period),
+                )
             )
             task = asyncio.create_task(server.serve(sockets=[sock]))
             stack.push_async_callback(_stop, server, task)
