@@ -99,6 +99,14 @@ class BridgeSection(_Section):
     max_request_bytes: int = Field(default=4 * MiB, ge=1024, le=64 * MiB)
     auth: BridgeAuthSection = Field(default_factory=BridgeAuthSection)
 
+    @model_validator(mode="after")
+    def _public_beyond_loopback(self) -> BridgeSection:
+        # Host and Origin are checked against the resource URL (DNS-rebinding protection),
+        # which a wildcard or LAN address does not give.
+        if not ipaddress.ip_address(self.host).is_loopback and self.public_url is None:
+            raise ValueError("public_url: required when listen is not a loopback address")
+        return self
+
     @property
     def host(self) -> str:
         return self.listen.rpartition(":")[0].removeprefix("[").removesuffix("]")

@@ -256,7 +256,7 @@ async def test_invalid_input_is_a_tool_error(tmp_path: Path) -> None:
 
 
 class Keyring(RoutedOrgan):
-    """Tells which credential it was handed and where it may go; never the value."""
+    """Tells which credential it was handed and where it may go, never the value; and hangs."""
 
     card = OrganCard(
         name="keyring",
@@ -269,6 +269,10 @@ class Keyring(RoutedOrgan):
         functions=[],
     )
 
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
     @function(fn_card("keyring.whoami", {"type": "object"}, credentials=["crm"]))
     async def whoami(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
         credential = stimulus.credentials["crm"]
@@ -279,11 +283,21 @@ class Keyring(RoutedOrgan):
 
     @function(
         fn_card(
+            "keyring.hang",
+            {"type": "object"},
+            slo=SloConfig(p95_latency_ms=100_000, max_error_rate=0.1),  # a 1000 s deadline
+        )
+    )
+    async def hang(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
+        return await self.slow(input, stimulus)
+
+    @function(
+        fn_card(
             "keyring.slow", {"type": "object"}, slo=SloConfig(p95_latency_ms=1, max_error_rate=0.1)
         )
     )
     async def slow(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
-        self.cancelled = asyncio.Event()
+        self.started.set()
         try:
             await asyncio.Event().wait()  # never answers
         finally:
@@ -392,3 +406,25 @@ async def test_bad_bridge_settings_are_config_errors(tmp_path: Path) -> None:
         bridge_config(tmp_path, '[[bridge]]\nname = "a"\n[[bridge]]\nname = "a"\n')
     with pytest.raises(ConfigError, match="no open bridges"):
         bridge_config(tmp_path, '[[bridge]]\nname = "a"\n[bridge.auth]\napi_keys = false\n')
+
+
+async def test_a_client_that_disconnects_cancels_the_organ_call(tmp_path: Path) -> None:
+    config = bridge_config(tmp_path, '[[bridge]]\nname = "one"\nexpose = ["keyring.hang"]\n')
+    _, key = KeyStore(config.state_dir).create("one")
+    keyring = Keyring()
+    call = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "keyring_hang", "arguments": {}},
+    }
+    headers = {
+        "x-api-key": key,
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": "2025-11-25",
+    }
+    async with running(config, [keyring]) as bridges, httpx2.AsyncClient() as http:
+        request = asyncio.create_task(http.post(bridges["one"].url, json=call, headers=headers))
+        await asyncio.wait_for(keyring.started.wait(), 10)
+        request.cancel()  # the client goes away: its connection closes
+        await asyncio.wait_for(keyring.cancelled.wait(), 5)

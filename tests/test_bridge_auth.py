@@ -274,9 +274,9 @@ async def test_dns_rebinding_is_refused(tmp_path: Path) -> None:
         assert evil_origin.status_code == 403
 
 
-@pytest.mark.parametrize("listen", ["localhost:0", "127.0.0.1:70000", "127.0.0.1"])
+@pytest.mark.parametrize("listen", ["localhost:0", "127.0.0.1:70000", "127.0.0.1", "0.0.0.0:0"])
 def test_listen_must_be_ip_and_port(tmp_path: Path, listen: str) -> None:
     from soma_runtime.config import ConfigError
 
-    with pytest.raises(ConfigError, match="listen"):
+    with pytest.raises(ConfigError, match="listen"):  # 0.0.0.0 without public_url too
         bridge_config(tmp_path, f'[[bridge]]\nname = "x"\nlisten = "{listen}"\n')

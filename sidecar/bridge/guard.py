@@ -10,6 +10,7 @@ without `scope=` (which the 2025-11-25 authorization spec says it SHOULD carry).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -101,7 +102,7 @@ class Guard:
             await _json(send, refusal.status, refusal.body, refusal.headers)
             return
         scope.setdefault("state", {})[PRINCIPAL] = principal
-        await self._app(scope, _replay(body, receive), send)
+        await _forward(self._app, scope, body, receive, send)
 
     def _metadata(self) -> dict[str, Any]:
         """RFC 9728 protected-resource metadata, served at both well-known URIs."""
@@ -236,8 +237,11 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A `receive` that gives the body already read, then defers to the real one."""
+async def _forward(app: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+    """Run the app on the body already read. When the client disconnects first, the app is
+    cancelled, and the organ call with it: closing the stream is how a client cancels (a
+    `notifications/cancelled` cannot reach a request of another stateless HTTP exchange)."""
+    disconnected = asyncio.Event()
     sent = False
 
     async def replayed() -> Message:
@@ -245,9 +249,29 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
 
-    return replayed
+    async def watch() -> None:  # the only reader of the real `receive` from now on
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        disconnected.set()
+
+    call = asyncio.ensure_future(app(scope, replayed, send))
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({call, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        call.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if call.done():
+        call.result()  # the app's own exception, if any
+        return
+    call.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await call
 
 
 async def _json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
