@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from soma_runtime.bridge_config import BridgeSections
 from soma_runtime.hosts import Binding, Origin, url_origin
 
 DEFAULT_CONFIG_NAME = "soma.toml"
@@ -229,6 +230,7 @@ class SomaConfig(_Section):
     credential: list[CredentialSection] = Field(default_factory=list)
     gateway: list[GatewaySection] = Field(default_factory=list)
     runtime: list[RuntimeSection] = Field(default_factory=list)
+    bridge: BridgeSections = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> SomaConfig:

@@ -175,7 +175,7 @@ _STORE = FunctionCard(
     slo=SloConfig(p95_latency_ms=50, max_error_rate=0.001, queue_cap=1000),
     residency=ResidencyPolicy.LOCAL,
     idempotent=True,
-    side_effects=["writes to disk", "updates the similarity index"],
+    side_effects=["overwrites the blob under the key on disk", "updates the similarity index"],
 )
 
 _RETRIEVE = FunctionCard(
@@ -208,7 +208,7 @@ _DELETE = FunctionCard(
     slo=SloConfig(p95_latency_ms=50, max_error_rate=0.001, queue_cap=1000),
     residency=ResidencyPolicy.LOCAL,
     idempotent=True,
-    side_effects=["writes to disk", "updates the similarity index"],
+    side_effects=["deletes the blob under the key from disk", "updates the similarity index"],
 )
 
 _LIST = FunctionCard(
