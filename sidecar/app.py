@@ -19,6 +19,7 @@ import structlog
 from sdk import protocol
 from sidecar.access import AllowList, token_digest
 from sidecar.admin import Admin, supervisor_only
+from sidecar.bridge import serve_bridges
 from sidecar.channels import ChannelRegistry
 from sidecar.credentials import CredentialBroker
 from sidecar.descriptors import ensure_budget
@@ -82,6 +83,7 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
         else:
             token_file = await _open_local_channel(config, registry)
             parts.callback(token_file.unlink, missing_ok=True)
+        await parts.enter_async_context(serve_bridges(config, executive, broker))
         await stop.wait()
         log.info("stopping", grace_s=settings.grace_period)
     log.info("stopped")

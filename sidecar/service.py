@@ -7,7 +7,6 @@ gRPC statuses are for transport and access problems.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any
@@ -19,8 +18,8 @@ from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.access import AllowList, Channel
-from sidecar.credentials import CredentialBroker, CredentialDenied, needed
-from sidecar.vault.store import VaultError
+from sidecar.credentials import CredentialBroker, CredentialDenied
+from sidecar.injection import inject_credentials
 from sidecar.wire import WireError, decode_input, encode_output
 from soma_runtime import ErrorKind, Executive, FunctionCard, OrganCard, Response, Stimulus
 from soma_runtime.card_files import card_to_json, function_to_json
@@ -127,30 +126,11 @@ class SidecarService(pb_grpc.SidecarServicer):
     async def _inject_credentials(
         self, organ: str, card: FunctionCard, stimulus: Stimulus
     ) -> Stimulus | Response:
-        """The stimulus with the credentials its card asks for, resolved for this channel's
-        runtime (after admission: an overloaded function never pays for a decrypt)."""
-        names = needed(card, stimulus.input)
-        if not names:
-            return stimulus
+        """The credentials the card asks for, for this channel's runtime."""
         channel = self._channel
-        try:
-            credentials = await self._broker.resolve(
-                names,
-                runtime=channel.name,
-                allowed=channel.credentials,
-                organ=organ,
-                op=stimulus.op,
-            )
-        except VaultError as exc:
-            log.error(
-                "credential_unavailable",
-                runtime=channel.name,
-                op=stimulus.op,
-                error=str(exc),
-                trace_id=stimulus.context.get("trace_id"),
-            )
-            return Response.failure("CredentialUnavailable", op=stimulus.op, message=str(exc))
-        return dataclasses.replace(stimulus, credentials=credentials)
+        return await inject_credentials(
+            self._broker, organ, card, stimulus, caller=channel.name, allowed=channel.credentials
+        )
 
     def _encoded(self, response: Response, op: str, trace_id: str) -> tuple[Response, bytes]:
         """The response and its JSON; an output that cannot be sent becomes an Internal error."""
