@@ -26,57 +26,13 @@ from sidecar.credentials import CredentialBroker
 from sidecar.organs.system import SystemOrgan
 from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import open_vault
-from soma_runtime import Executive, OrganCard, RoutedOrgan, SloConfig, Stimulus, function
+from soma_runtime import Executive
 from soma_runtime.card_files import functions_of, load_cards
 from soma_runtime.config import ConfigError, SomaConfig, load_config, parse_config
-from tests.fixtures.organs import fn_card
+from tests.fixtures.organs import Keyring, Ledger
 from tests.helpers import set_secret
 
 MODES = ["auto", "legacy"]  # 2026-07-28 (server/discover) and 2025-11-25 (initialize)
-
-
-class Ledger(RoutedOrgan):
-    """Counts its calls, so a test can see whether a call ran once or twice."""
-
-    card = OrganCard(
-        name="ledger",
-        version="1.0.0",
-        description="Test organ with side effects.",
-        division="test",
-        subsystem="ledger",
-        tags=["test"],
-        execution_modes=["sidecar"],
-        functions=[],
-    )
-
-    def __init__(self) -> None:
-        self.appended = 0
-
-    @function(
-        fn_card(
-            "ledger.append",
-            {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
-            idempotent=False,
-            side_effects=["writes a line to the ledger"],
-            output_schema={
-                "type": "object",
-                "properties": {"count": {"type": "integer"}},
-                "required": ["count"],
-            },
-        )
-    )
-    async def append(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
-        self.appended += 1
-        return {"count": self.appended}
-
-    @function(fn_card("ledger.wipe", {"type": "object"}, side_effects=["deletes every line"]))
-    async def wipe(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
-        self.appended = 0
-        return {}
-
-    @function(fn_card("ledger.fetch_all", {"type": "object"}, side_effects=["network request"]))
-    async def fetch_all(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
-        return {}
 
 
 def bridge_config(tmp_path: Path, bridges: str) -> SomaConfig:
@@ -253,56 +209,6 @@ async def test_invalid_input_is_a_tool_error(tmp_path: Path) -> None:
         assert result.is_error and result.structured_content is not None
         assert result.structured_content["error"] == "InvalidInput"
         assert result.structured_content["path"] == "$.n"
-
-
-class Keyring(RoutedOrgan):
-    """Tells which credential it was handed and where it may go, never the value; and hangs."""
-
-    card = OrganCard(
-        name="keyring",
-        version="1.0.0",
-        description="Test organ that needs a credential.",
-        division="test",
-        subsystem="keyring",
-        tags=["test"],
-        execution_modes=["sidecar"],
-        functions=[],
-    )
-
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-        self.cancelled = asyncio.Event()
-
-    @function(fn_card("keyring.whoami", {"type": "object"}, credentials=["crm"]))
-    async def whoami(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
-        credential = stimulus.credentials["crm"]
-        return {
-            "credential": credential.name,
-            "to_crm": credential.allows("https://api.crm.example/"),
-        }
-
-    @function(
-        fn_card(
-            "keyring.hang",
-            {"type": "object"},
-            slo=SloConfig(p95_latency_ms=100_000, max_error_rate=0.1),  # a 1000 s deadline
-        )
-    )
-    async def hang(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
-        return await self.slow(input, stimulus)
-
-    @function(
-        fn_card(
-            "keyring.slow", {"type": "object"}, slo=SloConfig(p95_latency_ms=1, max_error_rate=0.1)
-        )
-    )
-    async def slow(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
-        self.started.set()
-        try:
-            await asyncio.Event().wait()  # never answers
-        finally:
-            self.cancelled.set()
-        return {}
 
 
 async def test_credentials_are_injected_only_where_the_bridge_allows(tmp_path: Path) -> None:

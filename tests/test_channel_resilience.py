@@ -19,7 +19,7 @@ from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from soma_runtime.jsonline import HANDSHAKE_MAX_CONNECTIONS
-from tests import h2frames
+from tests.attack import h2
 from tests.helpers import (
     Process,
     SupervisorRun,
@@ -72,7 +72,7 @@ def test_a_path_that_is_not_utf8_does_not_stop_the_channel(
     metadata = session_metadata(target)
     assert echo_ok(target, metadata)
 
-    h2frames.send(socket_of(target), h2frames.grpc_request(BAD_PATH))
+    h2.exchange(socket_of(target), h2.connection_start() + h2.grpc_request(BAD_PATH, b""))
 
     # The same session works on the server that replaced the crashed one.
     wait_until(lambda: echo_ok(target, metadata), timeout=10, what="the channel to serve again")
@@ -101,7 +101,8 @@ def test_a_crashed_channel_is_replaced_and_its_neighbour_never_notices(
     alpha = f"unix://{two.run_dir / 'rt' / 'alpha.sock'}"
     beta = f"unix://{two.run_dir / 'rt' / 'beta.sock'}"
     for _ in range(5):
-        h2frames.send(socket_of(alpha), h2frames.grpc_request(BAD_PATH), read_timeout=0.2)
+        attack = h2.connection_start() + h2.grpc_request(BAD_PATH, b"")
+        h2.exchange(socket_of(alpha), attack, timeout=0.2)
         assert health_status(beta) == "SERVING"  # at once, every time: never waited for
     wait_until(lambda: health_status(alpha) == "SERVING", timeout=10, what="alpha to serve")
     revived = [e for e in two.events("channel_server_revived") if e.get("runtime") == "alpha"]
@@ -231,7 +232,7 @@ def test_connections_from_outside_the_runtime_s_tree_are_closed(two: SupervisorR
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             held.append(sock)
             sock.connect(str(two.run_dir / "rt" / "alpha.sock"))
-            sock.sendall(h2frames.PREFACE + h2frames.frame(h2frames.SETTINGS, 0, 0, b""))
+            sock.sendall(h2.connection_start())
         wait_until(
             lambda: closed_by_peer(held) == len(held), timeout=20, what="the squatters closed"
         )

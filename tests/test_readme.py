@@ -60,6 +60,7 @@ CLAIMS = {
     "vault_table": "[vault]\nkek =",
     "credential_tables": "[[credential]]",
     "gateway_tables": "[[gateway]]",
+    "bridge_table": '[[bridge]]\nname = "support"',
     "status_output": "NAME     KIND     STATE",
     "http_call": 'client.call("http.request"',
     "openai_client": "from openai import OpenAI",
@@ -177,6 +178,7 @@ def test_the_organ_skeleton_is_the_contract() -> None:
         (CLAIMS["vault_table"],),
         (CLAIMS["credential_tables"],),
         (CLAIMS["credential_tables"], CLAIMS["gateway_tables"]),
+        (CLAIMS["bridge_table"],),
     ],
 )
 def test_each_config_fragment_is_valid(tmp_path: Path, phrases: tuple[str, ...]) -> None:
