@@ -64,8 +64,12 @@ def test_no_private_module_of_another_package_is_imported() -> None:
     for package in PACKAGES:
         for path, module in imports(package):
             other = owner(module)
-            if other not in (None, package) and any(
-                part.startswith("_") for part in module.split(".")[1:]
+            if (
+                other not in (None, package)
+                and any(
+                    part.startswith("_") and not part.endswith("__")  # dunders are public
+                    for part in module.split(".")[1:]
+                )
             ):
                 wrong.append(f"{path.relative_to(REPO)} imports {module}")
     assert wrong == []
