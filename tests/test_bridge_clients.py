@@ -5,7 +5,11 @@ launcher, and the TypeScript SDK from npm over Streamable HTTP."""
 from __future__ import annotations
 
 import contextlib
+import json
+import re
+import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from sidecar.bridge.published import url_file
-from tests.helpers import SOMA, Process, child_env, run_soma, start_sidecar, wait_until
+from tests.helpers import REPO, SOMA, Process, child_env, run_soma, start_sidecar, wait_until
 
 BRIDGE = """
 [[bridge]]
@@ -37,9 +41,9 @@ def sidecar(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     assert not published.exists()  # withdrawn when the instance stops
 
 
-def create_key(config: Path, *extra: str) -> str:
+def create_key(config: Path, *extra: str, bridge: str = "desk") -> str:
     result = run_soma(
-        "bridge", "keys", "create", "--bridge", "desk", "--config", str(config), *extra
+        "bridge", "keys", "create", "--bridge", bridge, "--config", str(config), *extra
     )
     assert result.returncode == 0, result.stderr
     key = result.stdout.strip()
@@ -173,3 +177,39 @@ def test_stdio_without_a_sidecar(tmp_path: Path) -> None:
     published.write_text("http://127.0.0.1:9/mcp\n")
     result = run_stdio(config, key)
     assert result.returncode == 1 and "no sidecar answers for bridge 'desk'" in result.stderr
+
+
+async def test_make_run_prints_the_url_a_key_file_and_client_configs(tmp_path: Path) -> None:
+    """What `make run` runs, on a copy of the repository's soma.toml."""
+    config = tmp_path / "soma.toml"
+    shutil.copy(REPO / "soma.toml", config)
+    key_file = tmp_path / ".soma" / "bridge-local.key"
+    key_file.parent.mkdir()
+    previous = create_key(config, bridge="local")
+    key_file.write_text(previous + "\n")  # the key of an earlier run
+    run = Process([sys.executable, "-m", "examples.run", "--config", str(config)], tmp_path / "log")
+    try:
+        wait_until(lambda: "or stdio" in run.output(), timeout=30, what="the client configs")
+        lines = run.output().splitlines()
+        (url,) = [m[1] for line in lines if (m := re.fullmatch(r"MCP bridge 'local': (\S+)", line))]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/mcp", url)
+        assert f"  API key (new this run, mode 0600): {key_file}" in lines
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        assert key != previous and refused(url, previous)  # the earlier run's key is revoked
+        async with http_client(url, key) as client:
+            listed = await client.list_tools()
+        assert [t.name for t in listed.tools] == ["system_echo", "system_ping"]
+        # The stdio block, pasted as it is into a client's config.
+        stdio = json.loads(
+            lines[lines.index("  ... or stdio (the client launches `soma mcp stdio`):") + 1]
+        )
+        server = stdio["mcpServers"]["soma-local"]
+        params = StdioServerParameters(
+            command=server["command"], args=server["args"], env=server["env"]
+        )
+        async with Client(params) as client:  # type: ignore[arg-type]
+            result = await client.call_tool("system_echo", {"via": "stdio"})
+        assert result.structured_content == {"via": "stdio"}
+    finally:
+        assert run.stop(timeout=30) == 0, run.output()
