@@ -17,19 +17,21 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from soma_cli.errors import RUNTIME_FAILURE, SETUP_ERROR, CommandError, load
 
 if TYPE_CHECKING:
+    import httpx2
     from mcp import Client
 
     from soma_runtime.bridge_config import BridgeSection
     from soma_runtime.config import SomaConfig
 
 KEY_ENV = "SOMA_BRIDGE_KEY"
+T = TypeVar("T")
 
 
 def _section(config: SomaConfig, name: str) -> BridgeSection:
@@ -67,13 +69,13 @@ def list_keys(args: argparse.Namespace) -> int:
     config = load(args.config)
     keys = KeyStore(config.state_dir).list(args.bridge)
     now = time.time()
-    rows: list[dict[str, str]] = [
+    rows = [
         {
             "id": k.id,
             "bridge": k.bridge,
             "label": k.label,
             "created": _when(k.created),
-            "expires": _when(k.expires) if k.expires is not None else "-",
+            "expires": _when(k.expires) if k.expires is not None else None,
             "status": "revoked"
             if k.revoked is not None
             else "expired"
@@ -85,14 +87,12 @@ def list_keys(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = [("ID", "BRIDGE", "LABEL", "CREATED", "EXPIRES", "STATUS")]
-    table += [
-        (r["id"], r["bridge"], r["label"] or "-", r["created"], r["expires"], r["status"])
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(6)]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    columns = ("id", "bridge", "label", "created", "expires", "status")
+    table = [tuple(c.upper() for c in columns)]
+    table += [tuple(row[c] or "-" for c in columns) for row in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
     return 0
 
 
@@ -135,24 +135,59 @@ def mcp_stdio(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Upstream:
+    """An MCP client of the instance at `url`, and the HTTP statuses it met: the SDK reports
+    a 401 as a bare "error response", the status says why."""
+
+    def __init__(self, bridge: str, url: str) -> None:
+        self.bridge, self.url = bridge, url
+        self.statuses: list[int] = []
+
+    async def seen(self, response: httpx2.Response) -> None:
+        self.statuses.append(response.status_code)
+
+    def known(self, exc: BaseException, since: int = 0) -> str | None:
+        """What went wrong in words when it is the key or a missing sidecar; never the key."""
+        import httpx2
+
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if {401, 403} & set(self.statuses[since:]):
+            return f"bridge {self.bridge!r} refused {KEY_ENV} (unknown, expired or revoked key)"
+        if isinstance(exc, httpx2.ConnectError):
+            return f"no sidecar answers for bridge {self.bridge!r} at {self.url}"
+        return None
+
+    async def forward(self, call: Awaitable[T]) -> T:
+        """`call`'s answer; a refused key or a gone sidecar becomes an error that says so,
+        and errors of the instance itself (an unknown tool...) pass through as they are."""
+        import mcp.types as types
+        from mcp.shared.exceptions import MCPError
+
+        since = len(self.statuses)
+        try:
+            return await call
+        except Exception as exc:
+            reason = self.known(exc, since)
+            if reason is None:
+                raise
+            raise MCPError(types.INTERNAL_ERROR, reason) from None
+
+
 @asynccontextmanager
-async def _upstream(bridge: str, url: str, key: str) -> AsyncIterator[Client]:
-    """An MCP client of the instance at `url`; `CommandError` (exit 1) when nothing answers
-    there or the instance refuses the key."""
+async def _connect(bridge: str, url: str, key: str) -> AsyncIterator[tuple[Client, _Upstream]]:
+    """A connected client of the instance; `CommandError` (exit 1) when nothing answers there
+    or the instance refuses the key."""
     import httpx2
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
 
-    statuses: list[int] = []
-
-    async def seen(response: httpx2.Response) -> None:
-        # The SDK reports a 401 as a bare "error response": keep the status to say why.
-        statuses.append(response.status_code)
-
+    upstream = _Upstream(bridge, url)
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(
             httpx2.AsyncClient(
-                headers={"Authorization": f"Bearer {key}"}, event_hooks={"response": [seen]}
+                headers={"Authorization": f"Bearer {key}"},
+                event_hooks={"response": [upstream.seen]},
             )
         )
         try:
@@ -160,22 +195,9 @@ async def _upstream(bridge: str, url: str, key: str) -> AsyncIterator[Client]:
                 Client(streamable_http_client(url, http_client=http), mode="auto")
             )
         except Exception as exc:
-            raise _unreachable(bridge, url, exc, statuses) from None
-        yield client
-
-
-def _unreachable(bridge: str, url: str, exc: BaseException, statuses: list[int]) -> CommandError:
-    import httpx2
-
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    if {401, 403} & set(statuses):
-        reason = f"bridge {bridge!r} refused {KEY_ENV} (unknown, expired or revoked key)"
-    elif isinstance(exc, httpx2.ConnectError):
-        reason = f"no sidecar answers for bridge {bridge!r} at {url}"
-    else:
-        reason = f"bridge {bridge!r} at {url}: {type(exc).__name__}: {exc}"
-    return CommandError(reason, RUNTIME_FAILURE)
+            reason = upstream.known(exc) or f"bridge {bridge!r} at {url}: {type(exc).__name__}"
+            raise CommandError(reason, RUNTIME_FAILURE) from None
+        yield client, upstream
 
 
 async def _relay(bridge: str, url: str, key: str) -> None:
@@ -186,34 +208,34 @@ async def _relay(bridge: str, url: str, key: str) -> None:
     from sidecar.bridge.tools import META
     from soma_runtime import __version__
 
-    async with _upstream(bridge, url, key) as upstream:
+    async with _connect(bridge, url, key) as (client, upstream):
 
         async def list_tools(
             ctx: Any, params: types.PaginatedRequestParams | None
         ) -> types.ListToolsResult:
             cursor = params.cursor if params is not None else None
-            return await upstream.list_tools(cursor=cursor, cache_mode="bypass")
+            return await upstream.forward(client.list_tools(cursor=cursor, cache_mode="bypass"))
 
         async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
             # Only our own `_meta` keys (the idempotency key) travel on: the reserved
             # `io.modelcontextprotocol/` ones describe this hop, not the next.
             meta = {k: v for k, v in (params.meta or {}).items() if k.startswith(META)}
-            return await upstream.call_tool(
-                params.name,
-                params.arguments,
-                meta=meta or None,  # type: ignore[arg-type]
+            return await upstream.forward(
+                client.call_tool(params.name, params.arguments, meta=meta or None)  # type: ignore[arg-type]
             )
 
         async def list_resources(
             ctx: Any, params: types.PaginatedRequestParams | None
         ) -> types.ListResourcesResult:
             cursor = params.cursor if params is not None else None
-            return await upstream.list_resources(cursor=cursor, cache_mode="bypass")
+            return await upstream.forward(client.list_resources(cursor=cursor, cache_mode="bypass"))
 
         async def read_resource(
             ctx: Any, params: types.ReadResourceRequestParams
         ) -> types.ReadResourceResult:
-            return await upstream.read_resource(str(params.uri), cache_mode="bypass")
+            return await upstream.forward(
+                client.read_resource(str(params.uri), cache_mode="bypass")
+            )
 
         server: Server[Any] = Server(
             f"soma-{bridge}",

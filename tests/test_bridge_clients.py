@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from sidecar.bridge.published import url_file
 from tests.helpers import REPO, SOMA, Process, child_env, run_soma, start_sidecar, wait_until
@@ -263,3 +265,27 @@ def test_typescript_sdk_client_over_http(sidecar: tuple[Path, str], ts_client: P
     assert not answer["result"].get("isError")
     wrong = run_node(ts_client, url, "soma_" + "0" * 16 + "_" + "1" * 64)
     assert wrong.returncode == 1 and "invalid_token" in wrong.stderr
+
+
+async def test_stdio_after_the_key_is_revoked(sidecar: tuple[Path, str]) -> None:
+    """A revoke reaches a running `soma mcp stdio` too: its next calls fail, saying why."""
+    config, _ = sidecar
+    key = create_key(config)
+    async with Client(stdio_params(config, key)) as client:  # type: ignore[arg-type]
+        assert not (await client.call_tool("system_echo", {})).is_error
+        revoked = run_soma("bridge", "keys", "revoke", key.split("_")[1], "--config", str(config))
+        assert revoked.returncode == 0, revoked.stderr
+        errors: list[str] = []
+
+        async def refused() -> bool:
+            try:
+                await client.call_tool("system_echo", {})
+            except MCPError as exc:
+                errors.append(str(exc))
+                return True
+            return False
+
+        deadline = time.monotonic() + 1.0
+        while not await refused():
+            assert time.monotonic() < deadline, "the revoked key still works after 1 s"
+        assert errors == ["bridge 'desk' refused SOMA_BRIDGE_KEY (unknown, expired or revoked key)"]
