@@ -22,6 +22,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from sidecar.bridge.published import url_file
+from sidecar.bridge.tools import IDEMPOTENCY_KEY
 from tests.helpers import REPO, SOMA, Process, child_env, run_soma, start_sidecar, wait_until
 
 BRIDGE = """
@@ -289,3 +290,26 @@ async def test_stdio_after_the_key_is_revoked(sidecar: tuple[Path, str]) -> None
         while not await refused():
             assert time.monotonic() < deadline, "the revoked key still works after 1 s"
         assert errors == ["bridge 'desk' refused SOMA_BRIDGE_KEY (unknown, expired or revoked key)"]
+
+
+async def test_stdio_passes_the_idempotency_key_on(tmp_path: Path) -> None:
+    """A retried non-idempotent call through `soma mcp stdio` runs once: the relay forwards
+    our `_meta` key to the instance."""
+    proc, _ = start_sidecar(
+        tmp_path,
+        ["system", "tests.fixtures.organs:Acme"],
+        extra='[[bridge]]\nname = "desk"\nexpose = ["acme.record"]\n',
+    )
+    try:
+        wait_until(url_file(tmp_path / "run", "desk").exists, what="the bridge URL file")
+        config = tmp_path / "soma.toml"
+        async with Client(stdio_params(config, create_key(config))) as client:  # type: ignore[arg-type]
+            meta = {IDEMPOTENCY_KEY: "retry-1"}
+            first = await client.call_tool("acme_record", {"id": "a", "ms": 0}, meta=meta)  # type: ignore[arg-type]
+            again = await client.call_tool("acme_record", {"id": "a", "ms": 0}, meta=meta)  # type: ignore[arg-type]
+            other = await client.call_tool("acme_record", {"id": "b", "ms": 0})
+        assert not first.is_error and again.structured_content == first.structured_content
+        assert not other.is_error
+        assert (tmp_path / "state" / "acme-records.txt").read_text() == "a\nb\n"
+    finally:
+        assert proc.stop() == 0, proc.output()
