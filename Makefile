@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml sdk/pyproject.toml constraints.txt
 
 run: $(STAMP)
 	@echo "In another terminal: export PATH=\"$$PWD/$(BIN):\$$PATH\", then \`soma status\`. Ctrl-C stops everything."
-	$(BIN)/soma supervise --config soma.toml
+	$(BIN)/python -m examples.run --config soma.toml
 
 test: lint typecheck pytest
 

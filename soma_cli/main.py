@@ -121,6 +121,32 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--tag", default=None, help="only functions with this tag")
     search.add_argument("--dir", type=Path, default=CARDS_DIR, help="cards directory")
     search.add_argument("--json", action="store_true", help="print the matching cards as JSON")
+
+    # MCP bridge instances (soma_cli.bridge): API keys, and the stdio front MCP clients launch.
+    bridge = commands.add_parser("bridge", help="MCP bridge instances: API keys")
+    actions = bridge.add_subparsers(dest="action", required=True, metavar="ACTION")
+    keys = actions.add_parser("keys", help="API keys of bridge instances: create, list, revoke")
+    actions = keys.add_subparsers(dest="key_action", required=True, metavar="ACTION")
+    create = _command(
+        actions, "create", "create a key and print it (once)", "soma_cli.bridge:create_key"
+    )
+    create.add_argument("--bridge", required=True, metavar="NAME", help="the [[bridge]] name")
+    create.add_argument("--label", default="", help="a note shown by `list`")
+    create.add_argument("--expires", type=float, metavar="DAYS", help="expire after DAYS")
+    keys_list = _command(actions, "list", "keys, without secrets", "soma_cli.bridge:list_keys")
+    keys_list.add_argument("--bridge", metavar="NAME", help="only this bridge's keys")
+    keys_list.add_argument("--json", action="store_true", help="print the list as JSON")
+    _command(actions, "revoke", "revoke a key by id", "soma_cli.bridge:revoke_key").add_argument(
+        "key_id", metavar="KEY_ID"
+    )
+    mcp = commands.add_parser("mcp", help="serve a bridge instance to an MCP client")
+    actions = mcp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _command(
+        actions,
+        "stdio",
+        "MCP over stdin/stdout, relayed to the running bridge instance with $SOMA_BRIDGE_KEY",
+        "soma_cli.bridge:mcp_stdio",
+    ).add_argument("--bridge", required=True, metavar="NAME", help="the [[bridge]] name")
     return parser
 
 

@@ -39,6 +39,7 @@ from sidecar.bridge.guard import PRINCIPAL, Guard
 from sidecar.bridge.keys import KeyCache, KeyStore
 from sidecar.bridge.names import tool_name
 from sidecar.bridge.oauth import Jwks, TokenVerifier
+from sidecar.bridge.published import publish, withdraw
 from sidecar.bridge.tools import Exposure, effects, to_tool
 from sidecar.credentials import CredentialBroker
 from sidecar.gateway import _EmbeddedServer
@@ -322,6 +323,7 @@ async def serve_bridges(
             if task.done():
                 raise ConfigError(f"bridge {section.name!r}: the server failed to start")
             running.append(RunningBridge(section.name, url, port))
+            stack.callback(withdraw, publish(config.runtime_dir, section.name, url))
             log.info("bridge_serving", bridge=section.name, url=url)
         yield running
 
