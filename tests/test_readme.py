@@ -61,6 +61,7 @@ CLAIMS = {
     "credential_tables": "[[credential]]",
     "gateway_tables": "[[gateway]]",
     "bridge_table": '[[bridge]]\nname = "support"',
+    "mcp_servers_json": '"mcpServers"',
     "status_output": "NAME     KIND     STATE",
     "http_call": 'client.call("http.request"',
     "openai_client": "from openai import OpenAI",
@@ -187,6 +188,21 @@ def test_each_config_fragment_is_valid(tmp_path: Path, phrases: tuple[str, ...])
     for runtime in data.get("runtime", []):
         runtime.setdefault("command", ["python", "-c", "pass"])
     parse_config(data, source=tmp_path / "soma.toml")
+
+
+def test_the_stdio_client_config_names_a_real_command() -> None:
+    import json
+    import subprocess
+
+    server = json.loads(the(CLAIMS["mcp_servers_json"]).body)["mcpServers"]["soma-local"]
+    assert server["command"].endswith("/.venv/bin/soma")
+    assert set(server["env"]) == {"SOMA_BRIDGE_KEY"}  # the key never in the arguments
+    args = [a for a in server["args"] if not a.startswith("/")]
+    result = subprocess.run(
+        [SOMA, *args[:2], "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--bridge" in result.stdout
 
 
 def test_snippets_that_need_the_network_or_other_packages_compile() -> None:
