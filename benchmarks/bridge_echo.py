@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import statistics
 import tempfile
 import threading
@@ -39,6 +38,7 @@ from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import open_vault
 from soma_runtime import Executive
 from soma_runtime.config import parse_config
+from soma_runtime.listeners import tcp_listener
 from soma_runtime.logs import configure_logging
 
 PAYLOAD = {"data": "x" * 88}  # 100 bytes of JSON
@@ -75,9 +75,7 @@ def serve_in_thread(tmp: Path) -> tuple[str, str, str, Callable[[], None]]:
     stop = asyncio.Event()
 
     async def main() -> None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
+        sock = tcp_listener("127.0.0.1", 0)  # the bridge's kind of listener: a fair baseline
         app = bare_server().streamable_http_app(stateless_http=True, json_response=True)
         bare = ReadyServer(uvicorn.Config(app, log_config=None, access_log=False))
         bare_task = asyncio.create_task(bare.serve(sockets=[sock]))

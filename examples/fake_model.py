@@ -25,6 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from soma_runtime.listeners import tcp_listener
+
 
 async def completions(request: Request) -> Response:
     key = request.headers.get("authorization", "").removeprefix("Bearer ")
@@ -59,9 +61,7 @@ def main() -> None:
     if args.fd is not None:
         sock = socket.socket(fileno=args.fd)
     else:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", args.port))
-        sock.listen()
+        sock = tcp_listener("127.0.0.1", args.port)
     host, port = sock.getsockname()
     print(f"model-api: listening on http://{host}:{port}", flush=True)
     app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])

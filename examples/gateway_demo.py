@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from soma_runtime.listeners import tcp_listener
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "examples" / "gateway.toml"
@@ -53,9 +54,7 @@ def main() -> int:
     )
     directory = parser.parse_args().dir.resolve()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
+    listener = tcp_listener("127.0.0.1", 0)
     config = write_config(directory, f"http://127.0.0.1:{listener.getsockname()[1]}")
     print(f"gateway example: configuration written to {config}", flush=True)
     if not has_secret(config, "model"):

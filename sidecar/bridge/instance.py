@@ -48,6 +48,7 @@ from soma_runtime import ErrorKind, Executive, FunctionCard, Response, __version
 from soma_runtime.bridge_config import BridgeSection
 from soma_runtime.card_files import function_to_json
 from soma_runtime.config import ConfigError, SomaConfig
+from soma_runtime.listeners import tcp_listener
 from soma_runtime.validation import InputValidator
 
 log = structlog.get_logger(component="bridge")
@@ -254,14 +255,9 @@ class ReadyServer(_EmbeddedServer):
 
 
 def _bind(section: BridgeSection) -> socket.socket:
-    family = socket.AF_INET6 if ":" in section.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((section.host, section.port))
-        sock.listen(128)
+        sock = tcp_listener(section.host, section.port)
     except OSError as exc:
-        sock.close()
         raise ConfigError(
             f"bridge {section.name!r}: cannot listen on {section.listen}: {exc.strerror}"
         ) from None

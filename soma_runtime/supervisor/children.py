@@ -17,6 +17,7 @@ from soma_runtime.admin_protocol import Register
 from soma_runtime.config import RuntimeSection, SidecarSection, SomaConfig
 from soma_runtime.gateway_sockets import SOCKETS_ENV
 from soma_runtime.layout import RuntimeLayout
+from soma_runtime.listeners import tcp_listener
 from soma_runtime.supervisor import keeper
 from soma_runtime.supervisor.child import StartFailed, Supervised
 from soma_runtime.supervisor.identity import Identity, mint_identity
@@ -51,10 +52,7 @@ def child_env(strip: tuple[str, ...]) -> dict[str, str]:
 def gateway_socket() -> socket.socket:
     """A loopback listening socket for one runtime's gateway. The supervisor holds it for its
     whole life and hands it to each sidecar it starts, so the port never changes."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    return sock
+    return tcp_listener("127.0.0.1", 0)
 
 
 class SidecarChild(Supervised):
