@@ -121,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--tag", default=None, help="only functions with this tag")
     search.add_argument("--dir", type=Path, default=CARDS_DIR, help="cards directory")
     search.add_argument("--json", action="store_true", help="print the matching cards as JSON")
+    # -- soma upstream: pinned tool definitions of upstream MCP servers ----------------------
+    upstream = commands.add_parser(
+        "upstream", help="upstream MCP servers: review and approve changed tool definitions"
+    )
+    actions = upstream.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, handler, text in (
+        ("diff", "soma_cli.upstream:diff", "show how quarantined tools changed (exit 1 if any)"),
+        ("approve", "soma_cli.upstream:approve", "approve the tools' current definitions"),
+    ):
+        sub = _command(actions, name, text, handler)
+        sub.add_argument("name", help="the [[upstream]] name")
+        sub.add_argument("--tool", default=None, help="only this tool (its upstream name)")
+    # -- end soma upstream -------------------------------------------------------------------
     return parser
 
 

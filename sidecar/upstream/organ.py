@@ -1,0 +1,287 @@
+"""An upstream MCP server hosted as an organ: its approved tools are the organ's functions.
+
+Every operation (the tool list, a call) opens its own MCP connection with the official client,
+bounded by the upstream's `timeout`: an upstream that is down, slow or answers garbage fails
+its own calls (`Unavailable`, `DeadlineExceeded`) and nothing else, and a stdio upstream is
+simply started again for the next operation. After a failure further operations wait out a
+backoff (0.5 s doubling to 30 s) and answer `Unavailable` at once meanwhile, so a dead upstream
+is not hammered. The tool list is read at start and every `refresh_interval`; a change
+re-registers the organ's card with the executive. Tools whose definition is not the pinned
+one are quarantined (see `pins`); when the upstream cannot be reached at start, the pinned
+definitions stand in, so its functions exist and answer `Unavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import structlog
+from mcp import Client, MCPError, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import CallToolResult, Tool
+
+from sidecar.credentials import Credential, CredentialBroker
+from sidecar.upstream.cards import definition, function_card, function_names
+from sidecar.upstream.pins import PinStore
+from soma_runtime import Executive, Organ, OrganEnvironment
+from soma_runtime.cards import FunctionCard, OrganCard
+from soma_runtime.contract import Response, Stimulus, unsupported
+from soma_runtime.upstream_config import UpstreamSection
+
+log = structlog.get_logger(component="upstream")
+
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+MAX_PAGES = 100
+
+
+class UpstreamDown(Exception):
+    """The upstream cannot be used now (connection, protocol or backoff)."""
+
+
+class UpstreamOrgan(Organ):
+    """The organ `section.name`, whose functions are the upstream's approved tools."""
+
+    def __init__(self, section: UpstreamSection, env: OrganEnvironment) -> None:
+        self.section = section
+        self._pins = PinStore(env.state_dir)
+        self._executive = env.service(Executive)
+        self._broker = env.service(CredentialBroker) if section.credential else None
+        self._functions: list[FunctionCard] = []
+        self._tools: dict[str, str] = {}  # function name -> tool name, approved tools
+        self._quarantined: dict[str, str] = {}  # function name -> tool name
+        self._backoff = 0.0
+        self._down_until = 0.0
+        self._refresher: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.section.name
+
+    def describe(self) -> OrganCard:
+        where = self.section.url or (self.section.command or ["?"])[0]
+        return OrganCard(
+            name=self.name,
+            version="upstream",
+            description=f"The approved tools of the upstream MCP server {self.name!r} ({where})",
+            division="upstream",
+            subsystem="mcp",
+            tags=["upstream", "mcp"],
+            execution_modes=["async"],
+            functions=self._functions,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self.refresh()
+        except UpstreamDown as exc:
+            log.warning("upstream_down_at_start", upstream=self.name, error=str(exc))
+            self._adopt([Tool.model_validate(d) for d in await self._pinned()], None)
+        self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.section.refresh_interval)
+            try:
+                await self.refresh()
+            except UpstreamDown as exc:
+                log.warning("upstream_refresh_failed", upstream=self.name, error=str(exc))
+
+    async def _pinned(self) -> list[dict[str, Any]]:
+        states = await asyncio.to_thread(self._pins.states, self.name)
+        return [json.loads(s.pinned) for s in states if s.pinned is not None]
+
+    # -- the tool list ------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read the tool list, record it against the pins and update the card;
+        `UpstreamDown` when the upstream cannot be asked."""
+        credential = await self._own_credential()
+        tools: list[Tool] = []
+        try:
+            async with self._operation(credential) as client:
+                cursor: str | None = None
+                for _ in range(MAX_PAGES):
+                    page = await client.list_tools(cursor=cursor, cache_mode="refresh")
+                    tools.extend(page.tools)
+                    cursor = page.next_cursor
+                    if cursor is None:
+                        break
+        except (MCPError, TimeoutError) as exc:
+            raise UpstreamDown(f"tools/list failed: {type(exc).__name__}: {exc}") from None
+        first_use = self.section.first_use == "approve"
+        approved, pinned_now = await asyncio.to_thread(
+            self._pins.record, self.name, [definition(t) for t in tools], first_use=first_use
+        )
+        if pinned_now:
+            log.warning("upstream_tools_pinned_first_use", upstream=self.name, tools=pinned_now)
+        self._adopt(tools, approved)
+
+    def _adopt(self, tools: list[Tool], approved: set[str] | None) -> None:
+        """Make `tools` (those in `approved`; all when None) the organ's functions."""
+        by_name = {t.name: t for t in tools}
+        names = function_names(self.name, sorted(by_name))
+        functions: list[FunctionCard] = []
+        routes: dict[str, str] = {}
+        quarantined: dict[str, str] = {}
+        for function, tool_name in names.items():
+            if approved is not None and tool_name not in approved:
+                quarantined[function] = tool_name
+                continue
+            card = function_card(
+                function,
+                self.name,
+                by_name[tool_name],
+                self.section.credential,
+                self.section.timeout,
+                local=self.section.command is not None,
+            )
+            if card is None:
+                log.warning("upstream_tool_unusable", upstream=self.name, tool=tool_name)
+                continue
+            functions.append(card)
+            routes[function] = tool_name
+        if sorted(quarantined.values()) != sorted(self._quarantined.values()):
+            log.warning(
+                "upstream_tools_quarantined",
+                upstream=self.name,
+                tools=sorted(quarantined.values()),
+                hint=f"soma upstream diff {self.name}; soma upstream approve {self.name}",
+            )
+        self._quarantined = quarantined
+        self._tools = routes
+        if functions != self._functions:
+            self._functions = functions
+            self._executive.refresh(self.name)
+
+    async def _own_credential(self) -> Credential | None:
+        """The organ's credential for reading the tool list (audited as `upstream:<name>`)."""
+        if self._broker is None or self.section.credential is None:
+            return None
+        name = self.section.credential
+        try:
+            resolved = await self._broker.resolve(
+                [name],
+                runtime=f"upstream:{self.name}",
+                allowed=frozenset({name}),
+                organ=self.name,
+                op=f"{self.name}.tools/list",
+            )
+        except Exception as exc:  # VaultError: the vault cannot give it now
+            raise UpstreamDown(f"credential {name!r} unavailable: {exc}") from None
+        return resolved[name]
+
+    # -- calls --------------------------------------------------------------------------
+
+    async def stimulate(self, stimulus: Stimulus) -> Response:
+        started = time.perf_counter()
+        if stimulus.op in self._quarantined:
+            return Response.failure(
+                "Quarantined",
+                _elapsed_ms(started),
+                op=stimulus.op,
+                message=f"the tool's definition changed; see `soma upstream diff {self.name}`",
+            )
+        tool = self._tools.get(stimulus.op)
+        if tool is None:
+            return unsupported(stimulus.op, _elapsed_ms(started))
+        credential = (
+            stimulus.credentials.get(self.section.credential) if self.section.credential else None
+        )
+        try:
+            async with self._operation(credential) as client:
+                result = await client.call_tool(tool, stimulus.input)
+        except UpstreamDown as exc:
+            return Response.failure(
+                "Unavailable", _elapsed_ms(started), op=stimulus.op, message=str(exc)
+            )
+        except MCPError as exc:
+            return Response.failure(
+                "UpstreamError", _elapsed_ms(started), op=stimulus.op, message=exc.error.message
+            )
+        except TimeoutError:
+            return Response.failure(
+                "DeadlineExceeded",
+                _elapsed_ms(started),
+                op=stimulus.op,
+                deadline_s=self.section.timeout,
+            )
+        return _response(result, _elapsed_ms(started), stimulus.op)
+
+    @contextlib.asynccontextmanager
+    async def _operation(self, credential: Credential | None) -> AsyncIterator[Client]:
+        """A connected client for one operation within the timeout; `UpstreamDown` when the
+        upstream cannot be reached or answers what MCP does not allow, `TimeoutError` when
+        the deadline passes."""
+        now = time.monotonic()
+        if now < self._down_until:
+            raise UpstreamDown(f"upstream down; retried in {self._down_until - now:.1f} s")
+        try:
+            async with asyncio.timeout(self.section.timeout):
+                async with contextlib.AsyncExitStack() as stack:
+                    client = await stack.enter_async_context(self._client(credential, stack))
+                    yield client
+        except MCPError:
+            raise  # the upstream answered, with an error: it is up
+        except TimeoutError:
+            self._failed()
+            raise
+        except Exception as exc:
+            self._failed()
+            raise UpstreamDown(f"{type(exc).__name__}: {_reason(exc)}") from None
+        self._backoff = 0.0
+
+    def _failed(self) -> None:
+        self._backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, self._backoff * 2))
+        self._down_until = time.monotonic() + self._backoff
+
+    def _client(self, credential: Credential | None, stack: contextlib.AsyncExitStack) -> Client:
+        section = self.section
+        if section.url is not None:
+            url, headers = credential.attach(section.url) if credential else (section.url, {})
+            http = httpx2.AsyncClient(headers=headers, timeout=section.timeout)
+            stack.push_async_callback(http.aclose)
+            return Client(streamable_http_client(url, http_client=http), cache=None)
+        assert section.command is not None
+        env = None
+        if credential is not None and section.credential_env is not None:
+            env = {section.credential_env: credential.reveal()}
+        command, *args = section.command
+        return Client(StdioServerParameters(command=command, args=args, env=env), cache=None)
+
+
+def _response(result: CallToolResult, latency_ms: float, op: str) -> Response:
+    content = [
+        block.model_dump(mode="json", by_alias=True, exclude_none=True) for block in result.content
+    ]
+    if result.is_error:
+        text = " ".join(b.get("text", "") for b in content if b.get("type") == "text")
+        return Response.failure("UpstreamError", latency_ms, op=op, message=text, content=content)
+    if result.structured_content is not None:
+        return Response(ok=True, output=result.structured_content, latency_ms=latency_ms)
+    return Response(ok=True, output={"content": content}, latency_ms=latency_ms)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first leaf of an exception group (anyio task groups wrap transport failures)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
