@@ -4,11 +4,12 @@ code in a real Executive with the real vault and credential broker, or by a real
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,14 @@ def http_upstream(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         yield f"http://127.0.0.1:{line.split()[1]}/mcp", state
     finally:
         proc.kill()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """`wait_until` for a condition the event loop of the test itself must bring about."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
 
 
 def seen_credentials(state: Path) -> list[str | None]:
@@ -209,6 +218,17 @@ async def test_changed_description_is_quarantined_until_approved(tmp_path: Path)
         assert again.returncode == 0 and "no tool awaits approval" in again.stdout
         unknown = run_soma("upstream", "approve", "nope", "--config", str(config.source))
         assert unknown.returncode == 2 and "no [[upstream]] named 'nope'" in unknown.stderr
+
+
+async def test_a_list_change_reaches_the_executive_on_refresh(tmp_path: Path) -> None:
+    with http_upstream(tmp_path) as (url, state):
+        config = write_config(tmp_path, http_table(url, refresh_interval=1.0), host=origin(url))
+        async with hosting(config) as host:
+            assert "tickets.wait" in host.functions()
+            (state / "hidden").write_text("wait\n")
+            await eventually(lambda: "tickets.wait" not in host.functions())
+            (state / "hidden").write_text("")
+            await eventually(lambda: "tickets.wait" in host.functions())
 
 
 async def test_first_use_can_require_approval(tmp_path: Path) -> None:
