@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -182,6 +184,32 @@ async def test_stdio_upstream_gets_its_credential_in_its_environment(tmp_path: P
         assert response.output == {"id": "42", "title": "ticket 42"}
         assert functions_of(host)["tickets.get_ticket"].residency == "Local"
     assert seen_credentials(state) and set(seen_credentials(state)) == {SECRET}
+
+
+async def test_a_stdio_upstream_that_dies_is_restarted(tmp_path: Path) -> None:
+    state = tmp_path / "upstream"
+    state.mkdir()
+    command = json.dumps([sys.executable, str(FIXTURE), "stdio", str(state)])
+    config = write_config(
+        tmp_path,
+        f'[[upstream]]\nname = "tickets"\ncommand = {command}\ncredential = "{TOKEN}"\n'
+        'credential_env = "TICKETS_TOKEN"\n',
+    )
+    async with hosting(config) as host:
+        assert (await host.call("tickets.get_ticket", {"id": "1"})).ok
+        (first,) = [json.loads(line)["pid"] for line in (state / "seen").read_text().splitlines()]
+        os.kill(first, signal.SIGKILL)
+        dead = await host.call("tickets.get_ticket", {"id": "1"})
+        assert dead.error == "Unavailable", dead.output
+        deadline = time.monotonic() + 20
+        while not (response := await host.call("tickets.get_ticket", {"id": "2"})).ok:
+            assert response.error == "Unavailable", response.output
+            assert time.monotonic() < deadline, "the upstream was not restarted"
+            await asyncio.sleep(0.05)
+        assert response.output == {"id": "2", "title": "ticket 2"}
+        starts = [json.loads(line) for line in (state / "seen").read_text().splitlines()]
+        assert len(starts) == 2 and starts[1]["pid"] != first
+        assert starts[1]["credential"] == SECRET
 
 
 def functions_of(host: Host) -> dict[str, FunctionCard]:

@@ -1,14 +1,19 @@
 """An upstream MCP server hosted as an organ: its approved tools are the organ's functions.
 
-Every operation (the tool list, a call) opens its own MCP connection with the official client,
-bounded by the upstream's `timeout`: an upstream that is down, slow or answers garbage fails
-its own calls (`Unavailable`, `DeadlineExceeded`) and nothing else, and a stdio upstream is
-simply started again for the next operation. After a failure further operations wait out a
-backoff (0.5 s doubling to 30 s) and answer `Unavailable` at once meanwhile, so a dead upstream
-is not hammered. The tool list is read at start and every `refresh_interval`; a change
-re-registers the organ's card with the executive. Tools whose definition is not the pinned
-one are quarantined (see `pins`); when the upstream cannot be reached at start, the pinned
-definitions stand in, so its functions exist and answer `Unavailable`.
+Every operation (the tool list, a call) is bounded by the upstream's `timeout`: an upstream
+that is down, slow or answers garbage fails its own calls (`Unavailable`, `DeadlineExceeded`)
+and nothing else. Over HTTP each operation opens its own stateless MCP connection with the
+official client, sending the credential the call was given; after a failure further
+operations wait out a backoff (0.5 s doubling to 30 s) and answer `Unavailable` at once
+meanwhile, so a dead upstream is not hammered. A stdio upstream is one long-lived subprocess
+(see `session`), restarted with the same backoff when it dies; its credential is in its
+environment from its start (resolved for the organ itself, audited as `upstream:<name>`), so a
+call's injected credential only proves the caller may use it.
+
+The tool list is read at start and every `refresh_interval`; a change re-registers the
+organ's card with the executive. Tools whose definition is not the pinned one are quarantined
+(see `pins`); when the upstream cannot be reached at start, the pinned definitions stand in,
+so its functions exist and answer `Unavailable`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ from mcp.types import CallToolResult, Tool
 from sidecar.credentials import Credential, CredentialBroker
 from sidecar.upstream.cards import definition, function_card, function_names
 from sidecar.upstream.pins import PinStore
+from sidecar.upstream.session import (
+    BACKOFF_MAX_S,
+    BACKOFF_MIN_S,
+    StdioSession,
+    UpstreamDown,
+    connection_closed,
+    reason,
+)
 from soma_runtime import Executive, Organ, OrganEnvironment
 from soma_runtime.cards import FunctionCard, OrganCard
 from soma_runtime.contract import Response, Stimulus, unsupported
@@ -36,13 +49,7 @@ from soma_runtime.upstream_config import UpstreamSection
 
 log = structlog.get_logger(component="upstream")
 
-BACKOFF_MIN_S = 0.5
-BACKOFF_MAX_S = 30.0
 MAX_PAGES = 100
-
-
-class UpstreamDown(Exception):
-    """The upstream cannot be used now (connection, protocol or backoff)."""
 
 
 class UpstreamOrgan(Organ):
@@ -59,6 +66,7 @@ class UpstreamOrgan(Organ):
         self._backoff = 0.0
         self._down_until = 0.0
         self._refresher: asyncio.Task[None] | None = None
+        self._stdio = StdioSession(self.name, self._stdio_parameters) if section.command else None
 
     @property
     def name(self) -> str:
@@ -80,6 +88,8 @@ class UpstreamOrgan(Organ):
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._stdio is not None:
+            self._stdio.start()
         try:
             await self.refresh()
         except UpstreamDown as exc:
@@ -92,6 +102,8 @@ class UpstreamOrgan(Organ):
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        if self._stdio is not None:
+            await self._stdio.stop()
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -231,37 +243,52 @@ class UpstreamOrgan(Organ):
         if now < self._down_until:
             raise UpstreamDown(f"upstream down; retried in {self._down_until - now:.1f} s")
         try:
-            async with asyncio.timeout(self.section.timeout):
-                async with contextlib.AsyncExitStack() as stack:
-                    client = await stack.enter_async_context(self._client(credential, stack))
-                    yield client
-        except MCPError:
+            async with asyncio.timeout(self.section.timeout), contextlib.AsyncExitStack() as stack:
+                if self._stdio is not None:
+                    client = await stack.enter_async_context(self._stdio.operation())
+                else:
+                    client = await stack.enter_async_context(self._http_client(credential, stack))
+                yield client
+        except UpstreamDown:
+            raise
+        except MCPError as exc:
+            if connection_closed(exc):
+                self._failed()
+                raise UpstreamDown("the upstream closed the connection") from None
             raise  # the upstream answered, with an error: it is up
         except TimeoutError:
             self._failed()
             raise
         except Exception as exc:
             self._failed()
-            raise UpstreamDown(f"{type(exc).__name__}: {_reason(exc)}") from None
+            raise UpstreamDown(f"{type(exc).__name__}: {reason(exc)}") from None
         self._backoff = 0.0
 
     def _failed(self) -> None:
+        if self._stdio is not None:
+            return  # the session restarts the process with its own backoff
         self._backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, self._backoff * 2))
         self._down_until = time.monotonic() + self._backoff
 
-    def _client(self, credential: Credential | None, stack: contextlib.AsyncExitStack) -> Client:
-        section = self.section
-        if section.url is not None:
-            url, headers = credential.attach(section.url) if credential else (section.url, {})
-            http = httpx2.AsyncClient(headers=headers, timeout=section.timeout)
-            stack.push_async_callback(http.aclose)
-            return Client(streamable_http_client(url, http_client=http), cache=None)
-        assert section.command is not None
+    def _http_client(
+        self, credential: Credential | None, stack: contextlib.AsyncExitStack
+    ) -> Client:
+        assert self.section.url is not None
+        url, headers = credential.attach(self.section.url) if credential else (self.section.url, {})
+        http = httpx2.AsyncClient(headers=headers, timeout=self.section.timeout)
+        stack.push_async_callback(http.aclose)
+        return Client(streamable_http_client(url, http_client=http), cache=None)
+
+    async def _stdio_parameters(self) -> StdioServerParameters:
+        """How to start the subprocess; run at each (re)start, so a rotated credential is
+        picked up. The environment is the SDK's minimal default plus the credential."""
+        assert self.section.command is not None
+        credential = await self._own_credential()
         env = None
-        if credential is not None and section.credential_env is not None:
-            env = {section.credential_env: credential.reveal()}
-        command, *args = section.command
-        return Client(StdioServerParameters(command=command, args=args, env=env), cache=None)
+        if credential is not None and self.section.credential_env is not None:
+            env = {self.section.credential_env: credential.reveal()}
+        command, *args = self.section.command
+        return StdioServerParameters(command=command, args=args, env=env)
 
 
 def _response(result: CallToolResult, latency_ms: float, op: str) -> Response:
@@ -274,13 +301,6 @@ def _response(result: CallToolResult, latency_ms: float, op: str) -> Response:
     if result.structured_content is not None:
         return Response(ok=True, output=result.structured_content, latency_ms=latency_ms)
     return Response(ok=True, output={"content": content}, latency_ms=latency_ms)
-
-
-def _reason(exc: BaseException) -> str:
-    """The first leaf of an exception group (anyio task groups wrap transport failures)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return str(exc) or type(exc).__name__
 
 
 def _elapsed_ms(started: float) -> float:
