@@ -259,6 +259,15 @@ async def test_a_list_change_reaches_the_executive_on_refresh(tmp_path: Path) ->
             await eventually(lambda: "tickets.wait" in host.functions())
 
 
+async def test_a_list_changed_event_reaches_the_executive_at_once(tmp_path: Path) -> None:
+    with http_upstream(tmp_path) as (url, _):
+        config = write_config(tmp_path, http_table(url, refresh_interval=3600), host=origin(url))
+        async with hosting(config) as host:
+            assert "tickets.wait" in host.functions()
+            assert (await host.call("tickets.hide", {"id": "wait"})).ok
+            await eventually(lambda: "tickets.wait" not in host.functions())
+
+
 async def test_first_use_can_require_approval(tmp_path: Path) -> None:
     with http_upstream(tmp_path) as (url, _):
         config = write_config(tmp_path, http_table(url, first_use="quarantine"), host=origin(url))

@@ -10,10 +10,11 @@ meanwhile, so a dead upstream is not hammered. A stdio upstream is one long-live
 environment from its start (resolved for the organ itself, audited as `upstream:<name>`), so a
 call's injected credential only proves the caller may use it.
 
-The tool list is read at start and every `refresh_interval`; a change re-registers the
-organ's card with the executive. Tools whose definition is not the pinned one are quarantined
-(see `pins`); when the upstream cannot be reached at start, the pinned definitions stand in,
-so its functions exist and answer `Unavailable`.
+The tool list is read at start, every `refresh_interval`, and whenever the upstream says it
+changed (a 2026-07-28 `subscriptions/listen` stream; older servers get the interval only); a
+change re-registers the organ's card with the executive. Tools whose definition is not the
+pinned one are quarantined (see `pins`); when the upstream cannot be reached at start, the
+pinned definitions stand in, so its functions exist and answer `Unavailable`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import httpx2
 import structlog
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from mcp.client.subscriptions import ListenNotSupportedError
 from mcp.types import CallToolResult, Tool
 
 from sidecar.credentials import Credential, CredentialBroker
@@ -65,7 +67,7 @@ class UpstreamOrgan(Organ):
         self._quarantined: dict[str, str] = {}  # function name -> tool name
         self._backoff = 0.0
         self._down_until = 0.0
-        self._refresher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stdio = StdioSession(self.name, self._stdio_parameters) if section.command else None
 
     @property
@@ -95,13 +97,16 @@ class UpstreamOrgan(Organ):
         except UpstreamDown as exc:
             log.warning("upstream_down_at_start", upstream=self.name, error=str(exc))
             self._adopt([Tool.model_validate(d) for d in await self._pinned()], None)
-        self._refresher = asyncio.create_task(self._refresh_forever())
+        self._tasks = [
+            asyncio.create_task(self._refresh_forever()),
+            asyncio.create_task(self._listen_forever()),
+        ]
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+                await task
         if self._stdio is not None:
             await self._stdio.stop()
 
@@ -112,6 +117,36 @@ class UpstreamOrgan(Organ):
                 await self.refresh()
             except UpstreamDown as exc:
                 log.warning("upstream_refresh_failed", upstream=self.name, error=str(exc))
+
+    async def _listen_forever(self) -> None:
+        """Refresh on each tools list-changed event; after a dropped stream, listen again
+        (an interval later) and refresh, since events are not replayed."""
+        while True:
+            try:
+                async with (
+                    self._listening_client() as client,
+                    client.listen(tools_list_changed=True) as events,
+                ):
+                    await self.refresh()
+                    async for _ in events:
+                        await self.refresh()
+            except ListenNotSupportedError:
+                log.info("upstream_sends_no_list_changes", upstream=self.name)
+                return
+            except Exception as exc:
+                log.info("upstream_listen_ended", upstream=self.name, error=reason(exc))
+            await asyncio.sleep(self.section.refresh_interval)
+
+    @contextlib.asynccontextmanager
+    async def _listening_client(self) -> AsyncIterator[Client]:
+        """A long-lived client for the listen stream (not bounded by the call timeout)."""
+        if self._stdio is not None:
+            async with self._stdio.operation() as client:
+                yield client
+            return
+        credential = await self._own_credential()
+        async with contextlib.AsyncExitStack() as stack:
+            yield await stack.enter_async_context(self._http_client(credential, stack, stream=True))
 
     async def _pinned(self) -> list[dict[str, Any]]:
         states = await asyncio.to_thread(self._pins.states, self.name)
@@ -271,11 +306,19 @@ class UpstreamOrgan(Organ):
         self._down_until = time.monotonic() + self._backoff
 
     def _http_client(
-        self, credential: Credential | None, stack: contextlib.AsyncExitStack
+        self,
+        credential: Credential | None,
+        stack: contextlib.AsyncExitStack,
+        *,
+        stream: bool = False,
     ) -> Client:
+        """A client for the HTTP upstream; reads time out after `timeout` except on a
+        `stream` (a listen stream waits for events without end)."""
         assert self.section.url is not None
         url, headers = credential.attach(self.section.url) if credential else (self.section.url, {})
-        http = httpx2.AsyncClient(headers=headers, timeout=self.section.timeout)
+        timeout = self.section.timeout
+        limits = httpx2.Timeout(timeout, read=None if stream else timeout)
+        http = httpx2.AsyncClient(headers=headers, timeout=limits)
         stack.push_async_callback(http.aclose)
         return Client(streamable_http_client(url, http_client=http), cache=None)
 
