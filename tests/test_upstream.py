@@ -160,12 +160,19 @@ async def test_http_upstream_tools_are_carded_functions_with_the_credential_upst
             # Input is checked against the upstream's schema before it is sent.
             bad = await host.call("tickets.get_ticket", {"id": 7})
             assert bad.error == "InvalidInput"
+            garbage = await host.call("tickets.get_ticket", {"id": "garbage"})
+            assert (
+                garbage.error == "Unavailable" and "Invalid structured" in garbage.output["message"]
+            )
             assert seen_credentials(state)[-1] == f"Bearer {SECRET}"
             assert None not in seen_credentials(state)  # the tool list was read with it too
             # The channel's allow-list applies: a runtime without the credential cannot call.
             before = len(seen_credentials(state))
             with pytest.raises(CredentialDenied):
                 await host.call("tickets.get_ticket", {"id": "7"}, allowed=frozenset())
+            # A call nobody injected the credential for (in-process) is not sent either.
+            bare = await host.executive.stimulate(Stimulus("tickets.get_ticket", {"id": "7"}))
+            assert bare.error == "CredentialUnavailable"
             assert len(seen_credentials(state)) == before
 
 

@@ -246,9 +246,18 @@ class UpstreamOrgan(Organ):
         tool = self._tools.get(stimulus.op)
         if tool is None:
             return unsupported(stimulus.op, _elapsed_ms(started))
-        credential = (
-            stimulus.credentials.get(self.section.credential) if self.section.credential else None
-        )
+        credential = None
+        if self.section.credential is not None:
+            # Only a caller the credential was injected for (its channel or bridge may use
+            # it) reaches the upstream, on either transport.
+            credential = stimulus.credentials.get(self.section.credential)
+            if credential is None:
+                return Response.failure(
+                    "CredentialUnavailable",
+                    _elapsed_ms(started),
+                    op=stimulus.op,
+                    message=f"the call carries no credential {self.section.credential!r}",
+                )
         try:
             async with self._operation(credential) as client:
                 result = await client.call_tool(tool, stimulus.input)
@@ -267,6 +276,8 @@ class UpstreamOrgan(Organ):
                 op=stimulus.op,
                 deadline_s=self.section.timeout,
             )
+        # The client has checked structured content against the tool's output schema
+        # (a mismatch raised above: Unavailable).
         return _response(result, _elapsed_ms(started), stimulus.op)
 
     @contextlib.asynccontextmanager
