@@ -273,6 +273,10 @@ async def test_a_list_changed_event_reaches_the_executive_at_once(tmp_path: Path
             assert "tickets.wait" in host.functions()
             assert (await host.call("tickets.hide", {"id": "wait"})).ok
             await eventually(lambda: "tickets.wait" not in host.functions())
+            # The listen stream is up now (the first change may have been read just after
+            # it was acknowledged); the next change can only arrive as its event.
+            assert (await host.call("tickets.hide", {"id": "Close-Ticket"})).ok
+            await eventually(lambda: "tickets.close-ticket" not in host.functions())
 
 
 async def test_first_use_can_require_approval(tmp_path: Path) -> None:

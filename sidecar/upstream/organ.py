@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -120,13 +121,15 @@ class UpstreamOrgan(Organ):
 
     async def _listen_forever(self) -> None:
         """Refresh on each tools list-changed event; after a dropped stream, listen again
-        (an interval later) and refresh, since events are not replayed."""
+        an interval later."""
         while True:
             try:
                 async with (
                     self._listening_client() as client,
                     client.listen(tools_list_changed=True) as events,
                 ):
+                    # Read the list once subscribed: a change made before the
+                    # subscription was acknowledged sends no event (none are replayed).
                     await self.refresh()
                     async for _ in events:
                         await self.refresh()
@@ -149,7 +152,11 @@ class UpstreamOrgan(Organ):
             yield await stack.enter_async_context(self._http_client(credential, stack, stream=True))
 
     async def _pinned(self) -> list[dict[str, Any]]:
-        states = await asyncio.to_thread(self._pins.states, self.name)
+        try:
+            states = await asyncio.to_thread(self._pins.states, self.name)
+        except sqlite3.Error as exc:
+            log.error("upstream_pins_unreadable", upstream=self.name, error=str(exc))
+            return []
         return [json.loads(s.pinned) for s in states if s.pinned is not None]
 
     # -- the tool list ------------------------------------------------------------------
@@ -171,9 +178,13 @@ class UpstreamOrgan(Organ):
         except (MCPError, TimeoutError) as exc:
             raise UpstreamDown(f"tools/list failed: {type(exc).__name__}: {exc}") from None
         first_use = self.section.first_use == "approve"
-        approved, pinned_now = await asyncio.to_thread(
-            self._pins.record, self.name, [definition(t) for t in tools], first_use=first_use
-        )
+        try:
+            approved, pinned_now = await asyncio.to_thread(
+                self._pins.record, self.name, [definition(t) for t in tools], first_use=first_use
+            )
+        except sqlite3.Error as exc:
+            # Without the pins no tool can be told approved: keep serving what was.
+            raise UpstreamDown(f"the pin database cannot be used: {exc}") from None
         if pinned_now:
             log.warning("upstream_tools_pinned_first_use", upstream=self.name, tools=pinned_now)
         self._adopt(tools, approved)
