@@ -15,9 +15,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 import sdk
+from sidecar.bridge import serve_bridges
+from sidecar.bridge.keys import KeyStore
 from sidecar.credentials import CredentialBroker, CredentialDenied
 from sidecar.injection import inject_credentials
 from sidecar.loading import load_organs
@@ -317,6 +322,26 @@ async def test_down_slow_or_garbage_upstream_fails_only_its_own_functions(tmp_pa
         async with hosting(garbage) as host:
             assert not [f for f in host.functions() if f.startswith("tickets.")]
             assert (await host.executive.stimulate(Stimulus("system.echo", {}))).ok
+
+
+async def test_upstream_tools_are_exposed_on_a_bridge_with_its_credential(tmp_path: Path) -> None:
+    with http_upstream(tmp_path) as (url, state):
+        bridge = f'[[bridge]]\nname = "desk"\nexpose = ["tickets.*"]\ncredentials = ["{TOKEN}"]\n'
+        config = write_config(tmp_path, http_table(url) + bridge, host=origin(url))
+        _, key = KeyStore(config.state_dir).create("desk")
+        async with (
+            hosting(config) as host,
+            serve_bridges(config, host.executive, host.broker) as bridges,
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as http,
+            Client(streamable_http_client(bridges[0].url, http_client=http)) as client,  # type: ignore[arg-type]
+        ):
+            tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+            assert tools["tickets_get__ticket"].annotations is not None
+            assert tools["tickets_get__ticket"].annotations.read_only_hint is True
+            result = await client.call_tool("tickets_get__ticket", {"id": "3"})
+            assert result.structured_content == {"id": "3", "title": "ticket 3"}
+        assert seen_credentials(state)[-1] == f"Bearer {SECRET}"
+        assert key not in (state / "seen").read_text()  # the client's key is not forwarded
 
 
 def test_upstream_settings_are_checked(tmp_path: Path) -> None:
