@@ -57,12 +57,17 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
         # The one vault of this process: the credential broker and the vault organ share it.
         vault = AsyncVault(lambda: open_vault(config, durable=False))
         parts.push_async_callback(vault.close)
-        executive = Executive(load_organs(config, {AsyncVault: vault}))
+        broker = CredentialBroker(config.credential, vault)
+        # Organs whose functions change while they run (upstream MCP servers) re-register
+        # their cards with the executive they are given.
+        executive = Executive()
+        services = {AsyncVault: vault, CredentialBroker: broker, Executive: executive}
+        for organ in load_organs(config, services):
+            executive.register(organ)
         if config.credential or "vault" in executive.organ_names():
             # A key-encryption key others can read, or a wrong one, stops the start; a damaged
             # database does not (each vault call reports it, everything else keeps serving).
             kek_provider(config)
-        broker = CredentialBroker(config.credential, vault)
         registry = ChannelRegistry(executive, settings, broker)
         stop = _stop_on_signals(parts)
         await executive.start()

@@ -93,6 +93,11 @@ class Credential:
         ]
         return urlunsplit(parts._replace(query=urlencode(query)))
 
+    def reveal(self) -> str:
+        """The value itself, for what has no URL to bind it to: the environment of a stdio
+        upstream MCP server the sidecar starts (see sidecar.upstream). Never log it."""
+        return self._value
+
     @property
     def scrubber(self) -> Scrubber:
         """Finds this credential's value, in every form, in anything echoed back to a caller."""

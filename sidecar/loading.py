@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from sidecar.organs import BUILTIN_ORGANS
+from sidecar.upstream import UpstreamOrgan
 from soma_runtime import Organ, OrganEnvironment
 from soma_runtime.config import ConfigError, SomaConfig
 
@@ -43,7 +44,8 @@ _NO_SERVICES: Mapping[type[Any], object] = MappingProxyType({})
 def load_organs(
     config: SomaConfig, services: Mapping[type[Any], object] = _NO_SERVICES
 ) -> list[Organ]:
-    """Instantiate and configure every organ of `config.sidecar.organs`, in order."""
+    """Instantiate and configure every organ of `config.sidecar.organs`, in order, then one
+    organ per `[[upstream]]` MCP server (which takes no `[organ.<name>]` table)."""
     env = OrganEnvironment(config.state_dir, config.runtime_dir, services)
     organs: list[Organ] = []
     names: set[str] = set()
@@ -66,7 +68,11 @@ def load_organs(
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"organ.{name}: {exc}") from None
         organs.append(organ)
-    unused = sorted(set(config.organ) - names)
+    for index, upstream in enumerate(config.upstream):
+        if upstream.name in names:
+            raise ConfigError(f"upstream[{index}].name: organ {upstream.name!r} is already loaded")
+        organs.append(UpstreamOrgan(upstream, env))
+    unused = sorted(set(config.organ) - {organ.describe().name for organ in organs})
     if unused:
         raise ConfigError(f"organ.{unused[0]}: no organ of that name is loaded")
     return organs

@@ -147,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
         "MCP over stdin/stdout, relayed to the running bridge instance with $SOMA_BRIDGE_KEY",
         "soma_cli.bridge:mcp_stdio",
     ).add_argument("--bridge", required=True, metavar="NAME", help="the [[bridge]] name")
+
+    # -- soma upstream: pinned tool definitions of upstream MCP servers ----------------------
+    upstream = commands.add_parser(
+        "upstream", help="upstream MCP servers: review and approve changed tool definitions"
+    )
+    actions = upstream.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, handler, text in (
+        ("diff", "soma_cli.upstream:diff", "show how quarantined tools changed (exit 1 if any)"),
+        ("approve", "soma_cli.upstream:approve", "approve the tools' current definitions"),
+    ):
+        sub = _command(actions, name, text, handler)
+        sub.add_argument("name", help="the [[upstream]] name")
+        sub.add_argument("--tool", default=None, help="only this tool (its upstream name)")
+    # -- end soma upstream -------------------------------------------------------------------
     return parser
 
 

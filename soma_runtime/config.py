@@ -26,6 +26,7 @@ from pydantic import (
 
 from soma_runtime.bridge_config import BridgeSections
 from soma_runtime.hosts import Binding, Origin, url_origin
+from soma_runtime.upstream_config import UpstreamSections
 
 DEFAULT_CONFIG_NAME = "soma.toml"
 MiB = 1024 * 1024
@@ -231,6 +232,7 @@ class SomaConfig(_Section):
     gateway: list[GatewaySection] = Field(default_factory=list)
     runtime: list[RuntimeSection] = Field(default_factory=list)
     bridge: BridgeSections = Field(default_factory=list)
+    upstream: UpstreamSections = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> SomaConfig:

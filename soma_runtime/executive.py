@@ -81,22 +81,42 @@ class Executive:
         card = organ.describe()
         if card.name in self._organs:
             raise ValueError(f"organ {card.name!r} is registered twice")
+        self._install(organ, card)
+        return card
+
+    def refresh(self, name: str) -> OrganCard:
+        """Read a registered organ's card again, for an organ whose functions change while it
+        runs (an upstream MCP server's tools): its routes are rebuilt; a function it keeps
+        with the same SLO keeps its stats."""
+        organ = self._organs.get(name)
+        if organ is None:
+            raise UnknownOrgan(name)
+        card = organ.describe()
+        if card.name != name:
+            raise ValueError(f"organ {name!r} now calls itself {card.name!r}")
+        self._install(organ, card)
+        return card
+
+    def _install(self, organ: Organ, card: OrganCard) -> None:
+        old = {n: r for n, r in self._routes.items() if r.organ_name == card.name}
         routes: dict[str, _Route] = {}
         for fn in card.all_functions():
             taken = self._routes.get(fn.name)
-            if taken is not None:
+            if taken is not None and taken.organ_name != card.name:
                 raise ValueError(
                     f"function {fn.name!r} of organ {card.name!r} is already provided by "
                     f"organ {taken.organ_name!r}"
                 )
-            validator = InputValidator(fn.input_schema)
-            routes[fn.name] = _Route(
-                card.name, organ, fn, validator, FunctionStats(fn.name, fn.slo)
+            kept = old.get(fn.name)
+            stats = (
+                kept.stats if kept and kept.card.slo == fn.slo else FunctionStats(fn.name, fn.slo)
             )
+            routes[fn.name] = _Route(card.name, organ, fn, InputValidator(fn.input_schema), stats)
+        for fn_name in old:
+            del self._routes[fn_name]
         self._organs[card.name] = organ
         self._cards[card.name] = card
         self._routes.update(routes)
-        return card
 
     # -- discovery ------------------------------------------------------------------------
 
