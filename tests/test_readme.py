@@ -58,10 +58,11 @@ CLAIMS = {
     "full_config": '[soma]\nstate_dir = ".soma/state"',
     "runtime_table": "# unique, [a-z0-9-]",
     "vault_table": "[vault]\nkek =",
-    "credential_tables": "[[credential]]",
+    "credential_tables": '[[credential]]\nname = "openai"',
     "gateway_tables": "[[gateway]]",
     "bridge_table": '[[bridge]]\nname = "support"',
     "mcp_servers_json": '"mcpServers"',
+    "upstream_table": '[[upstream]]\nname = "tickets"',  # with its [[credential]]
     "status_output": "NAME     KIND     STATE",
     "http_call": 'client.call("http.request"',
     "openai_client": "from openai import OpenAI",
@@ -180,6 +181,7 @@ def test_the_organ_skeleton_is_the_contract() -> None:
         (CLAIMS["credential_tables"],),
         (CLAIMS["credential_tables"], CLAIMS["gateway_tables"]),
         (CLAIMS["bridge_table"],),
+        (CLAIMS["upstream_table"],),
     ],
 )
 def test_each_config_fragment_is_valid(tmp_path: Path, phrases: tuple[str, ...]) -> None:
