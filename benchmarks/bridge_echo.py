@@ -76,7 +76,7 @@ def serve_in_thread(tmp: Path) -> tuple[str, str, str, Callable[[], None]]:
 
     async def main() -> None:
         sock = tcp_listener("127.0.0.1", 0)  # the bridge's kind of listener: a fair baseline
-        app = bare_server().streamable_http_app(stateless_http=True, json_response=True)
+        app = bare_server().streamable_http_app(stateless_http=True)  # SSE, as the bridge
         bare = ReadyServer(uvicorn.Config(app, log_config=None, access_log=False))
         bare_task = asyncio.create_task(bare.serve(sockets=[sock]))
         urls["bare"] = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"

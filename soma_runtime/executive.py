@@ -73,8 +73,16 @@ class Executive:
         self._organs: dict[str, Organ] = {}
         self._cards: dict[str, OrganCard] = {}
         self._routes: dict[str, _Route] = {}
+        self._listeners: dict[object, Callable[[], None]] = {}
         for organ in organs:
             self.register(organ)
+
+    def on_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` whenever an organ's functions change (`refresh`); returns the
+        function that unsubscribes it."""
+        token = object()
+        self._listeners[token] = listener
+        return lambda: self._listeners.pop(token, None) and None
 
     def register(self, organ: Organ) -> OrganCard:
         """Add an organ; its card is read once and its validators compiled now."""
@@ -95,6 +103,8 @@ class Executive:
         if card.name != name:
             raise ValueError(f"organ {name!r} now calls itself {card.name!r}")
         self._install(organ, card)
+        for listener in list(self._listeners.values()):
+            listener()
         return card
 
     def _install(self, organ: Organ, card: OrganCard) -> None:

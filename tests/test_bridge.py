@@ -29,7 +29,7 @@ from sidecar.vault.open import open_vault
 from soma_runtime import Executive
 from soma_runtime.card_files import functions_of, load_cards
 from soma_runtime.config import ConfigError, SomaConfig, load_config, parse_config
-from tests.fixtures.organs import Keyring, Ledger
+from tests.fixtures.organs import Keyring, Ledger, Shifting
 from tests.helpers import set_secret
 
 MODES = ["auto", "legacy"]  # 2026-07-28 (server/discover) and 2025-11-25 (initialize)
@@ -334,3 +334,26 @@ async def test_a_client_that_disconnects_cancels_the_organ_call(tmp_path: Path) 
         await asyncio.wait_for(keyring.started.wait(), 10)
         request.cancel()  # the client goes away: its connection closes
         await asyncio.wait_for(keyring.cancelled.wait(), 5)
+
+
+async def test_a_change_of_functions_reaches_listening_clients(tmp_path: Path) -> None:
+    """An organ's functions change (an upstream's tools): a 2026-07-28 client listening for
+    tools list-changed events hears it, and its next list shows the change."""
+    config = bridge_config(tmp_path, '[[bridge]]\nname = "one"\nexpose = ["shifting.*"]\n')
+    _, key = KeyStore(config.state_dir).create("one")
+    organ = Shifting()
+    executive = Executive([organ])
+    vault = AsyncVault(lambda: open_vault(config, durable=False))
+    try:
+        async with (
+            serve_bridges(config, executive, CredentialBroker([], vault)) as bridges,
+            client(bridges[0].url, key) as c,
+        ):
+            assert [t.name for t in (await c.list_tools()).tools] == ["shifting_a"]
+            async with c.listen(tools_list_changed=True) as events:
+                organ.names.append("shifting.b")
+                executive.refresh("shifting")
+                await asyncio.wait_for(anext(aiter(events)), 10)
+            assert [t.name for t in (await c.list_tools()).tools] == ["shifting_a", "shifting_b"]
+    finally:
+        await vault.close()

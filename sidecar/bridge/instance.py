@@ -24,6 +24,7 @@ import mcp.types as types
 import structlog
 import uvicorn
 from mcp.server import Server
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 
@@ -194,6 +195,18 @@ def build_app(
 ) -> Guard:
     """The ASGI app of one instance: the guard in front of the SDK's Streamable HTTP app."""
     tools = BridgeTools(section, executive, broker)
+    # Tools list-changed events for 2026-07-28 clients (`subscriptions/listen`): whenever an
+    # organ's functions change (an upstream MCP server's tools), every listening client of
+    # every instance hears it and lists again (what it may see is decided per instance then).
+    changes = InMemorySubscriptionBus()
+    publishing: set[asyncio.Task[None]] = set()
+
+    def changed() -> None:  # the executive calls it from the event loop's thread
+        task = asyncio.get_running_loop().create_task(changes.publish(ToolsListChanged()))
+        publishing.add(task)
+        task.add_done_callback(publishing.discard)
+
+    executive.on_change(changed)
     server: Server[Any] = Server(
         f"soma-{section.name}",
         version=__version__,
@@ -201,11 +214,13 @@ def build_app(
         on_call_tool=tools.call_tool,
         on_list_resources=tools.list_resources,
         on_read_resource=tools.read_resource,
+        on_subscriptions_listen=ListenHandler(changes),
     )
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=True,
-        json_response=True,
+        # SSE answers: a listen request's answer is the stream of its events.
+        json_response=False,
         max_request_body_size=section.max_request_bytes,
         transport_security=_transport_security(section, resource_url),
     )
