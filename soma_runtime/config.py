@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from soma_runtime.bridge_config import BridgeSections
-from soma_runtime.hosts import Binding, Origin, url_origin
+from soma_runtime.hosts import Binding, Origin, check_credential_reaches
 from soma_runtime.upstream_config import UpstreamSections
 
 DEFAULT_CONFIG_NAME = "soma.toml"
@@ -241,20 +241,9 @@ class SomaConfig(_Section):
         credentials = {c.name: c for c in self.credential}
         for index, gateway in enumerate(self.gateway):
             key = f"gateway[{index}]"
-            credential = credentials.get(gateway.credential)
-            if credential is None:
-                raise ValueError(
-                    f"{key}.credential: no [[credential]] named {gateway.credential!r}"
-                )
-            try:
-                origin = url_origin(gateway.upstream)
-            except ValueError:
-                raise ValueError(f"{key}.upstream: the port must be from 1 to 65535") from None
-            if not credential.allows(origin):
-                raise ValueError(
-                    f"{key}.upstream: {origin} is not among credential {credential.name!r}'s "
-                    f"hosts {credential.hosts} (a bare host name means https on port 443)"
-                )
+            check_credential_reaches(
+                credentials, gateway.credential, gateway.upstream, key, "upstream"
+            )
             for env_key in ("base_url_env", "api_key_env"):
                 if getattr(gateway, env_key).startswith("SOMA_"):
                     raise ValueError(f"{key}.{env_key}: SOMA_* variables are reserved")

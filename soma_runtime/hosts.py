@@ -10,7 +10,9 @@ the machine can listen on another loopback port, an agent included.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -97,3 +99,22 @@ def upstream_host(url: str) -> str:
     """The lower-case host name of an http(s) URL, for messages (never the whole URL: a
     query parameter may carry a credential)."""
     return (urlsplit(url).hostname or "").lower()
+
+
+def check_credential_reaches(
+    credentials: Mapping[str, Any], name: str, url: str, key: str, field: str
+) -> None:
+    """`ValueError` naming `key.field` (or `key.credential`) unless the configured credential
+    `name` may be sent to `url`'s origin: what a gateway's and an upstream's config promise."""
+    credential = credentials.get(name)
+    if credential is None:
+        raise ValueError(f"{key}.credential: no [[credential]] named {name!r}")
+    try:
+        origin = url_origin(url)
+    except ValueError:
+        raise ValueError(f"{key}.{field}: the port must be from 1 to 65535") from None
+    if not credential.allows(origin):
+        raise ValueError(
+            f"{key}.{field}: {origin} is not among credential {credential.name!r}'s hosts "
+            f"{credential.hosts} (a bare host name means https on port 443)"
+        )

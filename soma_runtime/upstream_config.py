@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from soma_runtime.hosts import url_origin
+from soma_runtime.hosts import check_credential_reaches
 
 NAME = r"^[a-z][a-z0-9_-]{0,63}$"  # an organ name: the upstream's functions are NAME.<tool>
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -66,19 +66,10 @@ def _references_resolve(
         seen.add(upstream.name)
         if upstream.credential is None:
             continue
-        credential = credentials.get(upstream.credential)
-        if credential is None:
+        if upstream.credential not in credentials:
             raise ValueError(f"{key}.credential: no [[credential]] named {upstream.credential!r}")
         if upstream.url is not None:
-            try:
-                origin = url_origin(upstream.url)
-            except ValueError:
-                raise ValueError(f"{key}.url: the port must be from 1 to 65535") from None
-            if not credential.allows(origin):
-                raise ValueError(
-                    f"{key}.url: {origin} is not among credential {credential.name!r}'s hosts "
-                    f"{credential.hosts} (a bare host name means https on port 443)"
-                )
+            check_credential_reaches(credentials, upstream.credential, upstream.url, key, "url")
     return upstreams
 
 
