@@ -181,7 +181,9 @@ async def test_http_upstream_tools_are_carded_functions_with_the_credential_upst
             assert len(seen_credentials(state)) == before
 
 
-async def test_stdio_upstream_gets_its_credential_in_its_environment(tmp_path: Path) -> None:
+def stdio_upstream(tmp_path: Path) -> tuple[Path, SomaConfig]:
+    """The fixture server as a stdio upstream with its credential: its state directory and
+    the config that hosts it."""
     state = tmp_path / "upstream"
     state.mkdir()
     command = json.dumps([sys.executable, str(FIXTURE), "stdio", str(state)])
@@ -190,6 +192,11 @@ async def test_stdio_upstream_gets_its_credential_in_its_environment(tmp_path: P
         f'[[upstream]]\nname = "tickets"\ncommand = {command}\ncredential = "{TOKEN}"\n'
         'credential_env = "TICKETS_TOKEN"\n',
     )
+    return state, config
+
+
+async def test_stdio_upstream_gets_its_credential_in_its_environment(tmp_path: Path) -> None:
+    state, config = stdio_upstream(tmp_path)
     async with hosting(config) as host:
         response = await host.call("tickets.get_ticket", {"id": "42"})
         assert response.ok, response.output
@@ -199,14 +206,7 @@ async def test_stdio_upstream_gets_its_credential_in_its_environment(tmp_path: P
 
 
 async def test_a_stdio_upstream_that_dies_is_restarted(tmp_path: Path) -> None:
-    state = tmp_path / "upstream"
-    state.mkdir()
-    command = json.dumps([sys.executable, str(FIXTURE), "stdio", str(state)])
-    config = write_config(
-        tmp_path,
-        f'[[upstream]]\nname = "tickets"\ncommand = {command}\ncredential = "{TOKEN}"\n'
-        'credential_env = "TICKETS_TOKEN"\n',
-    )
+    state, config = stdio_upstream(tmp_path)
     async with hosting(config) as host:
         assert (await host.call("tickets.get_ticket", {"id": "1"})).ok
         (first,) = [json.loads(line)["pid"] for line in (state / "seen").read_text().splitlines()]
