@@ -93,7 +93,7 @@ class Admin:
             ],
             "functions": [
                 # The histogram is the metrics endpoint's: the quantiles say it here.
-                asdict(s, dict_factory=_without_histogram)
+                {**asdict(s, dict_factory=_without_histogram), "meets_slo": s.meets_slo}
                 for s in self._executive.function_stats()
             ],
         }
