@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 from sidecar.bridge.keys import KeyCounts
 from sidecar.channels import ChannelRegistry
 from soma_runtime import Executive
-from soma_runtime.config import MetricsSection, SomaConfig
+from soma_runtime.config import ConfigError, MetricsSection, SomaConfig
 from soma_runtime.listeners import tcp_listener
 from soma_runtime.slo import ROUND_BOUNDS_MS
 from soma_runtime.throttle import RepeatedWarnings
@@ -142,21 +142,12 @@ async def serve_metrics(config: SomaConfig, registry: CollectorRegistry) -> Asyn
     settings = config.metrics
     assert settings.listen is not None
     handler = _Endpoint(registry, settings)
-    if settings.listen.startswith("unix:"):
-        path = config.resolve(Path(settings.listen.removeprefix("unix:")))
-        prepare_socket_path(path)  # private directory, nothing live or foreign in the way
-        with private_umask():
-            server = await asyncio.start_unix_server(handler.connection, os.fspath(path))
-        path.chmod(0o600)
-        address = f"unix:{path}"
-    else:
-        host, _, port = settings.listen.rpartition(":")
-        host = host.removeprefix("[").removesuffix("]")
-        sock = tcp_listener(host, int(port))
-        sock.setblocking(False)
-        server = await asyncio.start_server(handler.connection, sock=sock)
-        shown = f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
-        address = f"http://{shown}:{sock.getsockname()[1]}{PATH}"
+    try:
+        server, address = await _listen(config, settings.listen, handler)
+    except OSError as exc:
+        raise ConfigError(
+            f"metrics.listen: cannot serve on {settings.listen}: {exc.strerror or exc}"
+        ) from None
     log.info("metrics_serving", address=address)
     try:
         yield address
@@ -166,6 +157,25 @@ async def serve_metrics(config: SomaConfig, registry: CollectorRegistry) -> Asyn
         await server.wait_closed()
         if address.startswith("unix:"):
             remove_socket(Path(address.removeprefix("unix:")))
+
+
+async def _listen(
+    config: SomaConfig, listen: str, handler: _Endpoint
+) -> tuple[asyncio.Server, str]:
+    if listen.startswith("unix:"):
+        path = config.resolve(Path(listen.removeprefix("unix:")))
+        prepare_socket_path(path)  # private directory, nothing live or foreign in the way
+        with private_umask():
+            server = await asyncio.start_unix_server(handler.connection, os.fspath(path))
+        path.chmod(0o600)
+        return server, f"unix:{path}"
+    host, _, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    sock = tcp_listener(host, int(port))
+    sock.setblocking(False)
+    server = await asyncio.start_server(handler.connection, sock=sock)
+    shown = f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    return server, f"http://{shown}:{sock.getsockname()[1]}{PATH}"
 
 
 class _Endpoint:

@@ -355,3 +355,20 @@ def test_error_kinds_are_bounded() -> None:
         stats.record(1.0, f"Kind{i}")
     by_kind = stats.snapshot().errors_by_kind
     assert len(by_kind) == MAX_ERROR_KINDS + 1 and by_kind["Other"] == 10
+
+
+def test_a_taken_port_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "soma.toml"
+        config.write_text(
+            f'[soma]\nruntime_dir = "run"\nstate_dir = "state"\n[sidecar]\nsocket = "run/s.sock"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
+        )
+        result = run_soma("sidecar", "--config", str(config))
+    assert result.returncode != 0
+    assert f"metrics.listen: cannot serve on 127.0.0.1:{port}: Address already in use" in (
+        result.stderr
+    )
