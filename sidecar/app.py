@@ -26,7 +26,7 @@ from sidecar.credentials import CredentialBroker
 from sidecar.descriptors import ensure_budget
 from sidecar.gateway import Gateway, GatewayServer, sockets_from_env
 from sidecar.loading import load_organs
-from sidecar.metrics import metrics_registry, serve_metrics
+from sidecar.metrics import SomaCollector, serve_metrics
 from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import kek_provider, open_vault
 from soma_runtime import Executive, jsonline
@@ -93,8 +93,8 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
         key_counts = KeyCounts()
         await parts.enter_async_context(serve_bridges(config, executive, broker, key_counts))
         if config.metrics.listen is not None:
-            metrics = metrics_registry(executive, registry, key_counts)
-            await parts.enter_async_context(serve_metrics(config, metrics))
+            collector = SomaCollector(executive, registry, key_counts)
+            await parts.enter_async_context(serve_metrics(config, collector))
         await stop.wait()
         log.info("stopping", grace_s=settings.grace_period)
     log.info("stopped")

@@ -17,11 +17,12 @@ import contextlib
 import ipaddress
 import os
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import h11
 import structlog
-from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -36,7 +37,7 @@ from sidecar.channels import ChannelRegistry
 from soma_runtime import Executive
 from soma_runtime.config import ConfigError, MetricsSection, SomaConfig
 from soma_runtime.listeners import tcp_listener
-from soma_runtime.slo import ROUND_BOUNDS_MS
+from soma_runtime.slo import ROUND_BOUNDS_MS, FunctionStatsSnapshot
 from soma_runtime.throttle import RepeatedWarnings
 from soma_runtime.unix import prepare_socket_path, private_umask, remove_socket
 
@@ -49,14 +50,33 @@ _MAX_HEAD = 8192  # bytes of request line and headers; a scrape sends a few hund
 _LE = tuple(repr(float(f"{bound!r}e-3")) for bound in ROUND_BOUNDS_MS)
 
 
-class SomaCollector(Collector):
-    """Reads the sidecar's own counters at scrape time (in the event loop's thread, so each
-    scrape sees them between two steps of any call)."""
+class SomaCollector:
+    """The sidecar's own counters. `read()` copies them; it runs in the event loop's thread
+    (they are the loop's, and a histogram read between two steps of a call adds up)."""
 
     def __init__(self, executive: Executive, channels: ChannelRegistry, keys: KeyCounts) -> None:
         self._executive = executive
         self._channels = channels
         self._keys = keys
+
+    def read(self) -> Reading:
+        return Reading(
+            self._executive.function_stats(),
+            [(c.name, c.calls, c.denials) for c in self._channels.channels()],
+            list(self._keys.calls.items()),
+            list(self._keys.rejections.items()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Reading(Collector):
+    """The counters as read at one moment, made into metric families by `collect()` (in
+    any thread: most of a scrape's cost is there and in the formatting after it)."""
+
+    functions: list[FunctionStatsSnapshot]
+    runtimes: list[tuple[str, int, int]]
+    key_calls: list[tuple[tuple[str, str], int]]
+    key_rejections: list[tuple[tuple[str, str], int]]
 
     def collect(self) -> Iterable[Metric]:
         yield from self._functions()
@@ -68,11 +88,9 @@ class SomaCollector(Collector):
             "Calls refused PERMISSION_DENIED (allow-list or credential).",
             labels=["runtime"],
         )
-        for channel in self._channels.channels():
-            calls.add_metric([channel.name], channel.calls)
-            denials.add_metric([channel.name], channel.denials)
-        yield calls
-        yield denials
+        for runtime, n_calls, n_denials in self.runtimes:
+            calls.add_metric([runtime], n_calls)
+            denials.add_metric([runtime], n_denials)
         key_calls = CounterMetricFamily(
             "soma_bridge_key_calls",
             "Requests a bridge let through, by API key id ('oauth': bearer tokens).",
@@ -83,12 +101,10 @@ class SomaCollector(Collector):
             "Requests a bridge refused, by API key id ('unknown': no key was recognised).",
             labels=["bridge", "key"],
         )
-        for (bridge, key), n in list(self._keys.calls.items()):
-            key_calls.add_metric([bridge, key], n)
-        for (bridge, key), n in list(self._keys.rejections.items()):
-            key_rejections.add_metric([bridge, key], n)
-        yield key_calls
-        yield key_rejections
+        for family, counts in ((key_calls, self.key_calls), (key_rejections, self.key_rejections)):
+            for (bridge, key), n in counts:
+                family.add_metric([bridge, key], n)
+        yield from (calls, denials, key_calls, key_rejections)
 
     def _functions(self) -> Iterable[Metric]:
         labels = ["function"]
@@ -112,7 +128,7 @@ class SomaCollector(Collector):
             "The function's error budget (caller errors do not count against it).",
             labels=labels,
         )
-        for stats in self._executive.function_stats():
+        for stats in self.functions:
             name = [stats.name]
             calls.add_metric(name, stats.count)
             for kind, n in stats.errors_by_kind.items():
@@ -125,23 +141,13 @@ class SomaCollector(Collector):
         yield from (calls, errors, in_flight, latency, slo_p95, slo_errors)
 
 
-def metrics_registry(
-    executive: Executive, channels: ChannelRegistry, keys: KeyCounts
-) -> CollectorRegistry:
-    """What the endpoint serves: the sidecar's counters and the process's own (CPU, memory,
-    descriptors)."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SomaCollector(executive, channels, keys))
-    ProcessCollector(registry=registry)
-    return registry
-
-
 @contextlib.asynccontextmanager
-async def serve_metrics(config: SomaConfig, registry: CollectorRegistry) -> AsyncIterator[str]:
-    """Serve `registry` on `[metrics].listen` while the block runs; yields the address."""
+async def serve_metrics(config: SomaConfig, collector: SomaCollector) -> AsyncIterator[str]:
+    """Serve the sidecar's counters and the process's own (CPU, memory, descriptors) on
+    `[metrics].listen` while the block runs; yields the address."""
     settings = config.metrics
     assert settings.listen is not None
-    handler = _Endpoint(registry, settings)
+    handler = _Endpoint(collector, settings)
     try:
         server, address = await _listen(config, settings.listen, handler)
     except OSError as exc:
@@ -179,8 +185,9 @@ async def _listen(
 
 
 class _Endpoint:
-    def __init__(self, registry: CollectorRegistry, settings: MetricsSection) -> None:
-        self._registry = registry
+    def __init__(self, collector: SomaCollector, settings: MetricsSection) -> None:
+        self._collector = collector
+        self._process = ProcessCollector(registry=None)
         self._settings = settings
         self._open: set[asyncio.StreamWriter] = set()
         self._refusals = RepeatedWarnings(log)
@@ -224,19 +231,30 @@ class _Endpoint:
             return
         if not isinstance(event, h11.Request):
             return  # closed before a request
-        status, body, content_type, extra = self._respond(event)
+        status, body, content_type, extra = await self._respond(event)
         head_only = event.method == b"HEAD"
         writer.write(_answer(conn, status, body, content_type, head_only, extra))
         await writer.drain()
 
-    def _respond(self, request: h11.Request) -> tuple[int, bytes, str, list[tuple[str, str]]]:
+    async def _respond(self, request: h11.Request) -> tuple[int, bytes, str, list[tuple[str, str]]]:
         if request.target.split(b"?", 1)[0] != PATH.encode():
             return 404, b"not found: the metrics are at /metrics\n", "text/plain", []
         if request.method not in (b"GET", b"HEAD"):
             return 405, b"method not allowed\n", "text/plain", [("allow", "GET, HEAD")]
         accept = ",".join(v.decode("latin-1") for k, v in request.headers if k == b"accept")
         encoder, content_type = choose_encoder(accept)
-        return 200, encoder(self._registry), content_type, []
+        # Read in the loop, made into text in a thread: calls go on meanwhile.
+        scrape = _Collectors(self._collector.read(), self._process)
+        return 200, await asyncio.to_thread(encoder, scrape), content_type, []
+
+
+class _Collectors(Collector):
+    def __init__(self, *collectors: Collector) -> None:
+        self._collectors = collectors
+
+    def collect(self) -> Iterable[Metric]:
+        for collector in self._collectors:
+            yield from collector.collect()
 
 
 def _answer(

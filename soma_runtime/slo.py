@@ -63,28 +63,22 @@ class LatencyHistogram:
         self.count += 1
         self.sum_ms += latency_ms
 
-    def quantile(self, q: float) -> float | None:
-        """The upper bound of the bucket holding the q-quantile, None when empty."""
+    def quantiles(self, *qs: float) -> list[float | None]:
+        """The upper bound of the bucket holding each q-quantile, None when empty."""
         if self.count == 0:
-            return None
-        rank = max(1, math.ceil(q * self.count))
-        seen = 0
-        for index, n in enumerate(self._counts):
-            seen += n
-            if seen >= rank:
-                return BUCKET_BOUNDS_MS[min(index, _BUCKETS - 1)]
-        return BUCKET_BOUNDS_MS[-1]  # pragma: no cover - counts always add up to count
+            return [None] * len(qs)
+        seen = list(itertools.accumulate(self._counts))
+        return [
+            BUCKET_BOUNDS_MS[
+                min(bisect_left(seen, max(1, math.ceil(q * self.count))), _BUCKETS - 1)
+            ]
+            for q in qs
+        ]
 
     def cumulative(self) -> tuple[int, ...]:
         """How many latencies are at most each of `ROUND_BOUNDS_MS` (exact: they are bounds)."""
-        out = []
-        seen = 0
-        start = 0
-        for index in _ROUND_INDEX:
-            seen += sum(self._counts[start : index + 1])
-            start = index + 1
-            out.append(seen)
-        return tuple(out)
+        seen = list(itertools.accumulate(self._counts))
+        return tuple(seen[index] for index in _ROUND_INDEX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +162,7 @@ class FunctionStats:
         caller = sum(n for kind, n in by_kind.items() if kind in CALLER_ERRORS)
         errors = sum(by_kind.values())
         counted = errors - caller
+        p50, p95, p99 = h.quantiles(0.50, 0.95, 0.99)
         return FunctionStatsSnapshot(
             name=self.name,
             count=self.count,
@@ -177,9 +172,9 @@ class FunctionStats:
             in_flight=self.in_flight,
             queue_cap=self.slo.queue_cap,
             mean_ms=h.sum_ms / h.count if h.count else None,
-            p50_ms=h.quantile(0.50),
-            p95_ms=h.quantile(0.95),
-            p99_ms=h.quantile(0.99),
+            p50_ms=p50,
+            p95_ms=p95,
+            p99_ms=p99,
             error_rate=counted / self.count if self.count else 0.0,
             slo_p95_ms=self.slo.p95_latency_ms,
             slo_max_error_rate=self.slo.max_error_rate,
