@@ -1,9 +1,9 @@
 """Prometheus metrics of the sidecar, and the endpoint that serves them (`[metrics] listen`).
 
-Nothing is counted for the metrics' sake: the call path already keeps what they show (the
-executive's per-function SLO stats, the channels' call and denial counts, the bridge keys'
-request counts), and `SomaCollector` reads those at scrape time. A scrape costs the sidecar
-one short pass over them; a call costs nothing more than the increments it always made.
+The call path only increments integers it keeps anyway (the executive's per-function SLO
+stats, the channels' call and denial counts, the bridge keys' request counts);
+`SomaCollector` copies them at scrape time, in the event loop (a few µs a function), and the
+metric families and their text are built in a thread, so calls go on during a scrape.
 
 The endpoint is a small HTTP/1.1 server (h11 parses, one request per connection): at most
 `max_connections` scrapes at once, each with `timeout` seconds from connection to last byte,
