@@ -63,6 +63,10 @@ class Channel:
     # Registered before the process exists: handshakes are answered "retry" meanwhile.
     pending: bool = False
     sessions: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    # Counted on the call path (an increment each), read by `soma status` and the metrics
+    # endpoint; they outlive identity resets, so they only ever grow while the channel is open.
+    calls: int = 0
+    denials: int = 0  # calls refused PERMISSION_DENIED: the allow-list or a credential
 
     def reset(
         self, token: bytes | None, pid: int | None, pending: bool, placeholder: bytes | None = None

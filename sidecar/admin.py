@@ -86,8 +86,18 @@ class Admin:
                     "pid": c.pid,
                     "sessions": len(c.sessions),
                     "allow": list(c.allow.patterns),
+                    "calls": c.calls,
+                    "denials": c.denials,
                 }
                 for c in self._registry.channels()
             ],
-            "functions": [asdict(s) for s in self._executive.function_stats()],
+            "functions": [
+                # The histogram is the metrics endpoint's: the quantiles say it here.
+                {**asdict(s, dict_factory=_without_histogram), "meets_slo": s.meets_slo}
+                for s in self._executive.function_stats()
+            ],
         }
+
+
+def _without_histogram(items: list[tuple[str, object]]) -> dict[str, object]:
+    return {k: v for k, v in items if k not in ("cumulative", "sum_ms")}

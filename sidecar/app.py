@@ -20,11 +20,13 @@ from sdk import protocol
 from sidecar.access import AllowList, token_digest
 from sidecar.admin import Admin, supervisor_only
 from sidecar.bridge import serve_bridges
+from sidecar.bridge.keys import KeyCounts
 from sidecar.channels import ChannelRegistry
 from sidecar.credentials import CredentialBroker
 from sidecar.descriptors import ensure_budget
 from sidecar.gateway import Gateway, GatewayServer, sockets_from_env
 from sidecar.loading import load_organs
+from sidecar.metrics import SomaCollector, serve_metrics
 from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import kek_provider, open_vault
 from soma_runtime import Executive, jsonline
@@ -88,7 +90,11 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
         else:
             token_file = await _open_local_channel(config, registry)
             parts.callback(token_file.unlink, missing_ok=True)
-        await parts.enter_async_context(serve_bridges(config, executive, broker))
+        key_counts = KeyCounts()
+        await parts.enter_async_context(serve_bridges(config, executive, broker, key_counts))
+        if config.metrics.listen is not None:
+            collector = SomaCollector(executive, registry, key_counts)
+            await parts.enter_async_context(serve_metrics(config, collector))
         await stop.wait()
         log.info("stopping", grace_s=settings.grace_period)
     log.info("stopped")

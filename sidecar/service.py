@@ -73,12 +73,14 @@ class SidecarService(pb_grpc.SidecarServicer):
         op = request.op
         await self._authenticate(context, op)
         channel = self._channel
+        channel.calls += 1
         call_context = dict(request.context)
         trace_id = call_context.get("trace_id") or os.urandom(16).hex()
         call_context["trace_id"] = trace_id
         # The organ learns the caller from the channel, never from what the caller wrote.
         call_context["runtime"] = channel.name
         if not channel.allow.allows(op):
+            channel.denials += 1
             self._warnings.warning(
                 "denied", (channel.name, op), runtime=channel.name, op=op, trace_id=trace_id
             )
@@ -95,6 +97,7 @@ class SidecarService(pb_grpc.SidecarServicer):
             try:
                 response = await self._executive.stimulate(stimulus, self._inject_credentials)
             except CredentialDenied as exc:
+                channel.denials += 1
                 log.warning(
                     "credential_denied",
                     runtime=channel.name,

@@ -9,6 +9,7 @@ says otherwise, and so does the systemd unit (`WorkingDirectory=`).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from functools import cached_property
@@ -220,6 +221,35 @@ class GatewaySection(_Section):
     max_request_bytes: int = Field(default=32 * MiB, ge=1024, le=1024 * MiB)
 
 
+def _metrics_listen(text: str) -> str:
+    """`IP:PORT` on a loopback address, or `unix:PATH`: the metrics say how busy each runtime
+    and function is, which is nobody's business off this host."""
+    if text.startswith("unix:"):
+        if not text.removeprefix("unix:"):
+            raise ValueError("unix: needs a socket path")
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be IP:PORT (a port from 0 to 65535) or unix:PATH")
+    try:
+        ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        raise ValueError(f"{host!r} is not a literal IP address") from None
+    if not ip.is_loopback:
+        raise ValueError(f"{host} is not a loopback address (use 127.0.0.1, [::1] or unix:PATH)")
+    return text
+
+
+class MetricsSection(_Section):
+    """The Prometheus endpoint: served only when `listen` is set."""
+
+    listen: Annotated[str, AfterValidator(_metrics_listen)] | None = None
+    # Scrapes served at once (more connections are closed at once), and seconds one scrape
+    # may take from connection to the last byte, so a stuck scraper frees its slot.
+    max_connections: int = Field(default=8, ge=1, le=256)
+    timeout: float = Field(default=10.0, gt=0.0, le=300.0)
+
+
 class SomaConfig(_Section):
     """The whole file. `organ` holds each organ's own settings table, keyed by organ name."""
 
@@ -233,6 +263,7 @@ class SomaConfig(_Section):
     runtime: list[RuntimeSection] = Field(default_factory=list)
     bridge: BridgeSections = Field(default_factory=list)
     upstream: UpstreamSections = Field(default_factory=list)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> SomaConfig:

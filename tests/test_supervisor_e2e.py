@@ -238,7 +238,8 @@ def test_soma_status_shows_every_child(probes: SupervisorRun) -> None:
         "LAST",
         "EXIT",
     ]
-    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    children = lines[1 : lines.index("")]  # the sidecar's function and runtime tables follow
+    rows = {line.split()[0]: line.split() for line in children}
     assert set(rows) == {"sidecar", "alpha", "beta"}
     assert all(row[2] == "running" for row in rows.values())
     status = probes.status()

@@ -21,7 +21,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidecar.bridge.calls import Principal
-from sidecar.bridge.keys import KeyCache
+from sidecar.bridge.keys import OAUTH, UNKNOWN_KEY, KeyCache
 from sidecar.bridge.oauth import InvalidToken, TokenVerifier
 from soma_runtime.bridge_config import BridgeSection
 from soma_runtime.cards import FunctionCard
@@ -81,6 +81,7 @@ class Guard:
             await self._app(scope, receive, send)
             return
         path = scope["path"]
+        principal: Principal | None = None
         try:
             if path in (WELL_KNOWN, WELL_KNOWN + self._path) and self._verifier is not None:
                 await _json(send, 200, self._metadata(), {"cache-control": "max-age=300"})
@@ -94,6 +95,8 @@ class Guard:
             body = await _read_body(receive, self._bridge.max_request_bytes)
             self._check_write_scopes(principal, body)
         except _Refusal as refusal:
+            if self._keys is not None and path == self._path:
+                self._keys.counts.rejection(self._bridge.name, _key_label(principal))
             if refusal.status == 401:
                 client = scope.get("client")
                 wait = self._failures.take(client[0] if client else None)
@@ -101,6 +104,8 @@ class Guard:
                     await asyncio.sleep(min(wait, MAX_BACKOFF_S))
             await _json(send, refusal.status, refusal.body, refusal.headers)
             return
+        if self._keys is not None:
+            self._keys.counts.call(self._bridge.name, _key_label(principal))
         scope.setdefault("state", {})[PRINCIPAL] = principal
         await _forward(self._app, scope, body, receive, send)
 
@@ -211,6 +216,14 @@ class Guard:
                 and self._writes(name, arguments)
             ):
                 self._check_scopes(principal, self._write_scopes)
+
+
+def _key_label(principal: Principal | None) -> str:
+    """The key id a request is counted under: never the key, never an unchecked value."""
+    if principal is None:
+        return UNKNOWN_KEY
+    kind, _, name = principal.id.partition(":")
+    return name if kind == "key" else OAUTH
 
 
 def _headers(scope: Scope) -> dict[str, str]:

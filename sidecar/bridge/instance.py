@@ -37,7 +37,7 @@ from sidecar.bridge.discovery import (
     call_target,
 )
 from sidecar.bridge.guard import PRINCIPAL, Guard
-from sidecar.bridge.keys import KeyCache, KeyStore
+from sidecar.bridge.keys import KeyCache, KeyCounts, KeyStore
 from sidecar.bridge.names import tool_name
 from sidecar.bridge.oauth import Jwks, TokenVerifier
 from sidecar.bridge.published import publish, withdraw
@@ -289,9 +289,13 @@ def _check(config: SomaConfig, section: BridgeSection) -> None:
 
 @contextlib.asynccontextmanager
 async def serve_bridges(
-    config: SomaConfig, executive: Executive, broker: CredentialBroker
+    config: SomaConfig,
+    executive: Executive,
+    broker: CredentialBroker,
+    key_counts: KeyCounts | None = None,
 ) -> AsyncIterator[list[RunningBridge]]:
-    """Serve every `[[bridge]]` of `config` while the block runs; yields where each listens."""
+    """Serve every `[[bridge]]` of `config` while the block runs; yields where each listens.
+    Requests per API key are counted in `key_counts` (for the metrics endpoint)."""
     for section in config.bridge:
         _check(config, section)
     running: list[RunningBridge] = []
@@ -300,7 +304,7 @@ async def serve_bridges(
         if any(b.auth.api_keys for b in config.bridge):
             store = KeyStore(config.state_dir)
             stack.callback(store.close)
-            keys = KeyCache(store)
+            keys = KeyCache(store, counts=key_counts)
         for section in config.bridge:
             sock = _bind(section)
             stack.callback(sock.close)

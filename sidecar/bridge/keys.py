@@ -17,7 +17,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +131,40 @@ class KeyStore:
             self._reader = None
 
 
-class KeyCache:
-    """`KeyStore.lookup` with answers remembered for `CACHE_S` seconds (bounded)."""
+# The `key` label of requests no API key was recognised for, and of OAuth-token requests.
+UNKNOWN_KEY = "unknown"
+OAUTH = "oauth"
 
-    def __init__(self, store: KeyStore, clock: Any = time.monotonic) -> None:
+
+@dataclass(slots=True)
+class KeyCounts:
+    """Requests per `(bridge, key id)`: let through (`calls`) and refused (`rejections`).
+
+    Only a key that authenticated gets its own entry (the operator creates those, so they are
+    few); every request refused before a key was recognised counts under `UNKNOWN_KEY`, so a
+    client sending random keys cannot grow the table (or the metrics series).
+    """
+
+    calls: dict[tuple[str, str], int] = field(default_factory=dict)
+    rejections: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def call(self, bridge: str, key: str) -> None:
+        self.calls[bridge, key] = self.calls.get((bridge, key), 0) + 1
+
+    def rejection(self, bridge: str, key: str = UNKNOWN_KEY) -> None:
+        self.rejections[bridge, key] = self.rejections.get((bridge, key), 0) + 1
+
+
+class KeyCache:
+    """`KeyStore.lookup` with answers remembered for `CACHE_S` seconds (bounded), and the
+    requests counted per key."""
+
+    def __init__(
+        self, store: KeyStore, clock: Any = time.monotonic, counts: KeyCounts | None = None
+    ) -> None:
         self._store = store
         self._clock = clock
+        self.counts = counts if counts is not None else KeyCounts()
         self._cache: OrderedDict[bytes, tuple[float, tuple[str, str] | None]] = OrderedDict()
 
     def lookup(self, key: str) -> tuple[str, str] | None:

@@ -47,7 +47,7 @@ class Supervisor:
         self.config = config
         self.layout = RuntimeLayout(config.runtime_dir)
         self.notifier = notifier or Notifier()
-        link = SidecarLink(self.layout.admin_socket)
+        self.link = link = SidecarLink(self.layout.admin_socket)
         self.gateway_sockets = {r.name: gateway_socket() for r in config.runtime if r.gateways}
         self.sidecar = SidecarChild(config, link, self.gateway_sockets)
         self.runtimes = [
@@ -164,6 +164,8 @@ class Supervisor:
                 "ok": True,
                 "summary": self.summary(),
                 "children": [child.snapshot() for child in self.children],
+                # Calls per runtime and per function against its SLO; None: no answer.
+                "sidecar": await self.link.status(),
             }
         return {"ok": False, "error": "bad_request", "message": "unknown op"}
 

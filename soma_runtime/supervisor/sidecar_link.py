@@ -13,7 +13,7 @@ from pathlib import Path
 import structlog
 
 from soma_runtime import jsonline
-from soma_runtime.admin_protocol import Liveness, Ping, Register, Unregister
+from soma_runtime.admin_protocol import Liveness, Ping, Register, Status, Unregister
 
 log = structlog.get_logger(component="supervisor")
 _ATTEMPTS = 6  # about 3 s in all
@@ -45,6 +45,16 @@ class SidecarLink:
             return None
         channels = answer.get("channels")
         return channels if isinstance(channels, dict) else None
+
+    async def status(self, timeout: float = 2.0) -> jsonline.Message | None:
+        """The sidecar's channels and function stats, None when it does not answer."""
+        try:
+            answer = await jsonline.request(
+                self.admin_socket, Status().model_dump(), timeout=timeout
+            )
+        except (OSError, TimeoutError):
+            return None
+        return answer if answer.get("ok") else None
 
     async def sidecar_up(self) -> None:
         """The sidecar (re)started and serves: give it every identity."""
