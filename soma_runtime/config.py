@@ -220,6 +220,14 @@ class GatewaySection(_Section):
     max_request_bytes: int = Field(default=32 * MiB, ge=1024, le=1024 * MiB)
 
 
+class TracingSection(_Section):
+    """W3C traceparent always flows; `opentelemetry = true` also makes one span per call (and
+    per bridge `tools/call`) through the process's global TracerProvider, which OpenTelemetry's
+    own setup installs (`opentelemetry-instrument soma supervise` with OTEL_* variables)."""
+
+    opentelemetry: bool = False
+
+
 class SomaConfig(_Section):
     """The whole file. `organ` holds each organ's own settings table, keyed by organ name."""
 
@@ -233,6 +241,7 @@ class SomaConfig(_Section):
     runtime: list[RuntimeSection] = Field(default_factory=list)
     bridge: BridgeSections = Field(default_factory=list)
     upstream: UpstreamSections = Field(default_factory=list)
+    tracing: TracingSection = Field(default_factory=TracingSection)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> SomaConfig:
