@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import Span, Tracer, TracerProvider
 
 TRACEPARENT = "traceparent"
 TRACE_ID = "trace_id"
@@ -134,15 +134,16 @@ class _Otel:
 _otel: _Otel | None = None
 
 
-def enable_opentelemetry() -> None:
-    """Make one span per call through the global TracerProvider from now on (opentelemetry-api
-    is installed with the `mcp` SDK the bridge uses)."""
+def enable_opentelemetry(provider: TracerProvider | None = None) -> None:
+    """Make one span per call from now on, through `provider` (default: the global
+    TracerProvider). opentelemetry-api is installed with the `mcp` SDK the bridge uses."""
     global _otel
     from opentelemetry import context, trace
 
     from soma_runtime import __version__
 
-    _otel = _Otel(trace.get_tracer("soma-runtime", __version__), trace, context)
+    tracer = trace.get_tracer("soma-runtime", __version__, tracer_provider=provider)
+    _otel = _Otel(tracer, trace, context)
 
 
 def disable_opentelemetry() -> None:
