@@ -178,6 +178,17 @@ def test_an_sdk_call_carries_its_trace_to_the_organ_and_the_log(
     assert call[0]["op"] == "traced.context" and call[0]["span_id"] == hop.span_id
 
 
+async def test_an_agents_current_span_reaches_the_organ(sidecar: tuple[Process, str]) -> None:
+    _, target = sidecar
+    tracer = TracerProvider().get_tracer("agent")
+    async with sdk.AsyncClient(target) as client:
+        with tracer.start_as_current_span("agent-step") as step:
+            seen = await client.call("traced.context", {})
+        without = await client.call("traced.context", {})
+    ids = step.get_span_context()
+    assert seen["trace_id"] == f"{ids.trace_id:032x}" and without["trace_id"] != seen["trace_id"]
+
+
 def test_an_invalid_traceparent_starts_a_new_trace(sidecar: tuple[Process, str]) -> None:
     proc, target = sidecar
     forged = f"00-{TRACE}-{PARENT}-01 <script>"
