@@ -29,6 +29,7 @@ import sdk
 from sdk import _trace
 from sidecar.bridge.keys import KeyStore
 from soma_runtime import tracing
+from soma_runtime.config import ConfigError, parse_config
 from soma_runtime.tracing import TraceContext, parse, start_call
 from tests.fake_upstream import FakeUpstream
 from tests.fixtures.tracing import SPANS_ENV, Traced
@@ -59,6 +60,8 @@ def test_a_valid_traceparent_is_read_and_continued() -> None:
     assert parse(child.traceparent) == child
     # A later version is read by its first four fields (W3C "versioning of traceparent").
     assert parse(f"cc-{TRACE}-{PARENT}-00-what-comes-next") == TraceContext(TRACE, PARENT, "00")
+    # Flags no version defines are not passed on.
+    assert parse(f"00-{TRACE}-{PARENT}-ff") == TraceContext(TRACE, PARENT, "03")
 
 
 @pytest.mark.parametrize(
@@ -108,6 +111,13 @@ def test_the_sdk_sends_the_agents_current_span() -> None:
         assert sent == {"traceparent": f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{flags:02x}"}
         # What the caller set itself wins.
         assert _trace.with_traceparent({"traceparent": TRACEPARENT}) == {"traceparent": TRACEPARENT}
+
+
+def test_the_tracing_table() -> None:
+    assert not parse_config({}).tracing.opentelemetry
+    assert parse_config({"tracing": {"opentelemetry": True}}).tracing.opentelemetry
+    with pytest.raises(ConfigError, match=r"tracing\.otel: unknown key"):
+        parse_config({"tracing": {"otel": True}})
 
 
 # -- the sidecar --------------------------------------------------------------------------
