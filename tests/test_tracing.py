@@ -31,6 +31,7 @@ from sidecar.bridge.keys import KeyStore
 from soma_runtime import tracing
 from soma_runtime.config import ConfigError, parse_config
 from soma_runtime.tracing import TraceContext, parse, start_call
+from tests import test_upstream as upstreams
 from tests.fake_upstream import FakeUpstream
 from tests.fixtures.tracing import SPANS_ENV, Traced
 from tests.helpers import (
@@ -263,6 +264,19 @@ def test_the_sidecar_exports_a_span_per_call_under_the_callers(tmp_path: Path) -
     assert bad["attributes"]["error.type"] == "UnsupportedOperation"
     logged = [e["span_id"] for e in events(proc, "call")]
     assert logged == [ok["context"]["span_id"][2:], bad["context"]["span_id"][2:]]
+
+
+async def test_an_upstream_mcp_server_gets_the_calls_traceparent(tmp_path: Path) -> None:
+    with upstreams.http_upstream(tmp_path) as (url, state):
+        config = upstreams.write_config(
+            tmp_path, upstreams.http_table(url), host=upstreams.origin(url)
+        )
+        async with upstreams.hosting(config) as host:
+            hop = {"traceparent": TRACEPARENT}
+            start_call("tickets.wait", hop)  # what the sidecar does before the organ runs
+            assert (await host.call("tickets.wait", {"seconds": 0}, context=hop)).ok
+            assert (await host.call("tickets.wait", {"seconds": 0})).ok  # none: none sent
+    assert (state / "traceparents").read_text().splitlines() == [hop["traceparent"]]
 
 
 # -- the bridge ---------------------------------------------------------------------------
