@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from sdk import _trace
 from sdk.errors import TRANSPORT_ERRORS, DeadlineExceeded, SomaError, TransportError
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.types import FunctionMatch, Response
@@ -31,6 +32,7 @@ def stimulate_request(
     op: str, input: Any, context: Mapping[str, str] | None
 ) -> pb.StimulateRequest:
     data = json.dumps(input, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    context = _trace.with_traceparent(context)
     return pb.StimulateRequest(op=op, input_json=data, context=dict(context or {}))
 
 

@@ -29,7 +29,7 @@ from sidecar.loading import load_organs
 from sidecar.metrics import SomaCollector, serve_metrics
 from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import kek_provider, open_vault
-from soma_runtime import Executive, jsonline
+from soma_runtime import Executive, jsonline, tracing
 from soma_runtime.config import ConfigError, SomaConfig
 from soma_runtime.gateway_sockets import SOCKETS_ENV
 from soma_runtime.layout import RuntimeLayout
@@ -55,6 +55,8 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
     if not supervised and settings.socket is None:
         raise ConfigError("sidecar.socket: required to run the sidecar on its own")
     ensure_budget(config, supervised)
+    if config.tracing.opentelemetry:
+        tracing.enable_opentelemetry()
     async with contextlib.AsyncExitStack() as parts:
         # The one vault of this process: the credential broker and the vault organ share it.
         vault = AsyncVault(lambda: open_vault(config, durable=False))

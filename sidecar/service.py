@@ -7,7 +7,6 @@ gRPC statuses are for transport and access problems.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -21,7 +20,7 @@ from sidecar.access import AllowList, Channel
 from sidecar.credentials import CredentialBroker, CredentialDenied
 from sidecar.injection import inject_credentials
 from sidecar.wire import WireError, decode_input, encode_output
-from soma_runtime import ErrorKind, Executive, FunctionCard, OrganCard, Response, Stimulus
+from soma_runtime import ErrorKind, Executive, FunctionCard, OrganCard, Response, Stimulus, tracing
 from soma_runtime.card_files import card_to_json, function_to_json
 from soma_runtime.throttle import RepeatedWarnings
 
@@ -75,8 +74,9 @@ class SidecarService(pb_grpc.SidecarServicer):
         channel = self._channel
         channel.calls += 1
         call_context = dict(request.context)
-        trace_id = call_context.get("trace_id") or os.urandom(16).hex()
-        call_context["trace_id"] = trace_id
+        # The organ sees this hop's traceparent and trace_id in place of the caller's.
+        span = tracing.start_call(op, call_context, runtime=channel.name)
+        trace_id = span.trace_id
         # The organ learns the caller from the channel, never from what the caller wrote.
         call_context["runtime"] = channel.name
         if not channel.allow.allows(op):
@@ -84,6 +84,7 @@ class SidecarService(pb_grpc.SidecarServicer):
             self._warnings.warning(
                 "denied", (channel.name, op), runtime=channel.name, op=op, trace_id=trace_id
             )
+            span.end("PermissionDenied")
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"runtime {channel.name!r} may not call {op!r}"
             )
@@ -91,6 +92,7 @@ class SidecarService(pb_grpc.SidecarServicer):
             value = decode_input(request.input_json, self._max_depth)
         except WireError as exc:
             log.info("call", runtime=channel.name, op=op, outcome="BadRequest", trace_id=trace_id)
+            span.end("BadRequest")
             await context.abort(exc.code, exc.message)
         if isinstance(value, dict):
             stimulus = Stimulus(op, value, call_context, caller=channel.name)
@@ -105,19 +107,23 @@ class SidecarService(pb_grpc.SidecarServicer):
                     credential=exc.credential,
                     trace_id=trace_id,
                 )
+                span.end("CredentialDenied")
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         else:
             response = Response.failure(
                 ErrorKind.INVALID_INPUT, path="$", message="input must be a JSON object"
             )
         response, output = self._encoded(response, op, trace_id)
+        outcome = "ok" if response.ok else (response.error or "Failed")
+        span.end(outcome)
         log.info(
             "call",
             runtime=channel.name,
             op=op,
-            outcome="ok" if response.ok else (response.error or "Failed"),
+            outcome=outcome,
             latency_ms=round((time.perf_counter() - started) * 1000.0, 3),
             trace_id=trace_id,
+            span_id=span.span_id,
         )
         reply = pb.StimulateResponse(
             ok=response.ok, output_json=output, latency_ms=response.latency_ms

@@ -250,6 +250,14 @@ class MetricsSection(_Section):
     timeout: float = Field(default=10.0, gt=0.0, le=300.0)
 
 
+class TracingSection(_Section):
+    """W3C traceparent always flows; `opentelemetry = true` also makes one span per call (and
+    per bridge `tools/call`) through the process's global TracerProvider, which OpenTelemetry's
+    own setup installs (`opentelemetry-instrument soma supervise` with OTEL_* variables)."""
+
+    opentelemetry: bool = False
+
+
 class SomaConfig(_Section):
     """The whole file. `organ` holds each organ's own settings table, keyed by organ name."""
 
@@ -264,6 +272,7 @@ class SomaConfig(_Section):
     bridge: BridgeSections = Field(default_factory=list)
     upstream: UpstreamSections = Field(default_factory=list)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+    tracing: TracingSection = Field(default_factory=TracingSection)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> SomaConfig:

@@ -119,7 +119,11 @@ class Host:
         return {card.name: card for _, card in self.executive.list_functions()}
 
     async def call(
-        self, op: str, input: Any, allowed: frozenset[str] = frozenset({TOKEN})
+        self,
+        op: str,
+        input: Any,
+        allowed: frozenset[str] = frozenset({TOKEN}),
+        context: dict[str, str] | None = None,
     ) -> Response:
         """A call as a runtime's channel makes it: credentials injected if `allowed`."""
 
@@ -128,7 +132,7 @@ class Host:
                 self.broker, organ, card, stimulus, caller="claims", allowed=allowed
             )
 
-        return await self.executive.stimulate(Stimulus(op=op, input=input), before)
+        return await self.executive.stimulate(Stimulus(op, input, dict(context or {})), before)
 
 
 @contextlib.asynccontextmanager

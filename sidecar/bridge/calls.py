@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from sidecar.bridge.tools import IDEMPOTENCY_KEY
 from sidecar.credentials import CredentialBroker, CredentialDenied
 from sidecar.injection import inject_credentials
 from sidecar.wire import encode_output
-from soma_runtime import ErrorKind, Executive, FunctionCard, Response, Stimulus
+from soma_runtime import ErrorKind, Executive, FunctionCard, Response, Stimulus, tracing
 
 log = structlog.get_logger(component="bridge")
 
@@ -69,14 +68,19 @@ class ToolCalls:
         arguments: Mapping[str, Any] | None,
         meta: Mapping[str, Any] | None,
         principal: Principal,
+        traceparent: str | None = None,
     ) -> types.CallToolResult:
+        """`traceparent`: the (validated) trace context the request carried, if any."""
         started = time.perf_counter()
-        trace_id = os.urandom(16).hex()
+        context = {"bridge": self._bridge}
+        if traceparent is not None:
+            context[tracing.TRACEPARENT] = traceparent
+        span = tracing.start_call(card.name, context, bridge=self._bridge, tool=tool)
         outcome = "Failed"
         try:
             key = (meta or {}).get(IDEMPOTENCY_KEY)
             if card.idempotent or key is None:
-                result = await self._invoke(card, dict(arguments or {}), trace_id)
+                result = await self._invoke(card, dict(arguments or {}), context)
             elif not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
                 result = error_result(
                     Response.failure(
@@ -91,7 +95,7 @@ class ToolCalls:
                     result = await self._replay.run(
                         (principal.id, card.name, key),
                         _fingerprint(args),
-                        lambda: self._invoke(card, args, trace_id),
+                        lambda: self._invoke(card, args, context),
                     )
                 except IdempotencyConflict as exc:
                     result = error_result(Response.failure("IdempotencyConflict", message=str(exc)))
@@ -101,13 +105,14 @@ class ToolCalls:
             outcome = "Cancelled"
             raise
         finally:
-            audit(self._bridge, principal, tool, card.name, outcome, started, trace_id)
+            span.end(outcome)
+            audit(self._bridge, principal, tool, card.name, outcome, started, span)
 
     async def _invoke(
-        self, card: FunctionCard, arguments: dict[str, Any], trace_id: str
+        self, card: FunctionCard, arguments: dict[str, Any], context: dict[str, str]
     ) -> types.CallToolResult:
-        context = {"trace_id": trace_id, "bridge": self._bridge}
-        stimulus = Stimulus(card.name, arguments, context, caller=self._caller)
+        trace_id = context[tracing.TRACE_ID]
+        stimulus = Stimulus(card.name, arguments, dict(context), caller=self._caller)
         try:
             async with asyncio.timeout(deadline_s(card)):
                 response = await self._executive.stimulate(stimulus, self._inject)
@@ -153,7 +158,7 @@ def audit(
     op: str,
     outcome: str,
     started: float,
-    trace_id: str,
+    span: tracing.CallSpan,
 ) -> None:
     """The audit event of one tool call: who called what and how it went; never arguments,
     keys or tokens."""
@@ -165,7 +170,8 @@ def audit(
         op=op,
         outcome=outcome,
         latency_ms=round((time.perf_counter() - started) * 1000.0, 3),
-        trace_id=trace_id,
+        trace_id=span.trace_id,
+        span_id=span.span_id,
     )
 
 

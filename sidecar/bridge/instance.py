@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import ipaddress
 import math
-import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -45,11 +44,12 @@ from sidecar.bridge.tools import Exposure, effects, to_tool
 from sidecar.credentials import CredentialBroker
 from sidecar.gateway import _EmbeddedServer
 from sidecar.wire import encode_output
-from soma_runtime import ErrorKind, Executive, FunctionCard, Response, __version__
+from soma_runtime import ErrorKind, Executive, FunctionCard, Response, __version__, tracing
 from soma_runtime.bridge_config import BridgeSection
 from soma_runtime.card_files import function_to_json
 from soma_runtime.config import ConfigError, SomaConfig
 from soma_runtime.listeners import tcp_listener
+from soma_runtime.tracing import CallSpan, new_trace
 from soma_runtime.validation import InputValidator
 
 log = structlog.get_logger(component="bridge")
@@ -130,7 +130,13 @@ class BridgeTools:
             # expose, whatever the spelling: nothing reveals the other instances' tools.
             raise MCPError(types.INVALID_PARAMS, f"unknown tool: {params.name}")
         tool, card, arguments = found
-        return await self._calls.call(tool, card, arguments, params.meta, principal)
+        # The trace to join: `_meta.traceparent` (where the MCP SDK puts it, SEP-414), else
+        # the HTTP header; either only when valid.
+        parent = tracing.incoming(
+            (params.meta or {}).get(tracing.TRACEPARENT),
+            ctx.request.headers.get(tracing.TRACEPARENT),
+        )
+        return await self._calls.call(tool, card, arguments, params.meta, principal, parent)
 
     async def list_resources(
         self, ctx: Any, params: types.PaginatedRequestParams | None
@@ -177,7 +183,13 @@ class BridgeTools:
         ][: arguments.get("limit", 10)]
         output = {"tools": found}
         audit(
-            self._bridge, principal, SEARCH_TOOLS, SEARCH_TOOLS, "ok", started, os.urandom(16).hex()
+            self._bridge,
+            principal,
+            SEARCH_TOOLS,
+            SEARCH_TOOLS,
+            "ok",
+            started,
+            CallSpan(new_trace()),
         )
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=encode_output(output).decode())],

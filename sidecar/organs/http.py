@@ -38,6 +38,7 @@ from soma_runtime import (
     SloConfig,
     Stimulus,
     schema_of,
+    tracing,
 )
 from soma_runtime import function as organ_function
 from soma_runtime.hosts import upstream_host
@@ -163,6 +164,10 @@ class HttpOrgan(RoutedOrgan):
         if problem := _url_problem(url):
             raise _invalid("$.url", problem)
         headers = _checked_headers(input.get("headers", {}), credential)
+        if parent := tracing.incoming(stimulus.context.get(tracing.TRACEPARENT)):
+            # The upstream's span is a child of this call's: it replaces any the caller wrote.
+            headers = {k: v for k, v in headers.items() if k.lower() != tracing.TRACEPARENT}
+            headers[tracing.TRACEPARENT] = parent
         content: bytes | None = None
         if "body" in input:
             try:

@@ -25,14 +25,14 @@ import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 import structlog
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ListenNotSupportedError
-from mcp.types import CallToolResult, Tool
+from mcp.types import CallToolResult, RequestParamsMeta, Tool
 
 from sidecar.credentials import Credential, CredentialBroker
 from sidecar.upstream.cards import definition, function_card, function_names
@@ -45,7 +45,7 @@ from sidecar.upstream.session import (
     connection_closed,
     reason,
 )
-from soma_runtime import Executive, Organ, OrganEnvironment
+from soma_runtime import Executive, Organ, OrganEnvironment, tracing
 from soma_runtime.cards import FunctionCard, OrganCard
 from soma_runtime.contract import Response, Stimulus, unsupported
 from soma_runtime.upstream_config import UpstreamSection
@@ -271,7 +271,7 @@ class UpstreamOrgan(Organ):
                 )
         try:
             async with self._operation(credential) as client:
-                result = await client.call_tool(tool, stimulus.input)
+                result = await client.call_tool(tool, stimulus.input, meta=_trace_meta(stimulus))
         except UpstreamDown as exc:
             return Response.failure(
                 "Unavailable", _elapsed_ms(started), op=stimulus.op, message=str(exc)
@@ -370,3 +370,11 @@ def _response(result: CallToolResult, latency_ms: float, op: str) -> Response:
 
 def _elapsed_ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000.0
+
+
+def _trace_meta(stimulus: Stimulus) -> RequestParamsMeta | None:
+    """The call's trace context for the upstream, in `_meta` where MCP carries it (SEP-414).
+    With OpenTelemetry on, the `mcp` client puts its own span there instead, a child of ours."""
+    parent = tracing.incoming(stimulus.context.get(tracing.TRACEPARENT))
+    # An extra item of the open TypedDict (PEP 728), which mypy does not read yet.
+    return cast("RequestParamsMeta", {tracing.TRACEPARENT: parent}) if parent else None
