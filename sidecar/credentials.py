@@ -158,6 +158,10 @@ class CredentialBroker:
     def settings(self, name: str) -> CredentialSection | None:
         return self._settings.get(name)
 
+    @property
+    def cache_size(self) -> int:
+        return len(self._cache)
+
     async def resolve(
         self, names: list[str], *, runtime: str, allowed: frozenset[str], organ: str, op: str
     ) -> dict[str, Credential]:

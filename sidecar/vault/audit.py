@@ -11,6 +11,7 @@ a use waits for room (backpressure) and, if none comes within `FULL_WAIT_S`, is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -45,6 +46,7 @@ class AuditQueue:
         self._pending: list[AuditRow] = []
         self._room = asyncio.Condition()
         self._flusher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # a full batch waits, or the queue closes
         self._closed = False
         self.failures = 0  # batches that could not be written (each one logged)
 
@@ -69,16 +71,24 @@ class AuditQueue:
                         "does not take them: the use is refused"
                     ) from None
         self._pending.append(row)
+        if len(self._pending) >= BATCH_ROWS:
+            self._wake.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_soon())
 
     async def _flush_soon(self) -> None:
-        # Yield at least once so rows queued in the same loop turn share the batch.
-        if len(self._pending) < BATCH_ROWS:
-            await asyncio.sleep(self._flush_s)
+        await self._pause(self._flush_s)  # rows queued meanwhile share the transaction
         while self._pending and not self._closed:
             if not await self._flush_once():
-                await asyncio.sleep(max(self._flush_s, 0.1))  # retry a failed write later
+                await self._pause(max(self._flush_s, 0.1))  # then try the same rows again
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if a full batch waits or the queue closes."""
+        if len(self._pending) < BATCH_ROWS:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), seconds)
+        if not self._closed:
+            self._wake.clear()
 
     async def _flush_once(self) -> bool:
         """Write what waits, up to `BATCH_ROWS` rows; whether it went in."""
@@ -100,6 +110,7 @@ class AuditQueue:
         """Write every queued row (one attempt per batch; what still fails is logged with its
         count: nothing else could keep it)."""
         self._closed = True
+        self._wake.set()
         if self._flusher is not None:
             await self._flusher  # not cancelled: a write under way must know it went in
         while self._pending:
