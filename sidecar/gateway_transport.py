@@ -11,6 +11,7 @@ exactly as they came.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Iterable
 from typing import Any
@@ -88,6 +89,9 @@ class AsyncioBackend(httpcore2.AsyncNetworkBackend):
             raise httpcore2.ConnectTimeout(f"no connection to {host} in time") from None
         except OSError as exc:
             raise httpcore2.ConnectError(str(exc)) from None
+        # A request's head and body go in separate writes: without this, Nagle holds the
+        # body back until the upstream acknowledges the head (milliseconds, delayed ACK).
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _Stream(reader, writer)
 
     async def connect_unix_socket(
