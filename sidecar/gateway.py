@@ -433,9 +433,11 @@ class _Relay:
             return
         pump = asyncio.create_task(self._pump(send))
         gone = asyncio.create_task(_disconnected(receive))
-        await asyncio.wait((pump, gone), return_when=asyncio.FIRST_COMPLETED)
-        for task in (pump, gone):
-            task.cancel()  # the one still running: a stream the client left, or its watch
+        try:
+            await asyncio.wait((pump, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, gone):
+                task.cancel()  # the one still running: a stream the client left, or its watch
         with contextlib.suppress(asyncio.CancelledError):
             await gone
         try:
