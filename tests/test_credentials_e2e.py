@@ -515,6 +515,19 @@ def test_a_runtime_cannot_hold_more_gateway_connections_than_its_cap(
     wait_until(serves, 10, "the port to serve again")
 
 
+def test_large_bodies_go_through_both_ways(scenario: SupervisorRun, upstream: FakeUpstream) -> None:
+    port, _, placeholder = agent_gateway(scenario)
+    bearer = {"Authorization": f"Bearer {placeholder}"}
+    sent = bytes(range(256)) * 4096  # 1 MiB
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        answer = http.post(f"http://127.0.0.1:{port}/model/echo", headers=bearer, content=sent)
+        assert answer.status_code == 200
+        assert upstream.requests[-1].body == sent
+        big = http.get(f"http://127.0.0.1:{port}/model/big", headers=bearer)
+    assert big.status_code == 200 and big.content == b"x" * (2 * 1024 * 1024)
+    assert big.headers["content-length"] == str(2 * 1024 * 1024)
+
+
 def test_every_gateway_request_is_audited_once(scenario: SupervisorRun) -> None:
     """Audit rows are written in batches: all of them land, one per request."""
     port, _, placeholder = agent_gateway(scenario)
