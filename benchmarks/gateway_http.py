@@ -27,6 +27,7 @@ from typing import Any
 import httpcore2
 import httpx2
 import uvloop
+from starlette.types import Receive, Scope, Send
 
 from benchmarks.vault_and_gateway import cpu_seconds
 from sidecar.gateway_transport import AsyncioBackend
@@ -113,7 +114,7 @@ HOP = {b"host", b"connection", b"transfer-encoding", b"keep-alive"}
 def _serve_uvicorn(http: str, client: Forward, sock: socket.socket, upstream: str) -> None:
     import uvicorn
 
-    async def app(scope: dict, receive: Callable, send: Callable) -> None:  # type: ignore[type-arg]
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
 
@@ -127,7 +128,7 @@ def _serve_uvicorn(http: str, client: Forward, sock: socket.socket, upstream: st
 
         headers = [(k, v) for k, v in scope["headers"] if k not in HOP]
         answer = client(scope["method"], upstream + scope["path"], headers, body())
-        status, raw = await anext(answer)  # type: ignore[misc]
+        status, raw = await anext(answer)
         await send(
             {
                 "type": "http.response.start",
@@ -148,17 +149,17 @@ def _serve_starlette(client: Forward, sock: socket.socket, upstream: str) -> Non
     from starlette.requests import Request
     from starlette.responses import StreamingResponse
 
-    async def app(scope: dict, receive: Callable, send: Callable) -> None:  # type: ignore[type-arg]
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         request = Request(scope, receive)
         headers = [(k, v) for k, v in request.headers.raw if k not in HOP]
         answer = client(request.method, upstream + scope["path"], headers, request.stream())
-        status, raw = await anext(answer)  # type: ignore[misc]
+        status, raw = await anext(answer)
 
         async def body() -> AsyncIterator[bytes]:
             async for chunk in answer:
-                yield chunk  # type: ignore[misc]
+                yield chunk
 
         response = StreamingResponse(body(), status_code=status)
         response.raw_headers = [(k, v) for k, v in raw if k.lower() not in HOP]
@@ -176,14 +177,14 @@ def _serve_aiohttp(client: Forward, sock: socket.socket, upstream: str) -> None:
         answer = client(
             request.method, upstream + request.raw_path, headers, request.content.iter_any()
         )
-        status, raw = await anext(answer)  # type: ignore[misc]
+        status, raw = await anext(answer)
         response = web.StreamResponse(status=status)
         for k, v in raw:
             if k.lower() not in HOP:
                 response.headers.add(k.decode("latin-1"), v.decode("latin-1"))
         await response.prepare(request)
         async for chunk in answer:
-            await response.write(chunk)  # type: ignore[arg-type]
+            await response.write(chunk)
         await response.write_eof()
         return response
 
