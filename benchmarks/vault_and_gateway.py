@@ -3,9 +3,15 @@
     .venv/bin/python -m benchmarks.vault_and_gateway
 
 Baselines measured in the same run: `system.echo` through the same sidecar (the cost of the
-sidecar round trip itself), and the same HTTP request sent straight to the local upstream.
-Figures are medians of per-batch medians, so a noisy moment on a shared machine moves them
-little; compare the ratios rather than the absolute times.
+sidecar round trip itself), and the same HTTP request sent straight to the local upstream,
+in batches interleaved with the gateway's. Figures are medians of per-batch quantiles, so a
+noisy moment on a shared machine moves them little; compare the ratios rather than the
+absolute times.
+
+`measure_gateway(tmp)` is the gateway case on its own, for other benchmark drivers: it needs
+an empty private directory and the `soma` command of this checkout's virtualenv (it runs a
+supervisor with one runtime and a local upstream), takes about ten seconds, and returns
+`GatewayFigures`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
@@ -27,21 +34,23 @@ from tests.helpers import SupervisorRun, process_environ, set_secret, start_side
 BATCHES, PER_BATCH = 10, 100
 
 
+def one_batch(fn: Callable[[int], object], first: int, size: int) -> tuple[float, float]:
+    """(p50, p99) in milliseconds of `size` calls of `fn`."""
+    times = []
+    for i in range(first, first + size):
+        started = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return times[len(times) // 2], times[int(len(times) * 0.99)]
+
+
 def measure(fn: Callable[[int], object]) -> tuple[float, float]:
     """(p50, p99) in milliseconds: medians over batches of each batch's quantiles."""
     for i in range(50):
         fn(i)
-    p50s, p99s = [], []
-    for batch in range(BATCHES):
-        times = []
-        for i in range(PER_BATCH):
-            started = time.perf_counter()
-            fn(batch * PER_BATCH + i)
-            times.append((time.perf_counter() - started) * 1000)
-        times.sort()
-        p50s.append(times[len(times) // 2])
-        p99s.append(times[int(len(times) * 0.99)])
-    return statistics.median(p50s), statistics.median(p99s)
+    batches = [one_batch(fn, batch * PER_BATCH, PER_BATCH) for batch in range(BATCHES)]
+    return statistics.median(b[0] for b in batches), statistics.median(b[1] for b in batches)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -91,7 +100,27 @@ gateways = ["model"]
 """
 
 
-def gateway_figures(tmp: Path) -> None:
+@dataclass(frozen=True, slots=True)
+class GatewayFigures:
+    """Milliseconds; the sidecar's CPU time per request through the gateway."""
+
+    direct_p50: float
+    direct_p99: float
+    gateway_p50: float
+    gateway_p99: float
+    sidecar_cpu_per_request: float
+
+    @property
+    def added_ratio(self) -> float:
+        """What the gateway adds at p50, as a multiple of the direct call (target: <= 1)."""
+        return (self.gateway_p50 - self.direct_p50) / self.direct_p50
+
+
+def measure_gateway(
+    tmp: Path, batches: int = BATCHES, per_batch: int = PER_BATCH
+) -> GatewayFigures:
+    """The same POST sent straight to a local upstream and through a supervised runtime's
+    gateway, in alternating batches (each round in the other order)."""
     upstream = FakeUpstream()
     body = GATEWAY.format(upstream=upstream.url)
     config = SupervisorRun.write(tmp, body)
@@ -105,34 +134,67 @@ def gateway_figures(tmp: Path) -> None:
         base, key = environ["OPENAI_BASE_URL"], environ["OPENAI_API_KEY"]
         payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         with httpx2.Client(trust_env=False, timeout=30) as http:
-            direct = measure(
-                lambda i: http.post(
+
+            def direct(i: int) -> None:
+                http.post(
                     f"{upstream.url}/v1/chat/completions",
                     headers={"Authorization": "Bearer sk-bench"},
                     json=payload,
                 ).raise_for_status()
-            )
-            cpu_before = cpu_seconds(sidecar)
-            via = measure(
-                lambda i: http.post(
+
+            def via(i: int) -> None:
+                http.post(
                     f"{base}/chat/completions",
                     headers={"Authorization": f"Bearer {key}"},
                     json=payload,
                 ).raise_for_status()
-            )
-            calls = 50 + BATCHES * PER_BATCH  # measure() warms up with 50
-            cpu_per_call = (cpu_seconds(sidecar) - cpu_before) / calls * 1000
+
+            one_batch(direct, 0, 50)
+            one_batch(via, 0, 50)
+            figures: dict[str, list[tuple[float, float]]] = {"direct": [], "via": []}
+            cpu = 0.0
+            for batch in range(batches):
+                for name in ("direct", "via") if batch % 2 == 0 else ("via", "direct"):
+                    before = cpu_seconds(sidecar)
+                    fn = direct if name == "direct" else via
+                    figures[name].append(one_batch(fn, batch * per_batch, per_batch))
+                    if name == "via":
+                        cpu += cpu_seconds(sidecar) - before
     finally:
         run.stop()
         upstream.close()
-    print("POST /v1/chat/completions to a local upstream   p50 ms   p99 ms")
-    print(f"  direct (baseline)                              {direct[0]:7.3f}  {direct[1]:7.3f}")
-    print(f"  through the gateway                            {via[0]:7.3f}  {via[1]:7.3f}")
-    print(
-        f"  added by the gateway: {via[0] - direct[0]:.3f} ms at p50 "
-        f"({via[0] / direct[0]:.2f}x the direct call)"
+
+    def median(name: str, index: int) -> float:
+        return statistics.median(b[index] for b in figures[name])
+
+    return GatewayFigures(
+        median("direct", 0),
+        median("direct", 1),
+        median("via", 0),
+        median("via", 1),
+        cpu / (batches * per_batch) * 1000,
     )
-    print(f"  sidecar CPU per call through the gateway: {cpu_per_call:.3f} ms")
+
+
+def gateway_figures(tmp: Path) -> None:
+    figures = measure_gateway(tmp)
+    print("POST /v1/chat/completions to a local upstream   p50 ms   p99 ms")
+    print(
+        f"  direct (baseline)                              {figures.direct_p50:7.3f}  "
+        f"{figures.direct_p99:7.3f}"
+    )
+    print(
+        f"  through the gateway                            {figures.gateway_p50:7.3f}  "
+        f"{figures.gateway_p99:7.3f}"
+    )
+    print(
+        f"  added by the gateway: {figures.gateway_p50 - figures.direct_p50:.3f} ms at p50 "
+        f"({figures.added_ratio:.2f}x the direct call; "
+        f"{figures.gateway_p50 / figures.direct_p50:.2f}x in total)"
+    )
+    print(
+        f"  sidecar CPU per request through the gateway: {figures.sidecar_cpu_per_request:.3f} ms"
+    )
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
         # The one vault of this process: the credential broker and the vault organ share it.
         vault = AsyncVault(lambda: open_vault(config, durable=False))
         parts.push_async_callback(vault.close)
-        broker = CredentialBroker(config.credential, vault)
+        broker = CredentialBroker(config.credential, vault, cache_s=config.vault.credential_cache_s)
         # Organs whose functions change while they run (upstream MCP servers) re-register
         # their cards with the executive they are given.
         executive = Executive()

@@ -5,10 +5,19 @@ input names). For each, the sidecar checks the calling runtime's `credentials`, 
 secret at call time (the use is audited), and hands the organ a `Credential` beside the
 stimulus. A `Credential` attaches itself only to requests for its own origins (scheme, host
 and port: see `soma_runtime.hosts`).
+
+Decrypted credentials are kept in memory for `vault.credential_cache_s` seconds (0: never),
+at most `MAX_CACHED` of them, so a burst of calls costs one decrypt rather than one each.
+Every use is still checked against what its runtime may use and still audited. A cached copy
+is served only while the vault's secrets generation is the one it was read under: any change
+to the secrets (`soma secrets set`, `delete`, `rotate-kek`, from any process) revokes every
+copy at once, checked on each hit (a few microseconds, no thread hop).
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -17,13 +26,14 @@ import httpx2
 
 from sidecar.scrub import Scrubber
 from sidecar.vault.async_vault import AsyncVault
-from sidecar.vault.store import Vault, VaultError
+from sidecar.vault.store import AuditRow, RecordUnreadable, Vault, VaultError
 from soma_runtime.cards import FunctionCard
 from soma_runtime.config import CredentialSection
 from soma_runtime.hosts import Origin, upstream_host
 from soma_runtime.redaction import redactor
 
 INPUT_PREFIX = "input:"
+MAX_CACHED = 1024  # decrypted credentials held at once, by (runtime, credential)
 
 
 class CredentialDenied(Exception):
@@ -134,31 +144,74 @@ def needed(card: FunctionCard, input: Mapping[str, Any]) -> list[str]:
 class CredentialBroker:
     """Resolves credentials for calls; the vault is only opened if some call needs it."""
 
-    def __init__(self, settings: list[CredentialSection], vault: AsyncVault) -> None:
+    def __init__(
+        self, settings: list[CredentialSection], vault: AsyncVault, *, cache_s: float = 0.0
+    ) -> None:
         self._settings = {c.name: c for c in settings}
         self._vault = vault
+        self._cache_s = cache_s
+        # (runtime, credential) -> (expiry on the monotonic clock, generation, credential);
+        # keyed by runtime too, so that no entry is ever shared across callers.
+        self._cache: OrderedDict[tuple[str, str], tuple[float, int, Credential]] = OrderedDict()
+        self.cache_hits = 0
 
     def settings(self, name: str) -> CredentialSection | None:
         return self._settings.get(name)
+
+    @property
+    def cache_size(self) -> int:
+        return len(self._cache)
 
     async def resolve(
         self, names: list[str], *, runtime: str, allowed: frozenset[str], organ: str, op: str
     ) -> dict[str, Credential]:
         """Decrypt each credential in `names` for `runtime`; `CredentialDenied` if it may not
-        use one, `VaultError` if a value cannot be read."""
+        use one, `VaultError` if a value cannot be read (or its use cannot be audited)."""
         for name in names:
             if name not in allowed or name not in self._settings:
                 raise CredentialDenied(runtime, name)
         resolved = {}
+        generation = self._vault.generation() if self._cache_s > 0 and self._cache else None
         for name in names:
             settings = self._settings[name]
-            raw = await self._vault.run(
-                Vault.reveal, settings.secret_name, runtime=runtime, organ=organ, op=op
-            )
-            try:
-                value = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise VaultError(f"secret {settings.secret_name!r} is not UTF-8 text") from None
-            redactor.add(value)
-            resolved[name] = Credential(settings, value)
+            credential = self._cached(runtime, name, generation)
+            if credential is None:
+                credential = await self._decrypt(settings, runtime, organ, op)
+            else:
+                self.cache_hits += 1
+            await self._vault.audit(AuditRow(settings.secret_name, "use", runtime, organ, op))
+            resolved[name] = credential
         return resolved
+
+    def _cached(self, runtime: str, name: str, generation: int | None) -> Credential | None:
+        entry = self._cache.get((runtime, name))
+        if entry is None or generation is None:
+            return None
+        expires, read_under, credential = entry
+        if read_under != generation or expires <= time.monotonic():
+            del self._cache[(runtime, name)]
+            return None
+        return credential
+
+    async def _decrypt(
+        self, settings: CredentialSection, runtime: str, organ: str, op: str
+    ) -> Credential:
+        secret = settings.secret_name
+        try:
+            generation, raw = await self._vault.run(Vault.open_secret, secret)
+        except RecordUnreadable:
+            await self._vault.audit(AuditRow(secret, "use-failed", runtime, organ, op))
+            raise
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise VaultError(f"secret {secret!r} is not UTF-8 text") from None
+        redactor.add(value)
+        credential = Credential(settings, value)
+        if self._cache_s > 0:
+            key = (runtime, settings.name)
+            self._cache[key] = (time.monotonic() + self._cache_s, generation, credential)
+            self._cache.move_to_end(key)
+            while len(self._cache) > MAX_CACHED:
+                self._cache.popitem(last=False)
+        return credential

@@ -10,33 +10,37 @@ credential, which is attached only for the gateway's upstream origin. Answers st
 they come (server-sent events included), with the credential scrubbed out of their headers and
 bodies in every form an echoing upstream may return it in (see sidecar.scrub).
 
-HTTP is starlette's: `Request.stream()` reads the body, `StreamingResponse` relays the answer
-and stops it (closing the upstream request) the moment the client disconnects, and refusals
-are `JSONResponse`s. Each port has its own uvicorn server, capped in connections, so that one
-runtime cannot take the sidecar's descriptors through its port.
+HTTP is uvicorn's httptools protocol serving this module's own ASGI application, and
+httpcore2's connection pool on plain asyncio connections sending upstream: the fastest
+well-kept pair measured that relays header bytes exactly as sent (see
+`benchmarks/gateway_http.py` and the pins in pyproject.toml).
+Each port has its own uvicorn server, capped in connections, so that one runtime cannot take
+the sidecar's descriptors through its port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import socket
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from urllib.parse import parse_qsl, urlencode
 
+import httpcore2
 import httpx2
 import structlog
 import uvicorn
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sidecar.access import Channel
 from sidecar.credentials import CredentialBroker, CredentialDenied
+from sidecar.gateway_transport import AsyncioBackend
 from sidecar.scrub import Scrubber, content_codings, scrubbable
 from sidecar.vault.store import VaultError
 from soma_runtime.config import GatewaySection
@@ -48,6 +52,10 @@ log = structlog.get_logger(component="gateway")
 
 # Connections one runtime's port holds open at once; more are closed as they are accepted.
 MAX_CONNECTIONS_PER_PORT = 64
+
+# Answers of known length up to this size are relayed without watching for the client's
+# disconnect (a task per request): they arrive promptly once their headers have.
+PROMPT_BODY_BYTES = 64 * 1024
 
 # Headers that describe one hop, not the message: never forwarded either way.
 HOP_BY_HOP = frozenset(
@@ -84,6 +92,16 @@ def sockets_from_env(environ: MutableMapping[str, str] | None = None) -> dict[st
     return sockets
 
 
+# What the upstream client raises when an exchange fails; timeouts are told apart (504).
+UPSTREAM_ERRORS = (
+    httpcore2.TimeoutException,
+    httpcore2.NetworkError,
+    httpcore2.ProtocolError,
+    httpcore2.UnsupportedProtocol,
+    OSError,
+)
+
+
 class Gateway:
     """The ASGI application behind every runtime's gateway port."""
 
@@ -98,25 +116,31 @@ class Gateway:
         self._broker = broker
         self._channel_of = channel_of
         self._ports = ports
-        self._client = httpx2.AsyncClient(follow_redirects=False, trust_env=False)
+        # httpx2's defaults (limits, certificate checks) without its per-request layers, on
+        # plain asyncio connections.
+        self._pool = httpcore2.AsyncConnectionPool(
+            ssl_context=httpx2.create_ssl_context(trust_env=False),
+            network_backend=AsyncioBackend(),
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+        )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         started = time.perf_counter()
-        request = Request(scope, receive)
         runtime = self._ports.get(scope["server"][1], "?")
         # The raw path: still percent-encoded, so %2F or %3F in an upstream path stay as sent.
         raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         gateway_name, _, rest = raw_path.lstrip("/").partition("/")
         relay: _Relay | None = None
-        response: Response
+        status = 0
         try:
-            relay = await self._forward(request, runtime, gateway_name, rest)
-            response = relay.response()
+            relay = await self._forward(scope, receive, runtime, gateway_name, rest)
         except GatewayRefusal as refusal:
             level = log.warning if refusal.status in (401, 403) else log.error
             level(
@@ -126,34 +150,33 @@ class Gateway:
                 status=refusal.status,
                 reason=refusal.message,
             )
-            response = JSONResponse(
-                {"error": {"type": "soma_gateway", "message": refusal.message}},
-                status_code=refusal.status,
-            )
-        except ClientDisconnect:  # before its request's body had arrived: nobody to answer
+            await _refuse(send, refusal)
+            status = refusal.status
+        except _ClientGone:  # before its request's body had arrived: nobody to answer
             log.info("client_gone", runtime=runtime, gateway=gateway_name, status=0, bytes=0)
             return
-        try:
-            await response(scope, receive, send)
-        except httpx2.HTTPError as error:
-            # The answer had started: all that is left is to say why it stopped.
-            log.warning("relay_failed", status=response.status_code, error=type(error).__name__)
-        finally:
-            if relay is not None:
+        if relay is not None:
+            status = relay.status
+            try:
+                await relay.send_to(send, receive)
+            except UPSTREAM_ERRORS as error:
+                # The answer had started: all that is left is to say why it stopped.
+                log.warning("relay_failed", status=status, error=type(error).__name__)
+            finally:
                 await relay.aclose(runtime)
         log.info(
             "gateway",
             runtime=runtime,
             gateway=gateway_name,
-            method=request.method,
+            method=scope["method"],
             path="/" + rest,
-            status=response.status_code,
+            status=status,
             bytes=0 if relay is None else relay.sent,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
     def _admit(
-        self, request: Request, runtime: str, gateway_name: str
+        self, scope: Scope, runtime: str, gateway_name: str
     ) -> tuple[GatewaySection, Channel]:
         gateway = self._gateways.get(gateway_name)
         if gateway is None:
@@ -163,23 +186,23 @@ class Gateway:
             raise GatewayRefusal(401, "the runtime of this port is not running")
         if gateway_name not in channel.gateways:
             raise GatewayRefusal(403, f"runtime {runtime!r} may not use gateway {gateway_name!r}")
-        client_port, server_port = request.scope["client"][1], request.scope["server"][1]
+        # The TCP peer itself: uvicorn's proxy headers are off, no header can stand in for it.
+        client_port, server_port = scope["client"][1], scope["server"][1]
         if loopback_peer_uid(client_port, server_port) != os.geteuid():
             raise GatewayRefusal(403, "the connection does not come from the sidecar's user")
         return gateway, channel
 
     async def _forward(
-        self, request: Request, runtime: str, gateway_name: str, rest: str
+        self, scope: Scope, receive: Receive, runtime: str, gateway_name: str, rest: str
     ) -> _Relay:
-        gateway, channel = self._admit(request, runtime, gateway_name)
+        gateway, channel = self._admit(scope, runtime, gateway_name)
         settings = self._broker.settings(gateway.credential)
         assert settings is not None  # the config guarantees it
         # Pairs, not a dict: a header may repeat (two anthropic-beta values, say).
-        headers = [
-            (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.headers.raw
-        ]
+        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+        chunked = any(k == "transfer-encoding" for k, _ in headers)
         headers = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
-        query = parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
         presented = _take_placeholder(settings.inject.kind, settings.inject.name, headers, query)
         if presented is None or not channel.placeholder_matches(presented):
             raise GatewayRefusal(401, "missing or wrong placeholder key for this runtime")
@@ -206,7 +229,8 @@ class Gateway:
         url = gateway.upstream.rstrip("/") + ("/" + rest if rest else "")
         if query:
             url += "?" + urlencode(query)
-        url, extra = credential.attach(url)
+        url, extra = credential.attach(url)  # checks the origin as httpx2 parses the URL ...
+        target = httpx2.URL(url)  # ... and sends it just as httpx2 would
         # Identity: a compressed answer could not be scrubbed of an echoed credential.
         extra["accept-encoding"] = "identity"
         replaced = {name.lower() for name in extra}
@@ -218,37 +242,106 @@ class Gateway:
             ) from None
         # As bytes: header values beyond ASCII go on exactly as the client sent them.
         kept = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers if k not in replaced]
-        upstream_request = self._client.build_request(
-            request.method,
-            url,
-            headers=kept + added,
-            content=_limited(request.stream(), gateway.max_request_bytes),
-            timeout=httpx2.Timeout(gateway.timeout, connect=10.0),
+        framing = [(b"transfer-encoding", b"chunked")] if chunked and declared is None else []
+        body = _Body(receive, gateway.max_request_bytes) if chunked or declared else None
+        upstream_request = httpcore2.Request(
+            scope["method"],
+            httpcore2.URL(
+                scheme=target.raw_scheme,
+                host=target.raw_host,
+                port=target.port,
+                target=target.raw_path,
+            ),
+            headers=[(b"host", target.netloc), *kept, *framing, *added],
+            content=body,
+            extensions={
+                "timeout": {
+                    "connect": 10.0,
+                    "read": gateway.timeout,
+                    "write": gateway.timeout,
+                    "pool": gateway.timeout,
+                }
+            },
         )
         try:
-            response = await self._client.send(upstream_request, stream=True)
-        except _TooLarge as exc:
-            raise GatewayRefusal(413, str(exc)) from None
-        except httpx2.TimeoutException:
-            raise GatewayRefusal(
-                504, f"{gateway.name}: the upstream did not answer in time"
-            ) from None
-        except httpx2.HTTPError as exc:
-            raise GatewayRefusal(
-                502, f"{gateway.name}: upstream unreachable ({type(exc).__name__})"
-            ) from None
-        if not scrubbable(response.headers):
+            response = await self._pool.handle_async_request(upstream_request)
+        except Exception as exc:
+            # What stopped the request's body, if something did, whatever the client made of it.
+            if body is not None and body.failure is not None:
+                raise body.failure from None
+            if isinstance(exc, httpcore2.TimeoutException):
+                raise GatewayRefusal(
+                    504, f"{gateway.name}: the upstream did not answer in time"
+                ) from None
+            if isinstance(exc, UPSTREAM_ERRORS):
+                raise GatewayRefusal(
+                    502, f"{gateway.name}: upstream unreachable ({type(exc).__name__})"
+                ) from None
+            raise
+        if body is not None and body.failure is not None:  # the upstream answered early
+            await response.aclose()
+            raise body.failure
+        names = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
+        if not scrubbable(names):
             await response.aclose()
             raise GatewayRefusal(
                 502,
                 f"{gateway.name}: the upstream answered in a content-encoding the gateway cannot "
                 "scrub (it asked for identity)",
             )
-        return _Relay(response, credential.scrubber)
+        return _Relay(response, content_codings(names), credential.scrubber)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(GatewayRefusal):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request bodies are limited to {limit} bytes")
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request's body had all arrived."""
+
+
+class _Body:
+    """The request's body as it arrives, refused once it grows beyond `limit` bytes (a body
+    sent without a Content-Length, or with a false one). What stopped it is kept, since the
+    upstream client may report the stop as its own error."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self.failure: _TooLarge | _ClientGone | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        received = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.failure = _ClientGone()
+                raise self.failure
+            chunk: bytes = message.get("body", b"")
+            received += len(chunk)
+            if received > self._limit:
+                self.failure = _TooLarge(self._limit)
+                raise self.failure
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+
+async def _refuse(send: Send, refusal: GatewayRefusal) -> None:
+    body = json.dumps({"error": {"type": "soma_gateway", "message": refusal.message}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": refusal.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _take_placeholder(
@@ -269,16 +362,35 @@ def _take_placeholder(
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-async def _limited(body: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    """The request's body as it arrives, refused once it grows beyond `limit` bytes (a body
-    sent without a Content-Length, or with a false one)."""
-    received = 0
-    async for chunk in body:
-        received += len(chunk)
-        if received > limit:
-            raise _TooLarge(f"request bodies are limited to {limit} bytes")
-        if chunk:
-            yield chunk
+class _Decoder:
+    """Undoes the gzip or deflate coding of a body the upstream compressed although the
+    gateway asked for identity (as httpx2 would), so that it can be scrubbed."""
+
+    def __init__(self, codings: list[str]) -> None:
+        # gzip: its header; deflate: zlib-wrapped as the RFC says, raw if a server sends it so.
+        self._objects = [
+            zlib.decompressobj(zlib.MAX_WBITS | 16 if c == "gzip" else zlib.MAX_WBITS)
+            for c in reversed(codings)
+        ]
+        self._raw = [c == "deflate" for c in reversed(codings)]
+
+    def feed(self, data: bytes) -> bytes:
+        for index, decoder in enumerate(self._objects):
+            try:
+                data = decoder.decompress(data)
+            except zlib.error:
+                if not self._raw[index]:
+                    raise
+                self._raw[index] = False
+                self._objects[index] = decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                data = decoder.decompress(data)
+        return data
+
+    def flush(self) -> bytes:
+        data = b""
+        for decoder in self._objects:
+            data = decoder.decompress(data) + decoder.flush()
+        return data
 
 
 class _Relay:
@@ -290,49 +402,84 @@ class _Relay:
     asked for identity is relayed decoded, without its Content-Encoding and Content-Length.
     """
 
-    def __init__(self, upstream: httpx2.Response, scrubber: Scrubber) -> None:
+    def __init__(
+        self, upstream: httpcore2.Response, codings: list[str], scrubber: Scrubber
+    ) -> None:
         self._upstream = upstream
+        self._decoder = _Decoder(codings) if codings else None
         self._scrubber = scrubber
+        self.status = upstream.status
         self.sent = 0
         self._finished = False
         self._failed = False
 
-    def response(self) -> StreamingResponse:
-        upstream, scrub = self._upstream, self._scrubber.scrub
-        decoded = bool(content_codings(upstream.headers))
-        dropped = HOP_BY_HOP | {"content-encoding", "content-length"} if decoded else HOP_BY_HOP
-        response = StreamingResponse(self._body(), status_code=upstream.status_code)
-        # Raw pairs, not a mapping: a header may repeat, and stays as the upstream sent it.
-        response.raw_headers = [
+    async def send_to(self, send: Send, receive: Receive) -> None:
+        """Relay the answer. A short one of known length is relayed at once; anything else
+        beside a watch on the client, so that a stream it leaves stops at once (closing the
+        upstream request) rather than at the next chunk."""
+        scrub = self._scrubber.scrub
+        dropped = (
+            HOP_BY_HOP | {"content-encoding", "content-length"} if self._decoder else HOP_BY_HOP
+        )
+        headers = [
             (scrub(k), scrub(v))
-            for k, v in upstream.headers.raw
+            for k, v in self._upstream.headers
             if k.decode("latin-1").lower() not in dropped
         ]
-        return response
-
-    async def _body(self) -> AsyncIterator[bytes]:
-        body = self._scrubber.stream()
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        length = next((v for k, v in headers if k.lower() == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) <= PROMPT_BODY_BYTES:
+            await self._pump(send)
+            return
+        pump = asyncio.create_task(self._pump(send))
+        gone = asyncio.create_task(_disconnected(receive))
         try:
-            async for chunk in self._upstream.aiter_bytes():
-                if out := body.feed(chunk):
-                    self.sent += len(out)
-                    yield out
-        except httpx2.HTTPError:
+            await asyncio.wait((pump, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, gone):
+                task.cancel()  # the one still running: a stream the client left, or its watch
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        try:
+            await pump
+        except asyncio.CancelledError:
+            if not gone.done() or gone.cancelled():
+                raise  # not the client's leaving: the gateway itself is being stopped
+
+    async def _pump(self, send: Send) -> None:
+        body = self._scrubber.stream()
+        async for chunk in self._chunks():
+            if out := body.feed(chunk):
+                self.sent += len(out)
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        rest = body.flush()
+        self.sent += len(rest)
+        await send({"type": "http.response.body", "body": rest})
+        self._finished = True
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        stream = self._upstream.aiter_stream()
+        try:
+            async for chunk in stream:
+                yield self._decoder.feed(chunk) if self._decoder else chunk
+        except UPSTREAM_ERRORS:
             self._failed = True  # logged by the gateway as `relay_failed`
             raise
-        if rest := body.flush():
-            self.sent += len(rest)
-            yield rest
-        self._finished = True
+        if self._decoder:
+            yield self._decoder.flush()
 
     async def aclose(self, runtime: str) -> None:
         """Close the upstream request; if the answer was not all relayed, the client went
-        away: StreamingResponse stops relaying at its disconnect."""
+        away (the relay stops at its disconnect)."""
         if not (self._finished or self._failed):
-            log.info(
-                "client_gone", runtime=runtime, status=self._upstream.status_code, bytes=self.sent
-            )
+            log.info("client_gone", runtime=runtime, status=self.status, bytes=self.sent)
         await self._upstream.aclose()
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client disconnects (its request's body was all read before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -343,11 +490,11 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-class _CappedH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, closing a connection as soon as it is accepted when its
-    port already holds `MAX_CONNECTIONS_PER_PORT`. uvicorn's own `limit_concurrency` is not
-    enough: it answers requests with 503, while a connection that sends none holds a
-    descriptor of the sidecar for as long as the runtime keeps it open."""
+class _CappedHttpTools(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools), closing a connection as soon as it is
+    accepted when its port already holds `MAX_CONNECTIONS_PER_PORT`. uvicorn's own
+    `limit_concurrency` is not enough: it answers requests with 503, while a connection that
+    sends none holds a descriptor of the sidecar for as long as the runtime keeps it open."""
 
     refusals = RepeatedWarnings(log)
 
@@ -366,7 +513,9 @@ class GatewayServer:
     def __init__(self, app: Gateway, sockets: list[socket.socket], grace: float) -> None:
         config = uvicorn.Config(
             app,
-            http=_CappedH11,
+            http=_CappedHttpTools,
+            # The TCP peer is the client: no header may stand in for it (see `_admit`).
+            proxy_headers=False,
             lifespan="off",
             access_log=False,
             log_config=None,

@@ -157,6 +157,9 @@ class VaultSection(_Section):
     # A 32-byte key, created 0600 on first use; relative to the state directory.
     kek_file: ConfigPath = Path("kek")
     credential: str = Field(default="soma-kek", pattern=NAME)
+    # Seconds the sidecar keeps a decrypted credential in memory between uses (0: decrypt
+    # at every use). Any change to the vault's secrets revokes every copy at once.
+    credential_cache_s: float = Field(default=5.0, ge=0.0, le=300.0)
 
 
 class InjectSection(_Section):

@@ -28,7 +28,8 @@ UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
 APIKEY_VALUE = "ak-never-used-0123456789"
 MIRROR_KEY = 'mk/mirror+key="0123 4567"'  # echoed back by /v1/mirror; its encodings all differ
 ACCENTED_KEY = "clé-0123456789"  # cannot travel in a header
-SECRETS = (UPSTREAM_KEY, APIKEY_VALUE, MIRROR_KEY, ACCENTED_KEY)
+ROTATING_KEYS = ("rk-first-0123456789", "rk-second-0123456789", "rk-third-0123456789")
+SECRETS = (UPSTREAM_KEY, APIKEY_VALUE, MIRROR_KEY, ACCENTED_KEY, *ROTATING_KEYS)
 # Every form a secret may be logged or echoed in.
 LEAKS = tuple(form for secret in SECRETS for form in encodings(secret))
 
@@ -101,12 +102,23 @@ credential = "mirror-query"
 base_url_env = "MIRROR_QUERY_BASE_URL"
 api_key_env = "MIRROR_QUERY_API_KEY"
 
+[[credential]]
+name = "rotating"
+hosts = ["{upstream}"]
+
+[[gateway]]
+name = "rotating"
+upstream = "{upstream}/v1"
+credential = "rotating"
+base_url_env = "ROTATING_BASE_URL"
+api_key_env = "ROTATING_API_KEY"
+
 [[runtime]]
 name = "agent"
 command = ["python", "-m", "tests.fixtures.agents", "credentials", "agent.jsonl"]
 allow = ["http.request"]
 credentials = ["upstream"]
-gateways = ["model", "mirror", "mirror-query", "accented", "small"]
+gateways = ["model", "mirror", "mirror-query", "accented", "small", "rotating"]
 env = {{ UPSTREAM = "{upstream}", OTHER = "{other}" }}
 
 [[runtime]]
@@ -501,6 +513,86 @@ def test_a_runtime_cannot_hold_more_gateway_connections_than_its_cap(
             return answer.status_code == 200
 
     wait_until(serves, 10, "the port to serve again")
+
+
+def test_large_bodies_go_through_both_ways(scenario: SupervisorRun, upstream: FakeUpstream) -> None:
+    port, _, placeholder = agent_gateway(scenario)
+    bearer = {"Authorization": f"Bearer {placeholder}"}
+    sent = bytes(range(256)) * 4096  # 1 MiB
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        answer = http.post(f"http://127.0.0.1:{port}/model/echo", headers=bearer, content=sent)
+        assert answer.status_code == 200
+        assert upstream.requests[-1].body == sent
+        big = http.get(f"http://127.0.0.1:{port}/model/big", headers=bearer)
+    assert big.status_code == 200 and big.content == b"x" * (2 * 1024 * 1024)
+    assert big.headers["content-length"] == str(2 * 1024 * 1024)
+
+
+def test_every_gateway_request_is_audited_once(scenario: SupervisorRun) -> None:
+    """Audit rows are written in batches: all of them land, one per request."""
+    port, _, placeholder = agent_gateway(scenario)
+
+    def gateway_uses() -> int:
+        audit = run_soma("secrets", "audit", "upstream", "--config", str(scenario.config))
+        return audit.stdout.count('"op": "model"')
+
+    before = gateway_uses()
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        for _ in range(30):
+            answer = http.get(
+                f"http://127.0.0.1:{port}/model/echo",
+                headers={"Authorization": f"Bearer {placeholder}"},
+            )
+            assert answer.status_code == 200
+    wait_until(lambda: gateway_uses() == before + 30, 10, "30 more audit rows")
+
+
+def test_the_gateway_follows_every_secret_change_at_once(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    """Decrypted credentials are cached (5 s by default), yet a secret set, replaced or
+    deleted with `soma secrets` is what the very next request gets."""
+    port, _, placeholder = agent_gateway(scenario)
+    bearer = {"Authorization": f"Bearer {placeholder}"}
+
+    def sent_with() -> str | None:
+        with httpx2.Client(trust_env=False, timeout=10) as http:
+            answer = http.get(f"http://127.0.0.1:{port}/rotating/echo", headers=bearer)
+        if answer.status_code != 200:
+            assert answer.status_code == 503, answer.text
+            return None
+        return upstream.requests[-1].headers["authorization"].removeprefix("Bearer ")
+
+    assert sent_with() is None  # not in the vault yet
+    set_secret(scenario.config, "rotating", ROTATING_KEYS[0])
+    assert sent_with() == ROTATING_KEYS[0]
+    assert sent_with() == ROTATING_KEYS[0]  # from the cache
+    set_secret(scenario.config, "rotating", ROTATING_KEYS[1])
+    assert sent_with() == ROTATING_KEYS[1]
+    deleted = run_soma("secrets", "delete", "rotating", "--config", str(scenario.config))
+    assert deleted.returncode == 0, deleted.stderr
+    assert sent_with() is None
+    set_secret(scenario.config, "rotating", ROTATING_KEYS[2])
+    assert sent_with() == ROTATING_KEYS[2]
+
+
+def test_forwarding_headers_do_not_stand_in_for_the_peer(
+    scenario: SupervisorRun, upstream: FakeUpstream
+) -> None:
+    """The peer check reads the TCP connection itself: an X-Forwarded-For naming another
+    address neither refuses the runtime's own request nor changes who is checked."""
+    port, _, placeholder = agent_gateway(scenario)
+    with httpx2.Client(trust_env=False, timeout=10) as http:
+        answer = http.get(
+            f"http://127.0.0.1:{port}/model/echo",
+            headers={
+                "Authorization": f"Bearer {placeholder}",
+                "X-Forwarded-For": "203.0.113.9:4444",
+                "X-Forwarded-Proto": "https",
+            },
+        )
+    assert answer.status_code == 200
+    assert upstream.requests[-1].headers["x-forwarded-for"] == "203.0.113.9:4444"
 
 
 def test_no_secret_in_any_log_line_or_runtime_environment(scenario: SupervisorRun) -> None:

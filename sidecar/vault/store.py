@@ -81,7 +81,22 @@ CREATE TABLE IF NOT EXISTS audit (
     organ TEXT,
     op TEXT
 );
+CREATE TABLE IF NOT EXISTS secrets_generation (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    n INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO secrets_generation VALUES (1, 0);
+CREATE TRIGGER IF NOT EXISTS secrets_insert AFTER INSERT ON secrets
+    BEGIN UPDATE secrets_generation SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS secrets_update AFTER UPDATE ON secrets
+    BEGIN UPDATE secrets_generation SET n = n + 1 WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS secrets_delete AFTER DELETE ON secrets
+    BEGIN UPDATE secrets_generation SET n = n + 1 WHERE id = 1; END;
 """
+# Every change to the secrets table, by any process (`soma secrets`, another sidecar, an older
+# Soma once the database has the triggers), counts in `secrets_generation`: a process that
+# caches decrypted secrets reads that one row to know its copies are still the stored values.
+GENERATION_QUERY = "SELECT n FROM secrets_generation WHERE id = 1"
 
 
 class VaultError(Exception):
@@ -110,6 +125,19 @@ class RecordRolledBack(RecordUnreadable):
     restored after its deletion, or none where the vault wrote one."""
 
     kind = "RecordRolledBack"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One use of a secret, as the audit table keeps it (never the value); `at` is when the
+    use happened, not when the row was written."""
+
+    secret: str
+    action: str
+    runtime: str | None
+    organ: str
+    op: str
+    at: str = field(default_factory=lambda: _now())
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,29 +407,35 @@ class Vault:
 
     def reveal(self, name: str, *, runtime: str | None, organ: str, op: str) -> bytes:
         """The latest version's value; the use is audited (never the value)."""
-        row = self._db.execute(
-            "SELECT version, kek_id, wrapped_key, ciphertext FROM secrets WHERE name = ? "
-            "ORDER BY version DESC LIMIT 1",
-            (name,),
-        ).fetchone()
+        try:
+            _, value = self.open_secret(name)
+        except RecordUnreadable:
+            self.write_audit([AuditRow(name, "use-failed", runtime, organ, op)])
+            raise
+        self.write_audit([AuditRow(name, "use", runtime, organ, op)])
+        return value
+
+    def open_secret(self, name: str) -> tuple[int, bytes]:
+        """The secrets generation and the latest version's value, read in one snapshot and
+        not audited: the caller audits the use (see `AsyncVault.audit`)."""
+        with self._snapshot() as db:
+            (generation,) = db.execute(GENERATION_QUERY).fetchone()
+            row = db.execute(
+                "SELECT version, kek_id, wrapped_key, ciphertext FROM secrets WHERE name = ? "
+                "ORDER BY version DESC LIMIT 1",
+                (name,),
+            ).fetchone()
         if row is None:
             raise SecretNotFound(f"secret {name!r} is not in the vault")
         version, kek_id, wrapped, ciphertext = row
-        try:
-            (value,) = self._open(
-                f"secret {name!r} version {version}",
-                kek_id,
-                wrapped,
-                _secret_aad(name, version),
-                (0, ciphertext),
-            )
-        except RecordUnreadable:
-            with self._transaction() as db:
-                self._audit(db, name, "use-failed", runtime=runtime, organ=organ, op=op)
-            raise
-        with self._transaction() as db:
-            self._audit(db, name, "use", runtime=runtime, organ=organ, op=op)
-        return value
+        (value,) = self._open(
+            f"secret {name!r} version {version}",
+            kek_id,
+            wrapped,
+            _secret_aad(name, version),
+            (0, ciphertext),
+        )
+        return generation, value
 
     def list_secrets(self) -> list[SecretInfo]:
         rows = self._db.execute(
@@ -760,6 +794,16 @@ class Vault:
             "INSERT INTO audit (at, secret, action, runtime, organ, op) VALUES (?, ?, ?, ?, ?, ?)",
             (_now(), secret, action, runtime, organ, op),
         )
+
+    def write_audit(self, rows: list[AuditRow]) -> None:
+        """Record uses in one transaction: all of them, or none (then the caller still has
+        them to write again)."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO audit (at, secret, action, runtime, organ, op) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(r.at, r.secret, r.action, r.runtime, r.organ, r.op) for r in rows],
+            )
 
     def audit_log(self, secret: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         query = "SELECT at, secret, action, runtime, organ, op FROM audit"
