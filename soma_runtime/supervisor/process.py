@@ -6,6 +6,21 @@ pipes are closed as well, and a helper the child started may hold them for ever.
 child is started with `subprocess.Popen`, its exit is watched on a pidfd (readable when the
 process exits, whoever holds its pipes) and reaped at once, and its output is read from the
 pipes with asyncio streams for as long as anyone writes to them.
+
+Whose lines pass through here. The sidecar is trusted and writes one event per call: re-parsed
+and re-rendered here, that cost the supervisor about 100 µs of CPU per call. So the sidecar
+gets a copy of the supervisor's own log stream (stderr: a terminal, a file, or journald's
+stream socket under systemd) and writes its events there itself, in the configured format,
+each carrying `child=sidecar` (soma_runtime.logs); the supervisor never reads them. Each line
+is one write(2), so lines do not interleave (atomic on a pipe up to PIPE_BUF, and in practice
+on a stream socket or a file). Its stdout and stderr stay pipes to this reader: what reaches
+them bypassed its logging (gRPC's C core, a fatal error, a stray print) and is logged here as
+`output` with its name, as before. Runtimes are not trusted: everything they write comes
+through here; a line is re-emitted as an event only when it is a strict JSON object with an
+`event`, with the keys that would speak for someone else renamed (`child` -> `child_child`),
+and any other line is an `output` event. A runtime cannot write to the stream directly, so
+it cannot forge a line of the supervisor or the sidecar. Exits are watched on the pidfd,
+never through the pipes.
 """
 
 from __future__ import annotations
