@@ -17,8 +17,8 @@ from soma_runtime.admin_protocol import Register
 from soma_runtime.config import RuntimeSection, SidecarSection, SomaConfig
 from soma_runtime.gateway_sockets import SOCKETS_ENV
 from soma_runtime.layout import RuntimeLayout
-from soma_runtime.logs import DIRECT_FD_ENV, DIRECT_NAME_ENV
 from soma_runtime.listeners import tcp_listener
+from soma_runtime.logs import DIRECT_FD_ENV, DIRECT_NAME_ENV
 from soma_runtime.supervisor import keeper
 from soma_runtime.supervisor.child import StartFailed, Supervised
 from soma_runtime.supervisor.identity import Identity, mint_identity

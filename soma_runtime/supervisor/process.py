@@ -211,8 +211,8 @@ async def _pump(name: str, stream_name: str, reader: asyncio.StreamReader) -> No
 
 
 def _log_line(name: str, stream_name: str, text: str) -> None:
-    """Re-emit a child's structured (JSON) log line as ours, at its level and with its
-    timestamp, so that it reads like the supervisor's own lines; log other lines as
+    """Re-emit a child's structured (JSON) log line in our format, at its level and with its
+    timestamp, marked as the child's (`child=NAME component=output`); log other lines as
     `output`. Strict JSON: what the child wrote as NaN is not re-logged as a number no JSON
     reader takes."""
     fields: dict[str, Any] | None = None
@@ -229,13 +229,18 @@ def _log_line(name: str, stream_name: str, text: str) -> None:
     event = fields.pop("event")
     level = str(fields.pop("level", "info")).lower()
     stamp = fields.pop("timestamp", None)
-    # The child cannot speak for another child, nor collide with the logger's own parameters.
+    # The child cannot speak for another child or another component, nor collide with the
+    # logger's own parameters.
     fields = {(f"child_{k}" if k in _RESERVED else k): v for k, v in fields.items()}
     if isinstance(stamp, str):
         fields["timestamp"] = stamp  # kept by the pipeline's stamper (soma_runtime.logs)
     method = getattr(log, level, None) if level in _LEVELS else None
-    (method or log.info)(event, child=name, **fields)
+    (method or log.info)(event, child=name, component=CHILD_COMPONENT, **fields)
 
 
+# The component of every event a child wrote and the supervisor re-emits: none of the
+# supervisor's or the sidecar's own loggers uses it, so a runtime's `{"event": "exited"}`
+# never reads as the supervisor's line about it.
+CHILD_COMPONENT = "output"
 _LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
-_RESERVED = frozenset({"child", "self", "event"})
+_RESERVED = frozenset({"child", "component", "self", "event"})
