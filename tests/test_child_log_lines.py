@@ -16,6 +16,7 @@ import structlog
 
 from soma_runtime import strict_json
 from soma_runtime.logs import Format, configure_logging
+from soma_runtime.redaction import REDACTED
 from soma_runtime.supervisor import process
 from soma_runtime.supervisor.process import _log_line
 from tests.helpers import (
@@ -141,3 +142,18 @@ def test_the_sidecar_writes_its_lines_to_the_supervisors_stream_itself(tmp_path:
         assert run.stop() == 0
     serving = [e for e in run.events("serving") if e.get("child") == "sidecar"]
     assert len(serving) == 1 and serving[0]["component"] == "sidecar", run.proc.output()
+
+
+def test_a_runtime_cannot_slip_text_past_the_redactor_in_a_structural_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The redactor trusts `runtime`, `stream`, `timestamp`... as values this process computed;
+    in a child's event, they are the child's text, and scanned."""
+    out = logging_to("json", monkeypatch)
+    token = "sk-" + "R" * 24
+    forged = {key: token for key in ("runtime", "stream", "logger", "timestamp", "component")}
+    _log_line("claims", "stderr", json.dumps({"event": "tick", **forged}))
+    record = json.loads(out.getvalue())
+    assert token not in out.getvalue()
+    assert record["child_runtime"] == record["child_timestamp"] == REDACTED
+    assert record["child_stream"] == REDACTED and ISO_TIME.match(record["timestamp"])

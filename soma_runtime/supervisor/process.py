@@ -32,6 +32,7 @@ import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ import structlog
 
 from soma_runtime import strict_json
 from soma_runtime.logs import TO_SUPERVISOR_ENV
+from soma_runtime.redaction import STRUCTURAL
 from soma_runtime.supervisor.ending import KILL_WAIT, end
 from soma_runtime.supervisor.proctree import Proc, has_environ_entry, read_proc, snapshot, subtree
 from soma_runtime.supervisor.reaper import REAPER, libc
@@ -229,11 +231,13 @@ def _log_line(name: str, stream_name: str, text: str) -> None:
     event = fields.pop("event")
     level = str(fields.pop("level", "info")).lower()
     stamp = fields.pop("timestamp", None)
-    # The child cannot speak for another child or another component, nor collide with the
-    # logger's own parameters.
+    # The child cannot speak for another child or another component, put text in a field the
+    # redactor trusts, nor collide with the logger's own parameters.
     fields = {(f"child_{k}" if k in _RESERVED else k): v for k, v in fields.items()}
-    if isinstance(stamp, str):
+    if _is_time(stamp):
         fields["timestamp"] = stamp  # kept by the pipeline's stamper (soma_runtime.logs)
+    elif stamp is not None:
+        fields["child_timestamp"] = stamp  # text the redactor scans (not a structural field)
     method = getattr(log, level, None) if level in _LEVELS else None
     (method or log.info)(event, child=name, component=CHILD_COMPONENT, **fields)
 
@@ -243,4 +247,16 @@ def _log_line(name: str, stream_name: str, text: str) -> None:
 # never reads as the supervisor's line about it.
 CHILD_COMPONENT = "output"
 _LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
-_RESERVED = frozenset({"child", "component", "self", "event"})
+# Also the fields the redactor does not scan: in a child's event, they are its text.
+_RESERVED = frozenset({"self", "event"}) | STRUCTURAL
+
+
+def _is_time(stamp: object) -> bool:
+    """Whether a child's `timestamp` is an ISO 8601 time (then it holds no text to redact)."""
+    if not isinstance(stamp, str) or len(stamp) > 40:
+        return False
+    try:
+        datetime.fromisoformat(stamp)
+    except ValueError:
+        return False
+    return True
