@@ -8,7 +8,8 @@ process exits, whoever holds its pipes) and reaped at once, and its output is re
 pipes with asyncio streams for as long as anyone writes to them.
 
 Whose lines pass through here. The sidecar is trusted and writes one event per call: re-parsed
-and re-rendered here, that cost the supervisor about 100 µs of CPU per call. So the sidecar
+and re-rendered here, that cost the supervisor about 90 µs of CPU per call (now none:
+`python -m benchmarks.supervisor_lines` measures it against a baseline). So the sidecar
 gets a copy of the supervisor's own log stream (stderr: a terminal, a file, or journald's
 stream socket under systemd) and writes its events there itself, in the configured format,
 each carrying `child=sidecar` (soma_runtime.logs); the supervisor never reads them. Each line
@@ -17,8 +18,9 @@ on a stream socket or a file). Its stdout and stderr stay pipes to this reader: 
 them bypassed its logging (gRPC's C core, a fatal error, a stray print) and is logged here as
 `output` with its name, as before. Runtimes are not trusted: everything they write comes
 through here; a line is re-emitted as an event only when it is a strict JSON object with an
-`event`, with the keys that would speak for someone else renamed (`child` -> `child_child`),
-and any other line is an `output` event. A runtime cannot write to the stream directly, so
+`event`, marked `component=output`, with the keys that would speak for someone else or that
+the redactor trusts renamed (`child` -> `child_child`), and any other line is an `output`
+event. A runtime cannot write to the stream directly, so
 it cannot forge a line of the supervisor or the sidecar. Exits are watched on the pidfd,
 never through the pipes.
 """
