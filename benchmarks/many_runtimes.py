@@ -120,7 +120,8 @@ def scaling(counts: list[int], rounds: int, others: str) -> None:
                 print(f"round {r + 1}/{rounds}: {n} runtimes: {results[n][-1]}", file=sys.stderr)
     base = counts[0]
     print(f"other runtimes {others}; {rounds} interleaved rounds; medians")
-    print(f"runtimes  sidecar RSS MiB  threads  idle CPU ms/s  p50 us  p50 / {base} runtime(s)")
+    print("runtimes  sidecar RSS MiB  threads  CPU ms/s (caller quiet)", end="")
+    print(f"  p50 us  p50 / {base} runtime(s)")
     for n in counts:
         rss = statistics.median(x["rss_kib"] for x in results[n]) / 1024
         ratios = [x["p50_us"] / b["p50_us"] for x, b in zip(results[n], results[base], strict=True)]
@@ -128,7 +129,7 @@ def scaling(counts: list[int], rounds: int, others: str) -> None:
         thread_count = statistics.median(x["threads"] for x in results[n])
         idle = statistics.median(x["idle_cpu_ms_per_s"] for x in results[n])
         ratio = statistics.median(ratios)
-        print(f"{n:8} {rss:16.1f} {thread_count:8.0f} {idle:13.1f} {p50:7.0f}  {ratio:.2f}x")
+        print(f"{n:8} {rss:16.1f} {thread_count:8.0f} {idle:24.1f} {p50:7.0f}  {ratio:.2f}x")
     for n in counts[1:]:
         added = [
             (x["rss_kib"] - b["rss_kib"]) / (n - base)
