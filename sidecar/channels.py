@@ -17,12 +17,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import structlog
+from grpc import aio as grpc_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdk import protocol
@@ -75,6 +77,13 @@ def runtime_tree(channel: Channel) -> jsonline.Gate:
     return gate
 
 
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 def _tree_of(root: int) -> Callable[[int], bool]:
     return lambda pid: is_descendant(pid, root)
 
@@ -85,6 +94,8 @@ class _Host:
     grpc: SocketServer
     handshake: asyncio.Server
     auth_path: Path
+    # The liveness probe's client, kept between probes (see `ChannelRegistry.probe`).
+    probe: grpc_aio.Channel | None = None
 
 
 class _CrashAlarm(logging.Handler):
@@ -161,6 +172,8 @@ class ChannelRegistry:
             async with asyncio.timeout(1.0):
                 await host.handshake.wait_closed()
         remove_socket(host.auth_path)
+        if host.probe is not None:
+            await host.probe.close()
         await host.grpc.stop(grace)
         log.info("channel_closed", runtime=name)
 
@@ -224,18 +237,27 @@ class ChannelRegistry:
         check over its gRPC socket and a live handshake server. `ok`, `revived` or
         `unresponsive`, by runtime. An unresponsive channel is logged, never acted on beyond
         itself: a runtime that fills its own socket's connections must not get the sidecar
-        (and with it every other runtime's channel) restarted."""
+        (and with it every other runtime's channel) restarted.
+
+        Each channel's probe keeps its connection from one probe to the next: a new one each
+        time cost about 0.8 ms of CPU per channel (50 ms every 5 s with 64 runtimes, all of
+        it stalling the event loop), a call on a kept one about 0.25 ms. A failed check drops
+        it, so the next probe connects afresh, by the socket's path, as a runtime would; the
+        path itself is checked every time."""
 
         async def check(host: _Host) -> bool:
-            if not host.handshake.is_serving():
+            if not host.handshake.is_serving() or not _is_socket(host.grpc.path):
                 return False
-            async with grpc.aio.insecure_channel(f"unix:{host.grpc.path}") as channel:
-                try:
-                    reply = await health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=timeout
-                    )
-                except grpc.RpcError:
-                    return False
+            if host.probe is None:
+                host.probe = grpc.aio.insecure_channel(f"unix:{host.grpc.path}")
+            try:
+                reply = await health_pb2_grpc.HealthStub(host.probe).Check(
+                    health_pb2.HealthCheckRequest(), timeout=timeout
+                )
+            except grpc.RpcError:
+                probe, host.probe = host.probe, None
+                await probe.close()
+                return False
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
         revived = set(await self.repair())

@@ -292,6 +292,8 @@ class SomaConfig(_Section):
                     raise ValueError(f"{key}.{env_key}: SOMA_* variables are reserved")
         gateways = {g.name for g in self.gateway}
         for index, runtime in enumerate(self.runtime):
+            if runtime.name == "sidecar":  # the sidecar's name in status and on its log lines
+                raise ValueError(f"runtime[{index}].name: 'sidecar' is the sidecar's name")
             for field, known in (("credentials", credentials), ("gateways", gateways)):
                 for name in getattr(runtime, field):
                     if name not in known:

@@ -28,6 +28,16 @@ QUIET_LOGGERS = ("httpx2", "httpcore2")
 # the configured format. So a child writes JSON there whatever the format says; rendered
 # twice, its lines would arrive nested in the supervisor's, with two timestamps.
 TO_SUPERVISOR_ENV = "SOMA_LOG_TO_SUPERVISOR"
+# Set by the supervisor for the child it trusts (the sidecar): the descriptor of the
+# supervisor's own log stream, and the name the child's lines carry there. That child renders
+# its events itself, in the configured format, and writes them straight to that stream; the
+# supervisor never reads them (see soma_runtime.supervisor.process).
+DIRECT_FD_ENV = "SOMA_LOG_FD"
+DIRECT_NAME_ENV = "SOMA_LOG_CHILD"
+# The write buffer of the direct stream: larger than any line (strings are bounded by the
+# redactor, tracebacks at 64 KiB), so that each line, flushed at once, is one write(2): atomic
+# on a pipe up to PIPE_BUF, and not split by us on the journal's stream socket or a file.
+_DIRECT_BUFFER = 1 << 18
 _timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
 
 
@@ -59,8 +69,9 @@ def configure_logging(
     Every event passes the redactor last, after exceptions are formatted, so nothing that
     looks like a credential reaches the output, and no string in it is unboundedly long.
     """
-    out = stream if stream is not None else sys.stderr
-    to_supervisor = stream is None and os.environ.get(TO_SUPERVISOR_ENV) == "1"
+    direct = _direct_stream() if stream is None else None
+    out = stream if stream is not None else (direct[0] if direct else sys.stderr)
+    to_supervisor = direct is None and stream is None and os.environ.get(TO_SUPERVISOR_ENV) == "1"
     as_json = fmt == "json" or to_supervisor or (fmt == "auto" and not out.isatty())
     renderer: Processor = (
         structlog.processors.JSONRenderer()
@@ -68,8 +79,9 @@ def configure_logging(
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    shared = _SHARED if direct is None else [_named(direct[1]), *_SHARED]
     structlog.configure(
-        processors=[*_SHARED, renderer],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=True,
@@ -77,7 +89,7 @@ def configure_logging(
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *_SHARED],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
@@ -86,3 +98,25 @@ def configure_logging(
     root.setLevel(numeric)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+
+
+def _direct_stream() -> tuple[TextIO, str] | None:
+    """The supervisor's log stream and this child's name there, when the supervisor gave
+    them (and took them out of the environment, so that no process this one starts sees
+    them; the descriptor is not inherited either)."""
+    fd, name = os.environ.pop(DIRECT_FD_ENV, None), os.environ.pop(DIRECT_NAME_ENV, None)
+    if fd is None or name is None:
+        return None
+    os.set_inheritable(int(fd), False)
+    stream = open(int(fd), "w", buffering=_DIRECT_BUFFER, encoding="utf-8", errors="replace")  # noqa: SIM115
+    return stream, name
+
+
+def _named(name: str) -> Processor:
+    """Adds `child=name` to every event, as the supervisor adds it to its children's lines."""
+
+    def add(logger: object, method: str, event: structlog.typing.EventDict) -> Any:
+        event["child"] = name
+        return event
+
+    return add

@@ -53,6 +53,18 @@ _LONG_KEYS = frozenset({"exception", "stack"})
 # How far past the cut a token shape is looked for (known values: their own longest form).
 _SHAPE_REACH = 256
 
+# The fields whose values this process computes itself, never from what a caller, an organ,
+# an upstream or a child sent: they cannot carry a secret, so they are not scanned (nor cut).
+#   level, timestamp, logger: set by the logging pipeline (a child's timestamp is kept only
+#     once it parsed as a time: soma_runtime.supervisor.process);
+#   component, child, stream: our loggers' names, and the supervisor's for its children;
+#   runtime: a configured runtime name (a channel's own, never one a caller wrote).
+# A child's event re-emitted by the supervisor has its own fields of these names renamed
+# (`child_runtime`), so they are scanned. Caller-chosen values are scanned however structural
+# they look: `op` and `trace_id` come from the request, `outcome` from an organ's answer (an
+# upstream's error kind, echoed back), `event` of a stdlib record is its formatted message.
+STRUCTURAL = frozenset({"level", "timestamp", "logger", "component", "child", "stream", "runtime"})
+
 
 def secret_forms(value: str) -> tuple[str, ...]:
     """Every form in which `value` commonly travels or comes back: as is, URL-encoded (`%20`
@@ -134,10 +146,27 @@ class Redactor:
         return value
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        short: list[str] = []  # the keys of strings that need no cut, scanned at once below
+        texts: list[str] = []
         for key, value in event.items():
-            if isinstance(value, str | dict | list | tuple):
+            if key in STRUCTURAL:
+                continue
+            if isinstance(value, str) and len(value) <= MAX_STRING:
+                short.append(key)
+                texts.append(value)
+            elif isinstance(value, str | dict | list | tuple):
                 event[key] = self._clean(value, MAX_TRACEBACK if key in _LONG_KEYS else MAX_STRING)
+        # One scan per pattern over the short strings joined, instead of one per string: a
+        # match inside one of them is a match in the joined text (the separator is not a word
+        # character, so `\b` sees it as a string's edge), and most events have none. Only an
+        # event with a match has its strings redacted one by one.
+        if texts and self._matches("\n".join(texts)):
+            for key in short:
+                event[key] = self.redact(event[key])
         return event
+
+    def _matches(self, text: str) -> bool:
+        return any(pattern.search(text) for pattern in self._patterns)
 
 
 # The process's redactor: the logging pipeline always runs it, the sidecar feeds it values.

@@ -18,6 +18,14 @@ import pytest
 from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
+from sidecar.access import AllowList
+from sidecar.channels import ChannelRegistry, socket_paths
+from sidecar.credentials import CredentialBroker
+from sidecar.organs.system import SystemOrgan
+from sidecar.vault.async_vault import AsyncVault
+from sidecar.vault.open import open_vault
+from soma_runtime import Executive
+from soma_runtime.config import parse_config
 from soma_runtime.jsonline import HANDSHAKE_MAX_CONNECTIONS
 from tests.attack import h2
 from tests.helpers import (
@@ -241,3 +249,37 @@ def test_connections_from_outside_the_runtime_s_tree_are_closed(two: SupervisorR
             sock.close()
     wait_until(lambda: two.events("foreign_connections_closed"), what="the closing logged")
     assert health_status(f"unix://{two.run_dir / 'rt' / 'alpha.sock'}") == "SERVING"
+
+
+def connections_to(path: Path) -> set[str]:
+    """The inodes of this process's accepted connections on the socket at `path`."""
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    fields = [line.split() for line in lines]
+    return {f[6] for f in fields if len(f) == 8 and f[7] == str(path) and f[5] == "03"}
+
+
+async def test_the_liveness_probe_keeps_its_connection_and_still_sees_a_socket_go(
+    tmp_path: Path,
+) -> None:
+    config = parse_config({"soma": {"state_dir": str(tmp_path / "state")}}, tmp_path / "x.toml")
+    vault = AsyncVault(lambda: open_vault(config, durable=False))
+    executive = Executive([SystemOrgan()])
+    registry = ChannelRegistry(executive, config.sidecar, CredentialBroker([], vault))
+    directory = tmp_path / "rt"
+    directory.mkdir(mode=0o700)
+    grpc_path, auth_path = socket_paths(directory, "alpha")
+    await registry.open("alpha", grpc_path, auth_path, AllowList(["*"]))
+    try:
+        assert await registry.probe() == {"alpha": "ok"}
+        first = connections_to(grpc_path)
+        assert len(first) == 1
+        assert await registry.probe() == {"alpha": "ok"}
+        assert connections_to(grpc_path) == first  # the same connection, not a new one
+        moved = directory / "moved.sock"
+        grpc_path.rename(moved)  # no runtime could connect now
+        assert await registry.probe() == {"alpha": "unresponsive"}
+        moved.rename(grpc_path)
+        assert await registry.probe() == {"alpha": "ok"}
+    finally:
+        await registry.close_all(0)
+        await vault.close()

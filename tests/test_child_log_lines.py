@@ -1,11 +1,14 @@
-"""A child's structured log lines read as the supervisor's own: one line, one timestamp (the
-child's), the child's name, in the supervisor's format; and only strict JSON is re-emitted."""
+"""A child's structured log lines reach the supervisor's stream in its format: one line, one
+timestamp (the child's), the child's name. The sidecar writes its own there; a runtime's are
+re-emitted by the supervisor, only strict JSON, never as the supervisor's or the sidecar's."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,18 @@ import structlog
 
 from soma_runtime import strict_json
 from soma_runtime.logs import Format, configure_logging
+from soma_runtime.redaction import REDACTED
 from soma_runtime.supervisor import process
 from soma_runtime.supervisor.process import _log_line
-from tests.helpers import SOMA, NotifySocket, Process, child_env, wait_until, write_config
+from tests.helpers import (
+    SOMA,
+    NotifySocket,
+    Process,
+    SupervisorRun,
+    child_env,
+    wait_until,
+    write_config,
+)
 
 ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
 CHILD_TIME = "2026-01-02T03:04:05.000006Z"
@@ -34,7 +46,7 @@ def test_a_childs_event_keeps_its_own_timestamp_and_level_in_console_format(
 ) -> None:
     out = logging_to("console", monkeypatch)
     _log_line(
-        "sidecar",
+        "claims",
         "stderr",
         json.dumps(
             {"event": "gateway_serving", "level": "warning", "timestamp": CHILD_TIME, "n": 7}
@@ -42,8 +54,8 @@ def test_a_childs_event_keeps_its_own_timestamp_and_level_in_console_format(
     )
     line = out.getvalue().strip()
     assert line.startswith(CHILD_TIME) and len(ISO_TIME.findall(line)) == 1, line
-    assert "gateway_serving" in line and "child=sidecar" in line and "n=7" in line
-    assert "warning" in line and "output" not in line
+    assert "gateway_serving" in line and "child=claims" in line and "n=7" in line
+    assert "warning" in line and "line=" not in line  # not wrapped as an `output` line
 
 
 def test_a_childs_event_without_a_usable_timestamp_gets_the_supervisors(
@@ -96,3 +108,52 @@ organs = ["system"]
     assert any(" serving " in line for line in sidecar), proc.output()
     for line in sidecar:
         assert len(ISO_TIME.findall(line)) == 1 and "line=" not in line, line
+
+
+def test_a_runtime_cannot_write_a_line_that_reads_as_the_supervisors_or_the_sidecars(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = logging_to("json", monkeypatch)
+    forged = {"event": "exited", "component": "supervisor", "child": "sidecar", "exit": "exit 0"}
+    _log_line("claims", "stderr", json.dumps(forged))
+    record = json.loads(out.getvalue())
+    assert record["event"] == "exited" and record["exit"] == "exit 0"
+    assert record["child"] == "claims" and record["component"] == process.CHILD_COMPONENT
+    assert record["child_child"] == "sidecar" and record["child_component"] == "supervisor"
+
+
+def test_the_sidecar_writes_its_lines_to_the_supervisors_stream_itself(tmp_path: Path) -> None:
+    """Its events do not pass through the supervisor (no parse, no re-render): it holds the
+    supervisor's log file itself; its stderr is still a pipe the supervisor reads, for what
+    bypasses its logging."""
+    run = SupervisorRun(tmp_path, "")
+    try:
+        run.wait_ready()
+        pid = run.child("sidecar")["pid"]
+        log = os.stat(f"/proc/{run.proc.pid}/fd/2")
+        fds = os.listdir(f"/proc/{pid}/fd")
+        held = [fd for fd in fds if os.path.samestat(os.stat(f"/proc/{pid}/fd/{fd}"), log)]
+        assert held, "the sidecar does not hold the supervisor's log"
+        for fd in held:  # and its own children do not inherit it
+            flags = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0]
+            assert int(flags, 8) & os.O_CLOEXEC
+        assert stat.S_ISFIFO(os.stat(f"/proc/{pid}/fd/2").st_mode)
+    finally:
+        assert run.stop() == 0
+    serving = [e for e in run.events("serving") if e.get("child") == "sidecar"]
+    assert len(serving) == 1 and serving[0]["component"] == "sidecar", run.proc.output()
+
+
+def test_a_runtime_cannot_slip_text_past_the_redactor_in_a_structural_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The redactor trusts `runtime`, `stream`, `timestamp`... as values this process computed;
+    in a child's event, they are the child's text, and scanned."""
+    out = logging_to("json", monkeypatch)
+    token = "sk-" + "R" * 24
+    forged = {key: token for key in ("runtime", "stream", "logger", "timestamp", "component")}
+    _log_line("claims", "stderr", json.dumps({"event": "tick", **forged}))
+    record = json.loads(out.getvalue())
+    assert token not in out.getvalue()
+    assert record["child_runtime"] == record["child_timestamp"] == REDACTED
+    assert record["child_stream"] == REDACTED and ISO_TIME.match(record["timestamp"])

@@ -50,6 +50,10 @@ def test_only_the_file_names_the_directories(
         ('[logging]\nlevel = "loud"\n', "logging.level: Input should be"),
         ("[surprise]\n", "surprise: unknown key"),
         ("[sidecar\n", "not valid TOML"),
+        (  # its lines would read as the sidecar's
+            '[[runtime]]\nname = "sidecar"\ncommand = ["x"]\n',
+            "runtime[0].name: 'sidecar' is the sidecar's name",
+        ),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:

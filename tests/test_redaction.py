@@ -123,3 +123,33 @@ def test_a_sidecar_logs_a_huge_op_and_trace_id_bounded(sidecar: tuple[Process, s
     )
     assert len(line) < 3 * MAX_STRING and f"[truncated: {big} characters]" in line
     assert max(map(len, proc.output().splitlines())) < 3 * MAX_STRING
+
+
+def test_one_scan_finds_a_secret_in_any_short_field_and_redacts_only_that_one() -> None:
+    r = Redactor()
+    r.add("hunter2-password")
+    fields = {"op": "system.echo", "trace_id": "t1", "outcome": "ok", "error": "no"}
+    for key in fields:
+        for secret in ["hunter2-password", "sk-" + "A" * 20, "a" * 64]:
+            event = {**fields, key: f"x {secret} y", "event": "call", "n": 3}
+            cleaned = r(None, "info", dict(event))
+            assert cleaned == {**event, key: f"x {REDACTED} y"}, (key, secret)
+    assert r(None, "info", {**fields, "event": "call"}) == {**fields, "event": "call"}
+
+
+def test_a_token_a_caller_puts_in_the_op_or_the_trace_id_never_reaches_the_log(
+    sidecar: tuple[Process, str],
+) -> None:
+    """The op and the trace id look structural, but the caller chose them: they are scanned."""
+    proc, target = sidecar
+    token = "sk-" + "C" * 24
+    with sdk.Client(target) as client:
+        answer = client.stimulate(f"acme.{token}", {}, context={"trace_id": f"t-{token}"})
+    assert answer.error == "UnsupportedOperation"
+    line = wait_until(
+        lambda: next((ln for ln in proc.output().splitlines() if '"acme.' in ln), None),
+        what="the call logged",
+    )
+    record = json.loads(line)
+    assert record["op"] == f"acme.{REDACTED}" and record["trace_id"] == f"t-{REDACTED}", line
+    assert token not in proc.output()

@@ -18,6 +18,7 @@ from soma_runtime.config import RuntimeSection, SidecarSection, SomaConfig
 from soma_runtime.gateway_sockets import SOCKETS_ENV
 from soma_runtime.layout import RuntimeLayout
 from soma_runtime.listeners import tcp_listener
+from soma_runtime.logs import DIRECT_FD_ENV, DIRECT_NAME_ENV
 from soma_runtime.supervisor import keeper
 from soma_runtime.supervisor.child import StartFailed, Supervised
 from soma_runtime.supervisor.identity import Identity, mint_identity
@@ -86,8 +87,13 @@ class SidecarChild(Supervised):
         ]
         env = child_env(_SYSTEMD_ONLY)
         env[SOCKETS_ENV] = ",".join(f"{r}={s.fileno()}" for r, s in self._gateway_sockets.items())
-        fds = tuple(s.fileno() for s in self._gateway_sockets.values())
-        return Command(argv, env, self._config.source.parent, pass_fds=fds)
+        # The sidecar is trusted: it writes its events straight to our log stream (see
+        # soma_runtime.supervisor.process), on a copy of it that is this start's alone.
+        log_fd = os.dup(sys.stderr.fileno())
+        env.update({DIRECT_FD_ENV: str(log_fd), DIRECT_NAME_ENV: self.name})
+        fds = (*(s.fileno() for s in self._gateway_sockets.values()), log_fd)
+        cwd = self._config.source.parent
+        return Command(argv, env, cwd, pass_fds=fds, close_after_spawn=(log_fd,))
 
     async def started(self, child: ChildProcess) -> None:
         deadline = time.monotonic() + self.settings.start_timeout
