@@ -87,13 +87,17 @@ class SidecarChild(Supervised):
         ]
         env = child_env(_SYSTEMD_ONLY)
         env[SOCKETS_ENV] = ",".join(f"{r}={s.fileno()}" for r, s in self._gateway_sockets.items())
+        fds: tuple[int, ...] = tuple(s.fileno() for s in self._gateway_sockets.values())
         # The sidecar is trusted: it writes its events straight to our log stream (see
-        # soma_runtime.supervisor.process), on a copy of it that is this start's alone.
-        log_fd = os.dup(sys.stderr.fileno())
+        # soma_runtime.supervisor.process), on a copy of it that is this start's alone. With
+        # no stream to copy (stderr closed), its events come through its pipe like any child's.
+        try:
+            log_fd = os.dup(sys.stderr.fileno())
+        except (AttributeError, OSError, ValueError):
+            return Command(argv, env, self._config.source.parent, pass_fds=fds)
         env.update({DIRECT_FD_ENV: str(log_fd), DIRECT_NAME_ENV: self.name})
-        fds = (*(s.fileno() for s in self._gateway_sockets.values()), log_fd)
         cwd = self._config.source.parent
-        return Command(argv, env, cwd, pass_fds=fds, close_after_spawn=(log_fd,))
+        return Command(argv, env, cwd, pass_fds=(*fds, log_fd), close_after_spawn=(log_fd,))
 
     async def started(self, child: ChildProcess) -> None:
         deadline = time.monotonic() + self.settings.start_timeout
