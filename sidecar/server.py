@@ -88,14 +88,23 @@ def service_handlers(
     client cannot tell from a sidecar fault."""
     handlers = {}
     for method in SERVICE.methods:
-        if method.client_streaming or method.server_streaming:
-            raise NotImplementedError(f"{method.full_name}: only unary methods are registered")
-        request_type = GetMessageClass(method.input_type)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _refusing_undecodable(getattr(servicer, method.name), method.input_type.full_name),
-            request_deserializer=_lenient(request_type.FromString),
-            response_serializer=GetMessageClass(method.output_type).SerializeToString,
-        )
+        deserialize = _lenient(GetMessageClass(method.input_type).FromString)
+        serialize = GetMessageClass(method.output_type).SerializeToString
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming and method.server_streaming:
+            # Each frame is decoded on its own: the behaviour gets what is not a message as
+            # a frame that is not an instance of its request type, and refuses it itself.
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behaviour, request_deserializer=deserialize, response_serializer=serialize
+            )
+        elif method.client_streaming or method.server_streaming:
+            raise NotImplementedError(f"{method.full_name}: half-streaming is not registered")
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _refusing_undecodable(behaviour, method.input_type.full_name),
+                request_deserializer=deserialize,
+                response_serializer=serialize,
+            )
     return handlers
 
 

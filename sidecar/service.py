@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -122,6 +123,14 @@ class SidecarService(pb_grpc.SidecarServicer):
         if response.cost is not None:
             reply.cost = response.cost
         return reply
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: Context
+    ) -> AsyncIterator[pb.StreamResponse]:
+        """First cut: registered, not yet served (the dispatch core comes next)."""
+        await self._authenticate(context)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the stream is not served yet")
+        yield pb.StreamResponse()  # never reached; makes this the async generator gRPC expects
 
     async def _inject_credentials(
         self, organ: str, card: FunctionCard, stimulus: Stimulus
