@@ -69,10 +69,11 @@ class Multiplexer:
 
     async def call(self, request: pb.StimulateRequest) -> pb.StreamResponse:
         self._next += 1
+        call_id = self._next
         waiter = asyncio.get_running_loop().create_future()
-        self._waiting[self._next] = waiter
+        self._waiting[call_id] = waiter
         async with self._writing:
-            await self._rpc.write(pb.StreamRequest(id=self._next, call=request))
+            await self._rpc.write(pb.StreamRequest(id=call_id, call=request))
         return await waiter
 
     def close(self) -> None:
@@ -112,7 +113,9 @@ def quantile(times: list[float], q: float) -> float:
     return ordered[int(len(ordered) * q)]
 
 
-async def run(bare_target: str, target: str, sidecar_pid: int, args: argparse.Namespace) -> None:
+async def run(
+    bare_target: str, target: str, pids: dict[str, int], args: argparse.Namespace
+) -> None:
     metadata = session_metadata(target)
     request = pb.StimulateRequest(op="system.echo", input_json=PAYLOAD)
     options = [("grpc.use_local_subchannel_pool", 1)]
@@ -136,30 +139,31 @@ async def run(bare_target: str, target: str, sidecar_pid: int, args: argparse.Na
             await sequential(call, 200)
         for batch in range(args.batches):
             for name, call in paths.items():
-                cpu = cpu_seconds(sidecar_pid)
+                pid = pids["bare" if name.startswith("bare") else "sidecar"]
+                cpu = cpu_seconds(pid)
                 times = await sequential(call, args.per_batch)
-                if name != "bare bidi stream":
-                    cpu_us = (cpu_seconds(sidecar_pid) - cpu) * 1e6 / args.per_batch
-                    figures[name]["cpu"].append(cpu_us)
+                figures[name]["cpu"].append((cpu_seconds(pid) - cpu) * 1e6 / args.per_batch)
                 figures[name]["p50"].append(quantile(times, 0.5))
                 figures[name]["p90"].append(quantile(times, 0.9))
                 figures[name]["rate"].append(await concurrent(call, args.per_batch * 4))
             print(f"batch {batch + 1}/{args.batches}", file=sys.stderr)
         bare.close()
         stream.close()
-    med = {n: {k: statistics.median(v) if v else 0.0 for k, v in f.items()} for n, f in figures.items()}
+    med = {
+        n: {k: statistics.median(v) if v else 0.0 for k, v in f.items()} for n, f in figures.items()
+    }
     spread = {n: (min(f["p50"]), max(f["p50"])) for n, f in figures.items()}
     base_stream, base_unary = med["bare bidi stream"], med["sidecar unary"]
     print(
         f"{'path (100 B echo, asyncio client)':<36}{'p50 µs':>8}{'(min-max)':>14}{'p90 µs':>8}"
-        f"{'calls/s @32':>12}{'CPU µs/call':>12}{'p50/bare bidi':>14}{'p50/unary':>10}"
+        f"{'calls/s @32':>12}{'server CPU µs':>14}{'p50/bare bidi':>14}{'p50/unary':>10}"
         f"{'rate/unary':>11}"
     )
     for name, m in med.items():
         low, high = spread[name]
         print(
             f"{name:<36}{m['p50']:8.0f}{f'({low:.0f}-{high:.0f})':>14}{m['p90']:8.0f}"
-            f"{m['rate']:12.0f}{m['cpu']:12.0f}{m['p50'] / base_stream['p50']:14.2f}"
+            f"{m['rate']:12.0f}{m['cpu']:14.0f}{m['p50'] / base_stream['p50']:14.2f}"
             f"{m['p50'] / base_unary['p50']:10.2f}{m['rate'] / base_unary['rate']:11.2f}"
         )
 
@@ -185,7 +189,8 @@ def main() -> None:
         sidecar, target = start_sidecar(tmp, ["system"])
         try:
             wait_until(bare_path.exists, 20, "the bare server")
-            uvloop.run(run(f"unix://{bare_path}", target, sidecar.pid, args))
+            pids = {"bare": bare.pid, "sidecar": sidecar.pid}
+            uvloop.run(run(f"unix://{bare_path}", target, pids, args))
         finally:
             sidecar.stop()
             bare.stop()
