@@ -95,9 +95,12 @@ class SidecarService(pb_grpc.SidecarServicer):
             await context.abort(outcome.code, outcome.message)
         return outcome
 
-    async def Stream(
+    # A coroutine handler that writes with context.write, which grpc.aio serves as well as a
+    # response generator (the generated servicer's type only knows the latter): the calls'
+    # own tasks write their answers, with no hop through a generator.
+    async def Stream(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: Context
-    ) -> AsyncIterator[pb.StreamResponse]:
+    ) -> None:
         digest = await self._authenticate(context)
         if self._stopping:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar is stopping")
@@ -105,12 +108,11 @@ class SidecarService(pb_grpc.SidecarServicer):
         # Checked at every frame: a dictionary lookup of the digest the stream opened with
         # (a session revoked or reset leaves the channel's sessions).
         stream = CallStream(
-            self._dispatcher, lambda: digest in sessions, self._stream_max_in_flight
+            self._dispatcher, context, lambda: digest in sessions, self._stream_max_in_flight
         )
         self._streams.add(stream)
         try:
-            async for answer in stream.serve(request_iterator, context):
-                yield answer
+            await stream.serve(request_iterator)
         finally:
             self._streams.discard(stream)
 

@@ -1,8 +1,9 @@
 """The Stream RPC: many calls multiplexed by id on one bidirectional gRPC stream.
 
 Each call frame runs as its own task through the channel's `Dispatcher` (the same work as
-unary Stimulate) and is answered under its id as it completes, in any order. One writer, the
-RPC's own response generator, sends every answer: grpc.aio writes must not interleave.
+unary Stimulate) and is answered under its id as it completes, in any order. The task that
+completes writes its answer itself unless another is writing, which then writes it too: one
+writer at a time (grpc.aio writes must not interleave), without a hop to a writer task.
 
 Memory is bounded per stream: a frame is read only when one of `max_in_flight` slots is free,
 and a slot is freed once its call's answer has been written (not when the call ends), so a
@@ -19,6 +20,7 @@ when it ends are cancelled.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -57,9 +59,14 @@ class CallStream:
     """One open stream of one channel."""
 
     def __init__(
-        self, dispatcher: Dispatcher, session_live: Callable[[], bool], max_in_flight: int
+        self,
+        dispatcher: Dispatcher,
+        context: Context,
+        session_live: Callable[[], bool],
+        max_in_flight: int,
     ) -> None:
         self._dispatcher = dispatcher
+        self._context = context
         self._session_live = session_live
         self._slots = asyncio.Semaphore(max_in_flight)
         # Calls by id, from their frame until their answer is queued: an id in here is in
@@ -68,54 +75,48 @@ class CallStream:
         self._calls: dict[int, asyncio.Task[None]] = {}
         # Answers not yet written, each holding a slot (refusals of duplicates included).
         self._unwritten = 0
-        # The answers to write, or None: stop writing.
-        self._answers: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
+        self._outbox: collections.deque[pb.StreamResponse] = collections.deque()
+        self._writing = False
+        self._helpers: set[asyncio.Task[None]] = set()  # tasks that only write an answer
         self._half_closed = False
         self._draining = False
         self._ending: Refusal | None = None  # the status to end with, once decided
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._closed = False
 
-    async def serve(
-        self, requests: AsyncIterator[Any], context: Context
-    ) -> AsyncIterator[pb.StreamResponse]:
-        """The stream's answers; the only writer. Ends with the stream's status."""
+    async def serve(self, requests: AsyncIterator[Any]) -> None:
+        """Read and run the stream's calls until it ends; ends it with its status."""
         reader = asyncio.create_task(self._read(requests))
-        answers = self._answers
         try:
-            while (answer := await answers.get()) is not None:
-                yield answer
-                self._unwritten -= 1
-                self._slots.release()
-                if not self._unwritten and (self._half_closed or self._draining):
-                    break
+            await self._done
         finally:
             self._closed = True
             reader.cancel()
-            for task in self._calls.values():
+            for task in (*self._calls.values(), *self._helpers):
                 task.cancel()
-        if self._draining:
-            await context.abort(_STOPPING.code, _STOPPING.message)
-        if self._ending is not None:
-            await context.abort(self._ending.code, self._ending.message)
+        status = _STOPPING if self._draining else self._ending
+        if status is not None:
+            await self._context.abort(status.code, status.message)
 
     def drain(self) -> None:
         """The sidecar is stopping: answer the calls in flight, run no new one, then end
         with UNAVAILABLE."""
         self._draining = True
         if not self._unwritten:
-            self._answers.put_nowait(None)
+            self._finish()
 
-    def _end(self, status: Refusal | None) -> None:
+    def _finish(self, status: Refusal | None = None) -> None:
         if self._ending is None:
             self._ending = status
-        self._answers.put_nowait(None)
+        if not self._done.done():
+            self._done.set_result(None)
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         try:
             await self._read_frames(requests)
         except Exception:  # the stream must end, not hang with a dead reader
             log.exception("stream_read_failed")
-            self._end(_FAILED)
+            self._finish(_FAILED)
 
     async def _read_frames(self, requests: AsyncIterator[Any]) -> None:
         slots = self._slots
@@ -127,13 +128,13 @@ class CallStream:
             except StopAsyncIteration:
                 self._half_closed = True
                 if not self._unwritten:
-                    self._end(None)
+                    self._finish()
                 return
             if type(request) is not pb.StreamRequest:  # what sidecar.server could not decode
-                self._end(_UNDECODABLE)
+                self._finish(_UNDECODABLE)
                 return
             if not self._session_live():
-                self._end(_REVOKED)
+                self._finish(_REVOKED)
                 return
             kind = request.WhichOneof("kind")
             call_id = request.id
@@ -147,14 +148,14 @@ class CallStream:
                 continue
             self._unwritten += 1
             if kind != "call":
-                self._send(call_id, _NO_KIND, owns_id=False)
+                await self._send(call_id, _NO_KIND)
             elif call_id in calls:
                 duplicate = Refusal(
                     grpc.StatusCode.INVALID_ARGUMENT, f"call id {call_id} is already in flight"
                 )
-                self._send(call_id, duplicate, owns_id=False)
+                await self._send(call_id, duplicate)
             elif self._draining:
-                self._send(call_id, _NOT_RUN, owns_id=False)
+                await self._send(call_id, _NOT_RUN)
             else:
                 calls[call_id] = asyncio.create_task(
                     self._run(call_id, request.call, request.timeout_s)
@@ -177,17 +178,35 @@ class CallStream:
         except Exception:
             log.exception("stream_call_failed", op=request.op)
             outcome = _FAILED
-        self._send(call_id, outcome, owns_id=True)
+        del self._calls[call_id]
+        await self._send(call_id, outcome)
 
     def _cancelled(self, call_id: int, task: asyncio.Task[None]) -> None:
         # Not when the stream is ending (nothing more is written) or when the organ finished
         # despite the cancellation (then its own answer was sent).
         if task.cancelled() and not self._closed:
-            self._send(call_id, _CANCELLED, owns_id=True)
-
-    def _send(self, call_id: int, outcome: pb.StimulateResponse | Refusal, owns_id: bool) -> None:
-        """Queue the answer; `owns_id`: it answers the call registered under the id (not a
-        refusal of a duplicate), whose id is then free again."""
-        if owns_id:
             del self._calls[call_id]
-        self._answers.put_nowait(_answer(call_id, outcome))
+            helper = asyncio.create_task(self._send(call_id, _CANCELLED))
+            self._helpers.add(helper)
+            helper.add_done_callback(self._helpers.discard)
+
+    async def _send(self, call_id: int, outcome: pb.StimulateResponse | Refusal) -> None:
+        """Write the answer, or leave it to the task writing already: one writer at a time
+        (grpc.aio writes must not interleave), and no hop to a writer task when none is."""
+        self._outbox.append(_answer(call_id, outcome))
+        if self._writing:
+            return
+        self._writing = True
+        outbox = self._outbox
+        try:
+            while outbox:
+                await self._context.write(outbox.popleft())
+                self._unwritten -= 1
+                self._slots.release()
+        except Exception:  # the RPC is over (the client went away): gRPC ends the handler
+            log.debug("stream_write_failed", exc_info=True)
+            return
+        finally:
+            self._writing = False
+        if not self._unwritten and (self._half_closed or self._draining):
+            self._finish()

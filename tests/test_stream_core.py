@@ -247,9 +247,9 @@ async def test_an_undecodable_frame_ends_the_stream_with_invalid_argument(
         raw = channel.stream_stream(STREAM, request_serializer=None, response_deserializer=None)
         rpc = raw(metadata=session_metadata(target))
         await rpc.write(call(1, "system.echo", {"a": 1}).SerializeToString())
-        await rpc.write(b"\xff\xff\xff\xff")
         got = await rpc.read()
         assert pb.StreamResponse.FromString(got).id == 1
+        await rpc.write(b"\xff\xff\xff\xff")
         assert await ended_with(rpc) == grpc.StatusCode.INVALID_ARGUMENT
         assert "soma.v1.StreamRequest" in (await rpc.details() or "")
     async with stream(target) as rpc:  # the sidecar serves on
@@ -312,12 +312,16 @@ async def test_stopping_the_sidecar_answers_calls_in_flight_then_ends_streams(
     proc, target = start_sidecar(tmp_path, TEST_ORGANS)
     try:
         async with stream(target) as busy, stream(target) as idle:
-            await busy.write(call(1, "acme.slow", {"ms": 500}))
+            await busy.write(call(1, "acme.record", {"id": "busy", "ms": 500}))
             await idle.write(call(1, "system.ping"))
             await answers(idle, 1)
+            records = tmp_path / "state" / "acme-records.txt"
+            await asyncio.to_thread(
+                wait_until, lambda: records.exists() and "busy" in records.read_text()
+            )
             proc.signal(15)
             (answer,) = await answers(busy, 1)
-            assert output(answer) == {"slept_ms": 500}
+            assert output(answer) == {"recorded": "busy"}
             assert await ended_with(busy) == grpc.StatusCode.UNAVAILABLE
             assert await ended_with(idle) == grpc.StatusCode.UNAVAILABLE
         assert await asyncio.to_thread(proc.wait) == 0
