@@ -2,8 +2,10 @@
 
 .venv/bin/python -m benchmarks.stream [--batches N] [--per-batch N]
 
-Three servers: a bare grpc.aio bidi stream that echoes frames multiplexed by id (the floor for
-a stream), and `soma sidecar` serving `system.echo` over its Stream and over unary Stimulate.
+Four paths: a bare grpc.aio bidi stream that echoes frames multiplexed by id, in order (the
+floor for a stream); the same with a task per call and one writer at a time (the floor for a
+stream that runs calls concurrently); and `soma sidecar` serving `system.echo` over its Stream
+and over unary Stimulate.
 Sequential calls (one in flight) give p50 and p90; then 32 calls in flight give throughput.
 Each batch runs every path in turn, so machine noise hits them alike; the figures are medians
 over batches, and ratios to the baselines of the same run.
@@ -45,9 +47,38 @@ class BareStream(pb_grpc.SidecarServicer):
             yield pb.StreamResponse(id=request.id, reply=reply)
 
 
+class BareTaskStream(pb_grpc.SidecarServicer):
+    """Echoes each call from a task of its own, as a stream must to run calls concurrently,
+    writing with one writer at a time: the floor for a concurrent multiplexer."""
+
+    async def Stream(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any
+    ) -> None:
+        outbox: list[pb.StreamResponse] = []
+        writing = False
+        tasks = set()
+
+        async def answer(request: pb.StreamRequest) -> None:
+            nonlocal writing
+            reply = pb.StimulateResponse(ok=True, output_json=request.call.input_json)
+            outbox.append(pb.StreamResponse(id=request.id, reply=reply))
+            if writing:
+                return
+            writing = True
+            while outbox:
+                await context.write(outbox.pop(0))
+            writing = False
+
+        async for request in request_iterator:
+            task = asyncio.create_task(answer(request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+
 async def serve_bare(path: str) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_SidecarServicer_to_server(BareStream(), server)
+    servicer = BareTaskStream() if path.endswith("tasks.sock") else BareStream()
+    pb_grpc.add_SidecarServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix:{path}")
     await server.start()
     await server.wait_for_termination()
@@ -114,21 +145,24 @@ def quantile(times: list[float], q: float) -> float:
 
 
 async def run(
-    bare_target: str, target: str, pids: dict[str, int], args: argparse.Namespace
+    bare_targets: tuple[str, str], target: str, pids: dict[str, int], args: argparse.Namespace
 ) -> None:
     metadata = session_metadata(target)
     request = pb.StimulateRequest(op="system.echo", input_json=PAYLOAD)
     options = [("grpc.use_local_subchannel_pool", 1)]
     async with (
-        grpc.aio.insecure_channel(bare_target, options=options) as bare_channel,
+        grpc.aio.insecure_channel(bare_targets[0], options=options) as bare_channel,
+        grpc.aio.insecure_channel(bare_targets[1], options=options) as tasks_channel,
         grpc.aio.insecure_channel(target, options=options) as stream_channel,
         grpc.aio.insecure_channel(target, options=options) as unary_channel,
     ):
         bare = Multiplexer(bare_channel, ())
+        bare_tasks = Multiplexer(tasks_channel, ())
         stream = Multiplexer(stream_channel, metadata)
         unary = pb_grpc.SidecarStub(unary_channel).Stimulate
         paths: dict[str, Call] = {
             "bare bidi stream": lambda: bare.call(request),
+            "bare bidi, a task per call": lambda: bare_tasks.call(request),
             "sidecar Stream": lambda: stream.call(request),
             "sidecar unary": lambda: unary(request, metadata=metadata),
         }
@@ -139,7 +173,7 @@ async def run(
             await sequential(call, 200)
         for batch in range(args.batches):
             for name, call in paths.items():
-                pid = pids["bare" if name.startswith("bare") else "sidecar"]
+                pid = pids[name]
                 cpu = cpu_seconds(pid)
                 times = await sequential(call, args.per_batch)
                 figures[name]["cpu"].append((cpu_seconds(pid) - cpu) * 1e6 / args.per_batch)
@@ -148,6 +182,7 @@ async def run(
                 figures[name]["rate"].append(await concurrent(call, args.per_batch * 4))
             print(f"batch {batch + 1}/{args.batches}", file=sys.stderr)
         bare.close()
+        bare_tasks.close()
         stream.close()
     med = {
         n: {k: statistics.median(v) if v else 0.0 for k, v in f.items()} for n, f in figures.items()
@@ -180,20 +215,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as raw:
         tmp = Path(raw)
         (tmp / "bare").mkdir(mode=0o700)
-        bare_path = tmp / "bare" / "stream.sock"
-        bare = Process(
-            [sys.executable, "-m", "benchmarks.stream", "--serve-bare", str(bare_path)],
-            tmp / "bare.log",
-            cwd=REPO,
-        )
+        paths = (tmp / "bare" / "stream.sock", tmp / "bare" / "tasks.sock")
+        bares = [
+            Process(
+                [sys.executable, "-m", "benchmarks.stream", "--serve-bare", str(path)],
+                tmp / f"{path.stem}.log",
+                cwd=REPO,
+            )
+            for path in paths
+        ]
         sidecar, target = start_sidecar(tmp, ["system"])
         try:
-            wait_until(bare_path.exists, 20, "the bare server")
-            pids = {"bare": bare.pid, "sidecar": sidecar.pid}
-            uvloop.run(run(f"unix://{bare_path}", target, pids, args))
+            for path in paths:
+                wait_until(path.exists, 20, "the bare servers")
+            pids = {
+                "bare bidi stream": bares[0].pid,
+                "bare bidi, a task per call": bares[1].pid,
+                "sidecar Stream": sidecar.pid,
+                "sidecar unary": sidecar.pid,
+            }
+            targets = (f"unix://{paths[0]}", f"unix://{paths[1]}")
+            uvloop.run(run(targets, target, pids, args))
         finally:
             sidecar.stop()
-            bare.stop()
+            for bare in bares:
+                bare.stop()
 
 
 if __name__ == "__main__":
