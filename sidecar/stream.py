@@ -133,7 +133,8 @@ class CallStream:
             if type(request) is not pb.StreamRequest:  # what sidecar.server could not decode
                 self._finish(_UNDECODABLE)
                 return
-            if not self._session_live():
+            # Stopping clears the sessions: a call then is answered "not run", not refused.
+            if not self._draining and not self._session_live():
                 self._finish(_REVOKED)
                 return
             kind = request.WhichOneof("kind")

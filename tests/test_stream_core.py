@@ -353,3 +353,26 @@ async def test_half_closing_ends_the_stream_once_every_call_is_answered(
         got = await answers(rpc, frames)
         assert sorted(a.id for a in got) == list(range(frames))
         assert await ended_with(rpc) == grpc.StatusCode.OK
+
+
+async def test_a_call_read_while_stopping_is_not_run_and_a_hung_call_ends_at_the_grace(
+    tmp_path: Path,
+) -> None:
+    proc, target = start_sidecar(tmp_path, TEST_ORGANS, "grace_period = 1\n")
+    try:
+        async with stream(target) as rpc:
+            await rpc.write(call(1, "acme.hang", {"id": "g"}))
+            await asyncio.to_thread(wait_for_lines, tmp_path, ["started g"])
+            proc.signal(15)
+            await asyncio.to_thread(wait_until, lambda: '"stopping"' in proc.output())
+            await rpc.write(call(2, "acme.hang", {"id": "late"}))
+            (answer,) = await answers(rpc, 1)
+            assert answer.id == 2 and error(answer) == "UNAVAILABLE"
+            assert "not run" in answer.error.message
+            ended = await ended_with(rpc)
+            assert ended in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        await asyncio.to_thread(wait_for_lines, tmp_path, ["cancelled g"])
+        assert "started late" not in hang_log(tmp_path)
+        assert await asyncio.to_thread(proc.wait) == 0
+    finally:
+        proc.kill()

@@ -173,7 +173,9 @@ class CallError(_message.Message):
     code: _builtins.str
     """The gRPC status code name, e.g. "PERMISSION_DENIED", "INVALID_ARGUMENT",
     "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", with the meaning
-    that status has for unary Stimulate.
+    that status has for unary Stimulate. "UNAVAILABLE" answers a call read while
+    the sidecar stops: it was not run, so it may be sent again after reconnecting.
+    "UNKNOWN": the sidecar failed unexpectedly while running it.
     """
     message: _builtins.str
     """Human-readable detail, as the unary status message would carry."""
