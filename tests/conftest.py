@@ -18,7 +18,9 @@ TEST_ORGANS = [
 @pytest.fixture
 def sidecar(tmp_path: Path) -> Iterator[tuple[Process, str]]:
     """A real `soma sidecar` serving the test organs; stopped (and checked) afterwards."""
-    proc, target = start_sidecar(tmp_path, TEST_ORGANS, '[organ.acme]\ngreeting = "Howdy"\n')
+    # Every call logged: tests read the sidecar's `call` events (debug by default).
+    extra = '[organ.acme]\ngreeting = "Howdy"\n[logging]\ncalls = "info"\n'
+    proc, target = start_sidecar(tmp_path, TEST_ORGANS, extra)
     yield proc, target
     code = proc.stop()
     assert code == 0, proc.output()

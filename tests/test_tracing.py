@@ -146,6 +146,7 @@ runtime_dir = "run"
 
 [logging]
 format = "json"
+calls = "info"
 
 [sidecar]
 socket = "{socket_path}"
