@@ -27,6 +27,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from sdk.protocol.soma.v1 import sidecar_pb2, sidecar_pb2_grpc
+from sidecar.service import SidecarService
 from soma_runtime.unix import prepare_socket_path, private_umask, remove_socket
 
 SERVICE = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"]
@@ -114,7 +115,7 @@ class SocketServer:
     def __init__(
         self,
         path: Path,
-        servicer: sidecar_pb2_grpc.SidecarServicer,
+        servicer: SidecarService,
         max_message_bytes: int,
         limits: ConnectionLimits,
     ):
@@ -197,11 +198,17 @@ class SocketServer:
         os.replace(fresh, self.path)
         self.revivals += 1
 
+    def drain(self) -> None:
+        """Have the servicer's streams answer their calls in flight and end (a stream is one
+        call that would otherwise hold the server's stop for its whole grace period)."""
+        self._servicer.drain()
+
     async def stop(self, grace: float) -> None:
         """Stop accepting calls, give in-flight ones `grace` seconds, remove the socket."""
         if self._server is None:
             return
         server, self._server = self._server, None
         await self._health.enter_graceful_shutdown()
+        self._servicer.drain()
         await server.stop(grace)
         remove_socket(self.path)
