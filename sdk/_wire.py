@@ -27,11 +27,17 @@ __all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES"]  # re-exported for older call
 _FRAME_OVERHEAD = 32
 
 
+# One encoder for every call: `json.dumps` with options builds a new one each time.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def stimulate_request(
     op: str, input: Any, context: Mapping[str, str] | None
 ) -> pb.StimulateRequest:
-    data = json.dumps(input, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    return pb.StimulateRequest(op=op, input_json=data, context=dict(context or {}))
+    request = pb.StimulateRequest(op=op, input_json=_encode(input).encode())
+    if context:
+        request.context.update(context)
+    return request
 
 
 def stream_frame(call_id: int, request: pb.StimulateRequest) -> pb.StreamRequest:
