@@ -156,9 +156,9 @@ class ClientCore:
     def after_stream_end(
         self, call: Call, code: grpc.StatusCode, session: str | None, answered: bool
     ) -> Retry:
-        """After the stream `call` was sent on ended with `code` before answering it.
-        `session` is the one the stream opened with; `answered`: whether the stream had
-        answered any call (then it had been accepted, and its calls were running)."""
+        """After the stream `call` was sent on ended with `code` (as `stream_end_status`
+        reports it) before answering it. `session` is the one the stream opened with;
+        `answered`: whether the stream had answered any call (it had been accepted)."""
         if session is not None and self.session == session:
             # Whatever ended the stream (most often a sidecar restart, which forgets
             # sessions), the next stream opens with a fresh session: a stale one would be
@@ -166,17 +166,23 @@ class ClientCore:
             self.session = None
         self.reopen_pause = 0.0 if answered else REOPEN_PAUSE
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            if answered:
-                # The session was revoked mid-stream: the calls in flight were cut off and
-                # may have run, as in a restart.
-                code = grpc.StatusCode.UNAVAILABLE
-            elif session is not None and call.stale is None:
-                # Refused as it opened: nothing ran. A second refusal is final.
-                call.stale = session
-                return Retry.NEW_SESSION
-            else:
-                return Retry.RAISE
+            if session is None or call.stale is not None:
+                return Retry.RAISE  # a second refusal is final
+            # Refused as it opened: nothing ran.
+            call.stale = session
+            return Retry.NEW_SESSION
         return self.after_failure(call, code)
+
+    @staticmethod
+    def stream_end_status(
+        code: grpc.StatusCode, details: str, answered: bool
+    ) -> tuple[grpc.StatusCode, str]:
+        """The status a call still on a stream that ended with `code` failed with. A session
+        revoked mid-stream (`answered`: it had been accepted) cut its calls off, and they may
+        have run, as in a restart: UNAVAILABLE."""
+        if code == grpc.StatusCode.UNAUTHENTICATED and answered:
+            return grpc.StatusCode.UNAVAILABLE, f"cut off: {details}"
+        return code, details
 
     def learn_cards(self, cards: list[dict[str, Any]]) -> None:
         self._idempotent = _wire.idempotency(cards)

@@ -182,7 +182,7 @@ class AsyncClient:
                 if self._closed:
                     raise _wire.closed()
                 assert stream.ended is not None
-                code, details = stream.ended
+                code, details = core.stream_end_status(*stream.ended, stream.answered)
                 decide = partial(core.after_stream_end, call, code, stream.session, stream.answered)
             elif answer.WhichOneof("result") == "reply":
                 core.succeeded()

@@ -167,7 +167,7 @@ class Client:
             if answer is None:  # the stream ended first
                 if self._closed:
                     raise _wire.closed()
-                code, details = waiter.code, waiter.details
+                code, details = core.stream_end_status(waiter.code, waiter.details, stream.answered)
                 decide = partial(core.after_stream_end, call, code, stream.session, stream.answered)
             elif answer.WhichOneof("result") == "reply":
                 core.succeeded()

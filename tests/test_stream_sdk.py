@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import sdk
+from sdk import _auth, protocol
 from tests.conftest import TEST_ORGANS
 from tests.helpers import Process, start_sidecar, wait_until
 
@@ -39,11 +40,12 @@ def hangs(state: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.parametrize("transport", ["stream", "unary"])
 def test_concurrent_calls_from_threads_each_get_their_own_answer(
-    served: tuple[str, Path],
+    served: tuple[str, Path], transport: str
 ) -> None:
     target, _ = served
-    with sdk.Client(target) as client:
+    with sdk.Client(target, transport=transport) as client:
         slow: list[Any] = []
         slow_thread = threading.Thread(
             target=lambda: slow.append(client.call("acme.slow", {"ms": 3000}))
@@ -65,15 +67,18 @@ def test_concurrent_calls_from_threads_each_get_their_own_answer(
         assert got == {
             (w, i): {"w": w, "i": i, "pad": "x" * (w * 50)} for w in range(8) for i in range(40)
         }
-        assert len(stream_threads()) == 1  # one stream carried them all
+        assert len(stream_threads()) == (transport == "stream")  # one stream carried them all
         slow_thread.join(10)
         assert slow == [{"slept_ms": 3000}]
     assert stream_threads() == []
 
 
-async def test_concurrent_tasks_each_get_their_own_answer(served: tuple[str, Path]) -> None:
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+async def test_concurrent_tasks_each_get_their_own_answer(
+    served: tuple[str, Path], transport: str
+) -> None:
     target, _ = served
-    async with sdk.AsyncClient(target) as client:
+    async with sdk.AsyncClient(target, transport=transport) as client:
         slow = asyncio.create_task(client.call("acme.slow", {"ms": 3000}))
         values = [{"i": i, "pad": "y" * (i % 7) * 100} for i in range(300)]
         got = await asyncio.gather(*(client.call("system.echo", v) for v in values))
@@ -209,6 +214,37 @@ async def test_closing_the_async_client_fails_waiting_calls_and_leaves_no_task(
     assert asyncio.all_tasks() - before - {waiting} == set()
 
 
-def test_an_unknown_transport_is_refused() -> None:
-    with pytest.raises(ValueError, match="transport"):
-        sdk.Client("unix:///nowhere.sock", transport="carrier-pigeon")
+def evict_sessions(target: str) -> None:
+    """A channel keeps its newest 64 sessions: 64 more handshakes revoke every older one."""
+    path = protocol.socket_path(target)
+    assert path is not None
+    token = _auth.read_token_file(protocol.token_file_for(path))
+    for _ in range(64):
+        _auth.handshake(protocol.auth_socket_for(path), token, None)
+
+
+def test_a_stale_session_gets_one_new_session_and_nothing_runs_twice(
+    served: tuple[str, Path],
+) -> None:
+    target, state = served
+    records = state / "acme-records.txt"
+
+    def recorded(call_id: str) -> int:
+        return records.read_text().split().count(call_id) if records.exists() else 0
+
+    with sdk.Client(target) as client:
+        client.describe()  # a session, and no stream yet
+        evict_sessions(target)
+        # The stream opens with the revoked session and is refused before anything runs:
+        # one new session, and even a non-idempotent call is sent again, once.
+        assert client.call("acme.record", {"id": "at-open", "ms": 0}) == {"recorded": "at-open"}
+        assert recorded("at-open") == 1
+        # Revoked mid-stream: what was in flight may have run, so only an idempotent
+        # call is sent again (on a new stream, with a new session).
+        evict_sessions(target)
+        assert client.call("system.echo", {"again": True}) == {"again": True}
+        evict_sessions(target)
+        with pytest.raises(sdk.Unavailable):
+            client.call("acme.record", {"id": "mid-stream", "ms": 0})
+        assert recorded("mid-stream") == 0  # refused as read, yet it might have run
+        assert client.call("acme.record", {"id": "after", "ms": 0}) == {"recorded": "after"}
