@@ -98,7 +98,6 @@ class ClientCore:
         self._idempotent: dict[str, bool] | None = None
         self._reached = False
         self._ids = itertools.count(1)  # call ids on streams; next() is atomic in CPython
-        self.reopen_pause = 0.0
 
     @property
     def session(self) -> str | None:
@@ -164,7 +163,6 @@ class ClientCore:
             # sessions), the next stream opens with a fresh session: a stale one would be
             # refused only after the calls were written to it.
             self.session = None
-        self.reopen_pause = 0.0 if answered else REOPEN_PAUSE
         if code == grpc.StatusCode.UNAUTHENTICATED:
             if session is None or call.stale is not None:
                 return Retry.RAISE  # a second refusal is final
@@ -172,6 +170,18 @@ class ClientCore:
             call.stale = session
             return Retry.NEW_SESSION
         return self.after_failure(call, code)
+
+    @staticmethod
+    def reopen_pause(answered: bool) -> float:
+        """How long to wait before replacing a stream: a pause after one that never answered
+        (a stopping sidecar refuses new streams at once), so reconnecting is no busy loop."""
+        return 0.0 if answered else REOPEN_PAUSE
+
+    @staticmethod
+    def retires_stream(code: grpc.StatusCode) -> bool:
+        """Whether a call's UNAVAILABLE answer means its stream takes no more calls: the
+        sidecar is stopping; it answers the stream's calls in flight, then ends it."""
+        return code == grpc.StatusCode.UNAVAILABLE
 
     @staticmethod
     def stream_end_status(

@@ -43,6 +43,7 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.SidecarAsyncStub | None = None
         self._stream: AsyncStream | None = None
+        self._retired: list[AsyncStream] = []  # replaced, still answering calls in flight
         self._closed = False
 
     @classmethod
@@ -161,11 +162,13 @@ class AsyncClient:
         frame = call.frame = _wire.stream_frame(core.next_id(), request)
         while True:
             stream = self._stream
-            if stream is None or stream.ended is not None:
+            if stream is None or stream.ended is not None or stream.retired:
                 stream = await self._reopen(call)
             remaining = call.remaining()
             frame.timeout_s = remaining or 0.0  # the sidecar enforces the deadline too
             future = stream.send(frame)
+            if future is None:  # not sent: the stream ended or was retired meanwhile
+                continue
             try:
                 if remaining is None:
                     answer = await future
@@ -189,6 +192,8 @@ class AsyncClient:
                 return answer.reply
             else:
                 code, details = _wire.code_named(answer.error.code), answer.error.message
+                if core.retires_stream(code):
+                    stream.retire()
                 decide = partial(core.after_failure, call, code)
             await self._retry(call, decide, code, details)
 
@@ -201,12 +206,15 @@ class AsyncClient:
             if self._closed:
                 raise _wire.closed()
             stream = self._stream
-            if stream is not None and stream.ended is None:
+            if stream is not None and stream.ended is None and not stream.retired:
                 return stream
+            for old in [s for s in self._retired if s.ended is not None]:
+                await old.close("replaced")  # ended already: this awaits its reader
+                self._retired.remove(old)
             if stream is not None:
-                await stream.close("replaced")  # ended already: this awaits its reader
-                if core.reopen_pause:
-                    await asyncio.sleep(min(core.reopen_pause, call.remaining() or 1.0))
+                self._retired.append(stream)
+                if pause := core.reopen_pause(stream.answered):
+                    await asyncio.sleep(min(pause, call.remaining() or pause))
             if core.needs_session(call):
                 assert core.auth_socket is not None and core.token is not None
                 core.session = await _auth.handshake_async(
@@ -219,8 +227,9 @@ class AsyncClient:
         """Ends the stream (calls still waiting on it raise `sdk.Unavailable`) and the
         channel; no task is left behind."""
         self._closed = True
-        stream, self._stream = self._stream, None
-        if stream is not None:
+        streams = [*self._retired, *([self._stream] if self._stream else [])]
+        self._stream, self._retired = None, []
+        for stream in streams:
             await stream.close("the client was closed")
         if self._channel is not None:
             await self._channel.close()

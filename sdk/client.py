@@ -49,6 +49,7 @@ class Client:
         self._channel = grpc.insecure_channel(target, options=protocol.CHANNEL_OPTIONS)
         self._stub = pb_grpc.SidecarStub(self._channel)
         self._stream: SyncStream | None = None
+        self._retired: list[SyncStream] = []  # replaced, still answering calls in flight
         self._closed = False
 
     @classmethod
@@ -149,11 +150,13 @@ class Client:
         frame = call.frame = _wire.stream_frame(core.next_id(), request)
         while True:
             stream = self._stream
-            if stream is None or stream.ended is not None:
+            if stream is None or stream.ended is not None or stream.retired:
                 stream = self._reopen(call)
             remaining = call.remaining()
             frame.timeout_s = remaining or 0.0  # the sidecar enforces the deadline too
             waiter = stream.send(frame)
+            if waiter is None:  # not sent: the stream ended or was retired meanwhile
+                continue
             try:
                 done = waiter.wait(remaining)
             except BaseException:  # interrupted: the sidecar need not finish it
@@ -174,6 +177,8 @@ class Client:
                 return answer.reply
             else:
                 code, details = _wire.code_named(answer.error.code), answer.error.message
+                if core.retires_stream(code):
+                    stream.retire()
                 decide = partial(core.after_failure, call, code)
             self._retry(call, decide, code, details)
 
@@ -184,12 +189,15 @@ class Client:
             if self._closed:
                 raise _wire.closed()
             stream = self._stream
-            if stream is not None and stream.ended is None:
+            if stream is not None and stream.ended is None and not stream.retired:
                 return stream
+            for old in [s for s in self._retired if s.ended is not None]:
+                old.close("replaced")  # ended already: this joins its reader thread
+                self._retired.remove(old)
             if stream is not None:
-                stream.close("replaced")  # ended already: this joins its reader thread
-                if core.reopen_pause:
-                    time.sleep(min(core.reopen_pause, call.remaining() or core.reopen_pause))
+                self._retired.append(stream)
+                if pause := core.reopen_pause(stream.answered):
+                    time.sleep(min(pause, call.remaining() or pause))
             if core.needs_session(call):
                 assert core.auth_socket is not None and core.token is not None
                 core.session = _auth.handshake(core.auth_socket, core.token, call.deadline)
@@ -201,8 +209,9 @@ class Client:
         channel; no thread is left behind."""
         with self._lock:
             self._closed = True
-            stream, self._stream = self._stream, None
-        if stream is not None:
+            streams = [*self._retired, *([self._stream] if self._stream else [])]
+            self._stream, self._retired = None, []
+        for stream in streams:
             stream.close("the client was closed")
         self._channel.close()
 

@@ -136,11 +136,14 @@ def test_a_broken_stream_resends_only_what_is_safe() -> None:
     assert core.after_stream_end(read, unavailable, "s1", answered=True) is Retry.RESEND
     assert core.session is None and core.needs_session(read)  # a fresh one before reopening
     assert core.after_stream_end(write, unavailable, "s1", answered=True) is Retry.RAISE
-    assert core.reopen_pause == 0.0
+    assert core.reopen_pause(answered=True) == 0.0
+    # A stream that never answered is not replaced in a busy loop.
+    assert core.reopen_pause(answered=False) > 0
+    # A stopping sidecar answers new calls UNAVAILABLE: that stream takes no more.
+    assert core.retires_stream(unavailable) and not core.retires_stream(unauthenticated)
     # Refused at open: nothing ran, even a non-idempotent call goes again, once.
     core.session = "s2"
     assert core.after_stream_end(write, unauthenticated, "s2", answered=False) is Retry.NEW_SESSION
-    assert core.reopen_pause > 0  # a stream that never answered is not reopened in a busy loop
     core.session = "s3"
     assert core.after_stream_end(write, unauthenticated, "s3", answered=False) is Retry.RAISE
     # Revoked mid-stream: reported as a cut-off, decided like one.
