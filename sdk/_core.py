@@ -18,9 +18,7 @@ from sdk.errors import SomaError, Unavailable
 
 DEFAULT_TIMEOUT = 30.0
 TRANSPORTS = ("stream", "unary")
-# Before reopening a stream that ended without answering anything (a sidecar stopping
-# refuses new streams at once): a pause, so that reconnecting is not a busy loop.
-REOPEN_PAUSE = 0.02
+REOPEN_PAUSE = 0.02  # before replacing a stream that never answered (see `replace_stream`)
 
 
 def arguments_from_env() -> tuple[str, dict[str, str | None]]:
@@ -158,11 +156,6 @@ class ClientCore:
         """After the stream `call` was sent on ended with `code` (as `stream_end_status`
         reports it) before answering it. `session` is the one the stream opened with;
         `answered`: whether the stream had answered any call (it had been accepted)."""
-        if session is not None and self.session == session:
-            # Whatever ended the stream (most often a sidecar restart, which forgets
-            # sessions), the next stream opens with a fresh session: a stale one would be
-            # refused only after the calls were written to it.
-            self.session = None
         if code == grpc.StatusCode.UNAUTHENTICATED:
             if session is None or call.stale is not None:
                 return Retry.RAISE  # a second refusal is final
@@ -171,10 +164,16 @@ class ClientCore:
             return Retry.NEW_SESSION
         return self.after_failure(call, code)
 
-    @staticmethod
-    def reopen_pause(answered: bool) -> float:
-        """How long to wait before replacing a stream: a pause after one that never answered
-        (a stopping sidecar refuses new streams at once), so reconnecting is no busy loop."""
+    def replace_stream(self, session: str | None, answered: bool) -> float:
+        """Before opening a stream in place of one that opened with `session` (ended, or
+        retired by a stopping sidecar); returns how long to pause first.
+
+        The new stream opens with a fresh session: most often a sidecar restart ended the
+        old one, and the new sidecar would refuse the old session only after the calls were
+        written to it. The pause follows a stream that never answered (a stopping sidecar
+        refuses new streams at once), so that reconnecting is no busy loop."""
+        if session is not None and self.session == session:
+            self.session = None
         return 0.0 if answered else REOPEN_PAUSE
 
     @staticmethod

@@ -213,7 +213,7 @@ class AsyncClient:
                 self._retired.remove(old)
             if stream is not None:
                 self._retired.append(stream)
-                if pause := core.reopen_pause(stream.answered):
+                if pause := core.replace_stream(stream.session, stream.answered):
                     await asyncio.sleep(min(pause, call.remaining() or pause))
             if core.needs_session(call):
                 assert core.auth_socket is not None and core.token is not None

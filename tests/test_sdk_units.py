@@ -134,16 +134,18 @@ def test_a_broken_stream_resends_only_what_is_safe() -> None:
     core = stream_core({"a.read": True, "a.write": False})
     read, write = Call("a.read", None), Call("a.write", None)
     assert core.after_stream_end(read, unavailable, "s1", answered=True) is Retry.RESEND
-    assert core.session is None and core.needs_session(read)  # a fresh one before reopening
     assert core.after_stream_end(write, unavailable, "s1", answered=True) is Retry.RAISE
-    assert core.reopen_pause(answered=True) == 0.0
-    # A stream that never answered is not replaced in a busy loop.
-    assert core.reopen_pause(answered=False) > 0
+    # The next stream opens with a fresh session, at once after one that was serving...
+    assert core.replace_stream("s1", answered=True) == 0.0
+    assert core.session is None and core.needs_session(read)
+    # ...and after a pause after one that never answered: no busy loop.
+    assert core.replace_stream("s0", answered=False) > 0
     # A stopping sidecar answers new calls UNAVAILABLE: that stream takes no more.
     assert core.retires_stream(unavailable) and not core.retires_stream(unauthenticated)
     # Refused at open: nothing ran, even a non-idempotent call goes again, once.
     core.session = "s2"
     assert core.after_stream_end(write, unauthenticated, "s2", answered=False) is Retry.NEW_SESSION
+    assert core.needs_session(write)
     core.session = "s3"
     assert core.after_stream_end(write, unauthenticated, "s3", answered=False) is Retry.RAISE
     # Revoked mid-stream: reported as a cut-off, decided like one.
