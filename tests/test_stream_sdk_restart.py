@@ -13,15 +13,17 @@ from tests.helpers import SupervisorRun, read_report, wait_until
 
 KINDS = ("blocking", "asyncio")
 
-RUNTIMES = "".join(
-    f"""
+
+def runtimes(kinds: tuple[str, ...]) -> str:
+    return "".join(
+        f"""
 [[runtime]]
 name = "{kind}"
 command = ["python", "-m", "tests.fixtures.stream_agent", "{kind}", "{kind}.jsonl"]
 allow = ["system.*", "acme.slow", "acme.record"]
 """
-    for kind in KINDS
-)
+        for kind in kinds
+    )
 
 
 def records(tmp_path: Path) -> list[str]:
@@ -37,7 +39,7 @@ def merged(tmp_path: Path, kind: str) -> dict[str, object]:
 
 
 def test_calls_in_flight_across_a_sidecar_restart(tmp_path: Path) -> None:
-    run = SupervisorRun(tmp_path, RUNTIMES)
+    run = SupervisorRun(tmp_path, runtimes(KINDS))
     try:
         run.wait_ready()
         wait_until(
@@ -63,5 +65,42 @@ def test_calls_in_flight_across_a_sidecar_restart(tmp_path: Path) -> None:
             assert records(tmp_path).count(f"cut-{kind}") == 1  # ran once, never again
             assert records(tmp_path).count(f"queued-{kind}") == 1
         assert run.child("sidecar")["restarts"] == 1
+    finally:
+        assert run.stop() == 0, run.proc.output()
+
+
+def test_calls_across_a_sidecar_that_stops_gracefully(tmp_path: Path) -> None:
+    """SIGTERM: the stream's call in flight is answered before the sidecar goes; calls made
+    while it stops wait for the next sidecar (or, not idempotent, may raise Unavailable),
+    and none runs twice."""
+    kinds = tuple(f"{kind}-drain" for kind in KINDS)
+    run = SupervisorRun(tmp_path, runtimes(kinds))
+    try:
+        run.wait_ready()
+        wait_until(
+            lambda: all(merged(tmp_path, k).get("sent") for k in kinds),
+            timeout=30,
+            what="both runtimes' calls in flight",
+        )
+        old = run.child("sidecar")["pid"]
+        os.kill(old, signal.SIGTERM)
+        (tmp_path / "stopping").touch()
+        wait_until(
+            lambda: all("record" in merged(tmp_path, k) for k in kinds),
+            timeout=45,
+            what="both runtimes to report",
+        )
+        for kind in kinds:
+            outcome = merged(tmp_path, kind)
+            assert outcome["in_flight"] == {"ok": {"slept_ms": 2000}}, outcome
+            assert outcome["echo"] == {"ok": {"during": "drain"}}, outcome
+            assert outcome["record"] in (
+                {"ok": {"recorded": f"drain-{kind}"}},
+                {"error": "Unavailable"},
+            ), outcome
+            assert records(tmp_path).count(f"drain-{kind}") <= 1
+            if "ok" in outcome["record"]:
+                assert records(tmp_path).count(f"drain-{kind}") == 1
+        assert run.child("sidecar")["pid"] != old
     finally:
         assert run.stop() == 0, run.proc.output()
