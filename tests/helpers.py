@@ -236,9 +236,10 @@ class SupervisorRun:
         watchdog_usec: int | None = None,
         organs: tuple[str, ...] = TEST_ORGANS,
         sidecar: str = "",
+        logging: str = "",
     ) -> None:
         self.tmp = tmp
-        self.config = self.write(tmp, body, organs, sidecar)
+        self.config = self.write(tmp, body, organs, sidecar, logging)
         self.notify = NotifySocket(tmp / "notify.sock")
         extra = {"NOTIFY_SOCKET": str(self.notify.path)}
         if watchdog_usec is not None:
@@ -250,12 +251,16 @@ class SupervisorRun:
 
     @staticmethod
     def write(
-        tmp: Path, body: str, organs: tuple[str, ...] = ("system",), sidecar: str = ""
+        tmp: Path,
+        body: str,
+        organs: tuple[str, ...] = ("system",),
+        sidecar: str = "",
+        logging: str = "",
     ) -> Path:
         """The configuration file a run uses (written before the run, for the CLI);
-        `sidecar` holds more keys of the `[sidecar]` table."""
+        `sidecar` and `logging` hold more keys of the `[sidecar]` and `[logging]` tables."""
         listed = ", ".join(f'"{o}"' for o in organs)
-        head = CONFIG_HEAD.format(organs=listed) + sidecar + "\n"
+        head = CONFIG_HEAD.format(organs=listed, logging=logging) + sidecar + "\n"
         return write_config(tmp / "soma.toml", head + body)
 
     @property
@@ -302,7 +307,7 @@ runtime_dir = "run"
 
 [logging]
 format = "json"
-
+{logging}
 [sidecar]
 organs = [{organs}]
 backoff_initial = 0.05

@@ -52,7 +52,8 @@ env = { BETA_SETTING = "on" }
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisorRun]:
     tmp = tmp_path_factory.mktemp("probes")
-    run = SupervisorRun(tmp, PROBES)
+    # Every call logged (at info; debug by default): test_children_output_is_logged_with_their_name
+    run = SupervisorRun(tmp, PROBES, logging='calls = "info"\n')
     run.wait_ready()
     wait_until(
         lambda: all(
