@@ -60,12 +60,16 @@ def p50_us(times: list[float]) -> float:
     return statistics.median(times) * 1e6
 
 
-def sequential(fn: Callable[[], object], calls: int) -> float:
+def sequential(fn: Callable[[], object], calls: int, cpu: list[float]) -> float:
+    """p50 µs of `calls` calls one after another; appends this process's CPU µs per call
+    (every thread's, grpc's included: what the client costs, far less noisy than latency)."""
     times = []
+    cpu_started = time.process_time()
     for _ in range(calls):
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
+    cpu.append((time.process_time() - cpu_started) / calls * 1e6)
     return p50_us(times)
 
 
@@ -83,12 +87,16 @@ def threaded(fn: Callable[[], object], calls: int) -> float:
     return per * IN_FLIGHT / (time.perf_counter() - started)
 
 
-async def sequential_async(fn: Callable[[], Awaitable[object]], calls: int) -> float:
+async def sequential_async(
+    fn: Callable[[], Awaitable[object]], calls: int, cpu: list[float]
+) -> float:
     times = []
+    cpu_started = time.process_time()
     for _ in range(calls):
         started = time.perf_counter()
         await fn()
         times.append(time.perf_counter() - started)
+    cpu.append((time.process_time() - cpu_started) / calls * 1e6)
     return p50_us(times)
 
 
@@ -127,10 +135,11 @@ class BareSyncStream:
 Row = dict[str, list[float]]
 
 
-def blocking_rows(bare: str, sidecar: str, rounds: int, calls: int) -> tuple[Row, Row]:
+def blocking_rows(bare: str, sidecar: str, rounds: int, calls: int) -> tuple[Row, Row, Row]:
     request = pb.StimulateRequest(op="system.echo", input_json=json.dumps(PAYLOAD).encode())
     latency: Row = {}
     throughput: Row = {}
+    cpu: Row = {}
     with grpc.insecure_channel(bare, options=protocol.CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.SidecarStub(channel)
         bare_stream = BareSyncStream(channel)
@@ -149,23 +158,24 @@ def blocking_rows(bare: str, sidecar: str, rounds: int, calls: int) -> tuple[Row
             },
         }
         for fn in paths.values():
-            sequential(fn, 200)  # warm up
+            sequential(fn, 200, [])  # warm up
         for round_ in range(rounds):
             for name, fn in paths.items():
-                latency.setdefault(name, []).append(sequential(fn, calls))
+                latency.setdefault(name, []).append(sequential(fn, calls, cpu.setdefault(name, [])))
                 if name != "bare stream (sync, 1 in flight)":
                     throughput.setdefault(name, []).append(threaded(fn, calls))
             print(f"  blocking round {round_ + 1}/{rounds}", file=sys.stderr)
         bare_stream.close()
         for client in clients.values():
             client.close()
-    return latency, throughput
+    return latency, throughput, cpu
 
 
-async def async_rows(bare: str, sidecar: str, rounds: int, calls: int) -> tuple[Row, Row]:
+async def async_rows(bare: str, sidecar: str, rounds: int, calls: int) -> tuple[Row, Row, Row]:
     request = pb.StimulateRequest(op="system.echo", input_json=json.dumps(PAYLOAD).encode())
     latency: Row = {}
     throughput: Row = {}
+    cpu: Row = {}
     async with grpc.aio.insecure_channel(bare, options=protocol.CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.SidecarStub(channel)
         bare_stream = stub.Stream()
@@ -190,31 +200,39 @@ async def async_rows(bare: str, sidecar: str, rounds: int, calls: int) -> tuple[
             },
         }
         for fn in paths.values():
-            await sequential_async(fn, 200)
+            await sequential_async(fn, 200, [])
         for round_ in range(rounds):
             for name, fn in paths.items():
-                latency.setdefault(name, []).append(await sequential_async(fn, calls))
+                p50 = await sequential_async(fn, calls, cpu.setdefault(name, []))
+                latency.setdefault(name, []).append(p50)
                 if "1 in flight" not in name:
                     throughput.setdefault(name, []).append(await gathered(fn, calls))
             print(f"  asyncio round {round_ + 1}/{rounds}", file=sys.stderr)
         await bare_stream.done_writing()
         for client in clients.values():
             await client.close()
-    return latency, throughput
+    return latency, throughput, cpu
 
 
-def table(title: str, latency: Row, throughput: Row, baseline: str) -> None:
+def table(title: str, latency: Row, throughput: Row, cpu: Row, baseline: str) -> None:
     base_p50 = statistics.median(latency[baseline])
     base_rate = statistics.median(throughput[baseline])
-    print(f"\n{title}: p50 µs (min-max of round medians), calls/s at {IN_FLIGHT} in flight")
-    print(f"  {'path':<38} {'p50':>7} {'spread':>13} {'p50/base':>9} {'calls/s':>8} {'x base':>7}")
+    print(
+        f"\n{title}: p50 µs (min-max of round medians), client CPU µs per call (all its"
+        f" threads), calls/s at {IN_FLIGHT} in flight"
+    )
+    print(
+        f"  {'path':<38} {'p50':>6} {'spread':>10} {'p50/base':>8} {'cpu':>5}"
+        f" {'calls/s':>8} {'x base':>6}"
+    )
     for name, values in latency.items():
         p50 = statistics.median(values)
         spread = f"{min(values):.0f}-{max(values):.0f}"
-        line = f"  {name:<38} {p50:7.0f} {spread:>13} {p50 / base_p50:8.2f}x"
+        line = f"  {name:<38} {p50:6.0f} {spread:>10} {p50 / base_p50:7.2f}x"
+        line += f" {statistics.median(cpu[name]):5.0f}"
         if name in throughput:
             rate = statistics.median(throughput[name])
-            line += f" {rate:8.0f} {rate / base_rate:6.2f}x"
+            line += f" {rate:8.0f} {rate / base_rate:5.2f}x"
         print(line)
 
 
