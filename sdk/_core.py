@@ -52,7 +52,6 @@ class Call:
     op: str | None
     deadline: float | None
     stale: str | None = None  # a session this call saw refused
-    frame: Any = None  # its frame on a stream (a `StreamRequest`), built once
 
     def remaining(self) -> float | None:
         return _wire.remaining(self.deadline)

@@ -147,7 +147,7 @@ class Client:
         it is safe."""
         core = self._core
         call = core.start(op, timeout)
-        frame = call.frame = _wire.stream_frame(core.next_id(), request)
+        frame = _wire.stream_frame(core.next_id(), request)  # built once, sent again as is
         while True:
             stream = self._stream
             if stream is None or stream.ended is not None or stream.retired:
