@@ -5,6 +5,7 @@ loops around this core that do the I/O it asks for (the model is httpx's `BaseCl
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from enum import Enum
@@ -16,6 +17,8 @@ from sdk import _auth, _wire, protocol
 from sdk.errors import SomaError, Unavailable
 
 DEFAULT_TIMEOUT = 30.0
+TRANSPORTS = ("stream", "unary")
+REOPEN_PAUSE = 0.02  # before replacing a stream that never answered (see `replace_stream`)
 
 
 def arguments_from_env() -> tuple[str, dict[str, str | None]]:
@@ -69,9 +72,13 @@ class ClientCore:
         token_file: str | None,
         auth_socket: str | None,
         timeout: float | None,
+        transport: str = "stream",
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.target = target
         self.timeout = timeout
+        self.streaming = transport == "stream"
         self.path = protocol.socket_path(target)
         if token is None and token_file is not None:
             token = _auth.read_token_file(token_file)
@@ -83,9 +90,21 @@ class ClientCore:
         self.auth_socket = auth_socket or (
             protocol.auth_socket_for(self.path) if self.path else None
         )
-        self.session: str | None = None
+        self._session: str | None = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
         self._idempotent: dict[str, bool] | None = None
         self._reached = False
+        self._ids = itertools.count(1)  # call ids on streams; next() is atomic in CPython
+
+    @property
+    def session(self) -> str | None:
+        return self._session
+
+    @session.setter
+    def session(self, session: str | None) -> None:
+        # The metadata every call carries, built once per session rather than per call.
+        self._session = session
+        self._metadata = protocol.bearer_metadata(session) if session else ()
 
     def start(self, op: str | None, timeout: float | None) -> Call:
         """A new call. Until a call has reached the sidecar once, a socket that does not exist
@@ -102,13 +121,17 @@ class ClientCore:
         return self.session is None or self.session == call.stale
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return protocol.bearer_metadata(self.session) if self.session else ()
+        return self._metadata
+
+    def next_id(self) -> int:
+        return next(self._ids)
 
     def succeeded(self) -> None:
         self._reached = True
 
-    def after_failure(self, call: Call, exc: grpc.RpcError) -> Retry:
-        code = exc.code()
+    def after_failure(self, call: Call, code: grpc.StatusCode) -> Retry:
+        """After a unary call failed with `code`, or a call on a stream was answered with a
+        `CallError` of that code (the same meaning)."""
         if code == grpc.StatusCode.UNAUTHENTICATED and self.session and call.stale is None:
             # A restarted sidecar forgot the session; it refused before any organ ran. A
             # second refusal in the same call is final.
@@ -125,6 +148,49 @@ class ClientCore:
             return Retry.ASK_CARDS
         # Cut off mid-call: it may have run, so only an idempotent function runs again.
         return Retry.RESEND if self._idempotent.get(call.op, False) else Retry.RAISE
+
+    def after_stream_end(
+        self, call: Call, code: grpc.StatusCode, session: str | None, answered: bool
+    ) -> Retry:
+        """After the stream `call` was sent on ended with `code` (as `stream_end_status`
+        reports it) before answering it. `session` is the one the stream opened with;
+        `answered`: whether the stream had answered any call (it had been accepted)."""
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            if session is None or call.stale is not None:
+                return Retry.RAISE  # a second refusal is final
+            # Refused as it opened: nothing ran.
+            call.stale = session
+            return Retry.NEW_SESSION
+        return self.after_failure(call, code)
+
+    def replace_stream(self, session: str | None, answered: bool) -> float:
+        """Before opening a stream in place of one that opened with `session` (ended, or
+        retired by a stopping sidecar); returns how long to pause first.
+
+        The new stream opens with a fresh session: most often a sidecar restart ended the
+        old one, and the new sidecar would refuse the old session only after the calls were
+        written to it. The pause follows a stream that never answered (a stopping sidecar
+        refuses new streams at once), so that reconnecting is no busy loop."""
+        if session is not None and self.session == session:
+            self.session = None
+        return 0.0 if answered else REOPEN_PAUSE
+
+    @staticmethod
+    def retires_stream(code: grpc.StatusCode) -> bool:
+        """Whether a call's UNAVAILABLE answer means its stream takes no more calls: the
+        sidecar is stopping; it answers the stream's calls in flight, then ends it."""
+        return code == grpc.StatusCode.UNAVAILABLE
+
+    @staticmethod
+    def stream_end_status(
+        code: grpc.StatusCode, details: str, answered: bool
+    ) -> tuple[grpc.StatusCode, str]:
+        """The status a call still on a stream that ended with `code` failed with. A session
+        revoked mid-stream (`answered`: it had been accepted) cut its calls off, and they may
+        have run, as in a restart: UNAVAILABLE."""
+        if code == grpc.StatusCode.UNAUTHENTICATED and answered:
+            return grpc.StatusCode.UNAVAILABLE, f"cut off: {details}"
+        return code, details
 
     def learn_cards(self, cards: list[dict[str, Any]]) -> None:
         self._idempotent = _wire.idempotency(cards)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import grpc
 import pytest
 
 import sdk
 from sdk import _auth, _wire, protocol
+from sdk._core import Call, ClientCore, Retry
 from sdk.types import Response
 
 
@@ -111,3 +113,53 @@ def test_a_client_of_a_socket_that_does_not_exist_fails_at_once(tmp_path: Path) 
 
     with pytest.raises(sdk.Unavailable, match=str(missing)):
         asyncio.run(call_async())
+
+
+def stream_core(idempotent: dict[str, bool] | None) -> ClientCore:
+    core = ClientCore("unix:///nowhere.sock", "t" * 64, None, "/nowhere.auth.sock", 30.0)
+    core.session = "s1"
+    if idempotent is not None:
+        core.learn_cards(
+            [{"functions": [{"name": k, "idempotent": v} for k, v in idempotent.items()]}]
+        )
+    return core
+
+
+def test_a_broken_stream_resends_only_what_is_safe() -> None:
+    """The decisions behind reconnecting, without any I/O: a call cut off on a stream that
+    was serving is sent again only when its function is idempotent; a stream refused as it
+    opened ran nothing, so its calls get one new session; the next stream always opens with
+    a fresh session."""
+    unavailable, unauthenticated = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED
+    core = stream_core({"a.read": True, "a.write": False})
+    read, write = Call("a.read", None), Call("a.write", None)
+    assert core.after_stream_end(read, unavailable, "s1", answered=True) is Retry.RESEND
+    assert core.after_stream_end(write, unavailable, "s1", answered=True) is Retry.RAISE
+    # The next stream opens with a fresh session, at once after one that was serving...
+    assert core.replace_stream("s1", answered=True) == 0.0
+    assert core.session is None and core.needs_session(read)
+    # ...and after a pause after one that never answered: no busy loop.
+    assert core.replace_stream("s0", answered=False) > 0
+    # A stopping sidecar answers new calls UNAVAILABLE: that stream takes no more.
+    assert core.retires_stream(unavailable) and not core.retires_stream(unauthenticated)
+    # Refused at open: nothing ran, even a non-idempotent call goes again, once.
+    core.session = "s2"
+    assert core.after_stream_end(write, unauthenticated, "s2", answered=False) is Retry.NEW_SESSION
+    assert core.needs_session(write)
+    core.session = "s3"
+    assert core.after_stream_end(write, unauthenticated, "s3", answered=False) is Retry.RAISE
+    # Revoked mid-stream: reported as a cut-off, decided like one.
+    code, details = ClientCore.stream_end_status(unauthenticated, "revoked", answered=True)
+    assert code == unavailable and "revoked" in details
+    assert ClientCore.stream_end_status(unauthenticated, "x", answered=False)[0] == unauthenticated
+    # Cards not known yet: ask them first.
+    assert stream_core(None).after_stream_end(read, unavailable, "s1", True) is Retry.ASK_CARDS
+
+
+def test_the_transport_is_checked_and_metadata_built_once_per_session() -> None:
+    with pytest.raises(ValueError, match="transport"):
+        ClientCore("unix:///x.sock", None, None, None, 1.0, transport="carrier-pigeon")
+    core = stream_core(None)
+    assert core.metadata() is core.metadata() == (("authorization", "Bearer s1"),)
+    core.session = None
+    assert core.metadata() == ()
