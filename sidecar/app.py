@@ -132,7 +132,7 @@ async def _start_gateway(
     if not sockets:
         return None
     ports = {sock.getsockname()[1]: runtime for runtime, sock in sockets.items()}
-    app = Gateway(config.gateway, broker, registry.get, ports)
+    app = Gateway(config.gateway, broker, registry.get, ports, call_log_level(config.logging))
     server = GatewayServer(app, list(sockets.values()), config.sidecar.grace_period)
     await server.start()
     log.info("gateway_serving", ports={runtime: port for port, runtime in ports.items()})

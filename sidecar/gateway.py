@@ -111,8 +111,12 @@ class Gateway:
         broker: CredentialBroker,
         channel_of: Callable[[str], Channel | None],
         ports: dict[int, str],
+        request_level: int | None,
     ) -> None:
         self._gateways = {g.name: g for g in gateways}
+        # The level of the one `gateway` event per request (the `[logging] calls` level: the
+        # vault's audit rows already record every credential use); None drops it.
+        self._request_level = request_level
         self._broker = broker
         self._channel_of = channel_of
         self._ports = ports
@@ -164,7 +168,10 @@ class Gateway:
                 log.warning("relay_failed", status=status, error=type(error).__name__)
             finally:
                 await relay.aclose(runtime)
-        log.info(
+        if self._request_level is None:
+            return
+        log.log(
+            self._request_level,
             "gateway",
             runtime=runtime,
             gateway=gateway_name,

@@ -147,7 +147,7 @@ def scenario(
     set_secret(config, "apikey", APIKEY_VALUE)
     set_secret(config, "mirror", MIRROR_KEY)
     set_secret(config, "accented", ACCENTED_KEY)
-    run = SupervisorRun(tmp, body, organs=ORGANS)
+    run = SupervisorRun(tmp, body, organs=ORGANS, logging='calls = "info"\n')
     run.wait_ready()
     wait_until(
         lambda: any(r.get("ready") for r in read_report(tmp / "agent.jsonl")),
