@@ -219,36 +219,18 @@ class Executive:
                     return prepared
                 stimulus = prepared
             error = "Cancelled"
-            response = await self._run(route, stimulus, started)
+            # The organ's answer, in this coroutine rather than one more per call; an organ
+            # that raises or answers nonsense is an Internal error.
+            try:
+                response = await route.organ.stimulate(stimulus)
+                if not isinstance(response, Response):
+                    raise TypeError(f"organ returned {type(response).__name__}, not Response")
+            except Exception:
+                response = _organ_failed(route, stimulus, started)
             error = None if response.ok else (response.error or "Failed")
             return response
         finally:
             stats.release(_elapsed_ms(started), error)
-
-    async def _run(self, route: _Route, stimulus: Stimulus, started: float) -> Response:
-        """The organ's answer; an organ that raises or answers nonsense is an Internal error."""
-        try:
-            response = await route.organ.stimulate(stimulus)
-            if not isinstance(response, Response):
-                raise TypeError(f"organ returned {type(response).__name__}, not Response")
-        except Exception:
-            log.exception(
-                "organ_failed",
-                organ=route.organ_name,
-                op=stimulus.op,
-                trace_id=stimulus.context.get("trace_id"),
-            )
-            details = (
-                {"trace_id": stimulus.context["trace_id"]} if "trace_id" in stimulus.context else {}
-            )
-            return Response.failure(
-                ErrorKind.INTERNAL,
-                _elapsed_ms(started),
-                op=stimulus.op,
-                message="the organ failed; the sidecar's log has the details",
-                **details,
-            )
-        return response
 
     async def pathway(self, steps: Iterable[PathwayStep], initial_input: Any) -> Response:
         """Run steps in order, each step's output the next one's input; stop at the first failure.
@@ -306,6 +288,20 @@ async def _stop_all(organs: Iterable[Organ]) -> None:
             await organ.stop()
         except Exception:
             log.exception("organ_stop_failed", organ=organ.describe().name)
+
+
+def _organ_failed(route: _Route, stimulus: Stimulus, started: float) -> Response:
+    """Logs the organ's exception (with its traceback) and answers an Internal error."""
+    trace_id = stimulus.context.get("trace_id")
+    log.exception("organ_failed", organ=route.organ_name, op=stimulus.op, trace_id=trace_id)
+    details = {"trace_id": trace_id} if "trace_id" in stimulus.context else {}
+    return Response.failure(
+        ErrorKind.INTERNAL,
+        _elapsed_ms(started),
+        op=stimulus.op,
+        message="the organ failed; the sidecar's log has the details",
+        **details,
+    )
 
 
 def _elapsed_ms(started: float) -> float:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from soma_runtime.strict_json import JsonError, loads
+from soma_runtime.strict_json import JsonError, loads, stdlib_loads
 
 NON_STANDARD = [b"NaN", b"[1, Infinity]", b'{"a": -Infinity}', b"1e400", b'{"a": [-1E400]}']
 
@@ -107,3 +110,71 @@ def test_escaped_lone_surrogates_are_refused(text: bytes) -> None:
 def test_surrogate_pairs_and_escaped_backslashes_are_fine() -> None:
     assert loads(rb'{"x":"\ud83d\ude00"}', 10) == {"x": "\U0001f600"}
     assert loads(rb'{"x":"\\ud800"}', 10) == {"x": "\\ud800"}
+
+
+# -- msgspec reads first, the stdlib path decides whatever it refuses: the two must agree ------
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+# Spliced into texts: each is a way a text is refused, or read differently by some parser.
+TRICKY = [
+    b"NaN", b"-Infinity", b"1e400", b"-1E400", b"1.7976931348623159e308", b"4.9e-325",
+    b"18446744073709551616", b"-9223372036854775809", b"9" * 4301, b"-0", b"-0.0", b"01", b"1.",
+    b".5", b"+1", b"0x10", rb'"\ud800"', rb'"\udc00\ud800"', rb'"\ud83d\ude00"', rb'"\uD800x"',
+    b'"\xff"', b'"\xed\xa0\x80"', b'"\xc0\xaf"', b'"\xf4\x90\x80\x80"', b"\xef\xbb\xbf",
+    b'"\x00"', b"\x0b", b"\xc2\xa0", b'{"a":1,"a":2}', b"[" * 70, b"]" * 70, b'{"a":' * 40,
+    b"true", b"nul", b",", b":", b"\\", b'"',
+]  # fmt: skip
+
+
+def outcome(read: Callable[[bytes, int], Any], text: bytes, depth: int) -> str:
+    """What reading `text` gives, exactly: the value with its types (1 and 1.0 and True differ
+    in JSON text; -0.0 keeps its sign), or the error message."""
+    try:
+        return "value " + json.dumps(read(text, depth))
+    except JsonError as exc:
+        return f"error {exc}"
+
+
+@st.composite
+def texts(draw: st.DrawFn) -> bytes:
+    """A JSON text, laid out at random, then often cut, spliced or flipped."""
+    value = draw(JSON_VALUES)
+    spaced = draw(st.booleans())
+    text = json.dumps(value, ensure_ascii=draw(st.booleans()), indent=1 if spaced else None)
+    data = text.encode("utf-8", "surrogatepass")
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(data)))
+        cut = draw(st.integers(0, 3))
+        piece = draw(st.sampled_from(TRICKY) | st.binary(max_size=3))
+        data = data[:at] + piece + data[at + cut :]
+    return data
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True, database=None)
+@given(texts(), st.integers(1, 80))
+def test_the_fast_reader_agrees_with_the_stdlib_one(text: bytes, depth: int) -> None:
+    assert outcome(loads, text, depth) == outcome(stdlib_loads, text, depth)
+
+
+@pytest.mark.parametrize("piece", TRICKY)
+@pytest.mark.parametrize("depth", [1, 8, 64])
+def test_each_tricky_piece_reads_alike_alone_and_inside(piece: bytes, depth: int) -> None:
+    for text in (piece, b"[" + piece + b"]", b'{"k":' + piece + b"}", b'{"' + piece + b'":1}'):
+        assert outcome(loads, text, depth) == outcome(stdlib_loads, text, depth)
+
+
+def test_big_integers_stay_exact() -> None:
+    """A parser that reads integers past 64 bits as floats would change them silently."""
+    for number in (2**64, -(2**63) - 1, 10**400, -(10**4299)):
+        assert loads(str(number).encode(), 1) == number
+        assert type(loads(str(number).encode(), 1)) is int
