@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import structlog
 
+from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sidecar.dispatch import Dispatcher, Refusal
 
@@ -45,6 +47,11 @@ _UNDECODABLE = Refusal(
     f"the request is not a valid {pb.StreamRequest.DESCRIPTOR.full_name}",
 )
 _STOPPING = Refusal(grpc.StatusCode.UNAVAILABLE, "the sidecar is stopping; reconnect")
+_ACCEPTED = ((protocol.STREAM_ACCEPTED, "1"),)
+_BAD_TIMEOUT = Refusal(
+    grpc.StatusCode.INVALID_ARGUMENT,
+    "timeout_s must be a finite number of seconds, at least 0 (0: no deadline)",
+)
 _NO_KIND = Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the frame has neither call nor cancel")
 
 
@@ -85,7 +92,10 @@ class CallStream:
         self._closed = False
 
     async def serve(self, requests: AsyncIterator[Any]) -> None:
-        """Read and run the stream's calls until it ends; ends it with its status."""
+        """Tell the client the stream is accepted, then read and run its calls until it
+        ends; ends it with its status."""
+        # Before any frame is read: a client that never saw this knows none of its calls ran.
+        await self._context.send_initial_metadata(_ACCEPTED)
         reader = asyncio.create_task(self._read(requests))
         try:
             await self._done
@@ -157,6 +167,8 @@ class CallStream:
                 await self._send(call_id, duplicate)
             elif self._draining:
                 await self._send(call_id, _NOT_RUN)
+            elif not 0.0 <= request.timeout_s < math.inf:  # NaN fails both
+                await self._send(call_id, _BAD_TIMEOUT)
             else:
                 calls[call_id] = asyncio.create_task(
                     self._run(call_id, request.call, request.timeout_s)
