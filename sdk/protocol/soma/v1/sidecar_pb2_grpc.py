@@ -86,6 +86,11 @@ class SidecarServicer:
         when a stream ends were cancelled; whether a cancelled call ran is unknown, so
         only idempotent calls may be sent again.
 
+        Once it has authenticated a stream, and before reading any frame, the sidecar
+        sends initial metadata with the key "soma-stream-accepted". A stream that ends
+        without it was refused: nothing sent on it ran. (The SDK sends no frame before
+        it, so that every call on a refused stream may be sent again.)
+
         Flow control: the sidecar runs a bounded number of a stream's calls at once
         and stops reading the stream while that many are in flight.
         """
