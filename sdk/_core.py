@@ -181,9 +181,11 @@ class ClientCore:
 
     @staticmethod
     def retires_stream(code: grpc.StatusCode) -> bool:
-        """Whether a call's UNAVAILABLE answer means its stream takes no more calls: the
-        sidecar is stopping; it answers the stream's calls in flight, then ends it."""
-        return code == grpc.StatusCode.UNAVAILABLE
+        """Whether a call's answer means its stream takes no more calls. UNAVAILABLE: the
+        sidecar is stopping; it answers the stream's calls in flight, then ends it.
+        UNAUTHENTICATED: the stream's session was revoked; the stream is ending (a call sent
+        again on it would be cut off by that end, not refused)."""
+        return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
 
     @staticmethod
     def stream_end_status(

@@ -143,12 +143,17 @@ class CallStream:
             if type(request) is not pb.StreamRequest:  # what sidecar.server could not decode
                 self._finish(_UNDECODABLE)
                 return
-            # Stopping clears the sessions: a call then is answered "not run", not refused.
-            if not self._draining and not self._session_live():
-                self._finish(_REVOKED)
-                return
             kind = request.WhichOneof("kind")
             call_id = request.id
+            # Stopping clears the sessions: a call then is answered "not run", not refused.
+            if not self._draining and not self._session_live():
+                if kind == "call" and call_id not in calls:
+                    # Told apart from the calls in flight, which the end cuts off: this one
+                    # did not run, so the client may send it again with a new session.
+                    self._unwritten += 1
+                    await self._send(call_id, _REVOKED)
+                self._finish(_REVOKED)
+                return
             if kind == "cancel":
                 slots.release()
                 task = calls.get(call_id)

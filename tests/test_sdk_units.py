@@ -141,7 +141,9 @@ def test_a_broken_stream_resends_only_what_is_safe() -> None:
     # ...and after a pause after one that was refused: no busy loop.
     assert core.replace_stream("s0", accepted=False) > 0
     # A stopping sidecar answers new calls UNAVAILABLE: that stream takes no more.
-    assert core.retires_stream(unavailable) and not core.retires_stream(unauthenticated)
+    assert core.retires_stream(unavailable) and not core.retires_stream(grpc.StatusCode.NOT_FOUND)
+    # A call answered UNAUTHENTICATED: the session was revoked and the stream is ending.
+    assert core.retires_stream(unauthenticated)
     # Refused at open (never accepted, so no frame was sent): nothing ran, and even a
     # non-idempotent call goes again: at once after UNAVAILABLE, with one new session after
     # UNAUTHENTICATED.

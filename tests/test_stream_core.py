@@ -265,6 +265,8 @@ async def test_a_session_revoked_mid_stream_ends_it_and_its_calls(
         for _ in range(64):
             _auth.handshake(protocol.auth_socket_for(path), token, None)
         await rpc.write(call(3, "system.echo"))
+        # The frame that finds it revoked is answered "not run", then the stream ends.
+        assert error((await answers(rpc, 1))[0]) == "UNAUTHENTICATED"
         assert await ended_with(rpc) == grpc.StatusCode.UNAUTHENTICATED
         await asyncio.to_thread(wait_for_lines, tmp_path, ["cancelled r"])
 
@@ -300,13 +302,10 @@ async def test_a_client_that_never_reads_is_held_back_and_others_are_served(
         # No BDP probing: the client's receive window stays at its 64 KB default.
         async with own_channel(target, ("grpc.http2.bdp_probe", 0)) as channel:
             rpc = pb_grpc.SidecarStub(channel).Stream(metadata=session_metadata(target))
-            sent = 0
 
             async def send() -> None:
-                nonlocal sent
                 for i in range(total):
                     await rpc.write(call(i, "acme.blob", {"size": size}))
-                    sent += 1
 
             sender = asyncio.create_task(send())
             async with stream(target) as other:
@@ -321,12 +320,12 @@ async def test_a_client_that_never_reads_is_held_back_and_others_are_served(
                     while await made() < 8:
                         pass
                 # It runs no more: 8 calls in flight, and at most as many answers again that
-                # the transport's windows take, while the sender is pushed back.
+                # the transport's windows take. (Whether its 2000 frames, 60 KB, all fit in
+                # the sidecar's receive window depends on how far gRPC grew it: under load
+                # they did, twice. What is bounded is what the sidecar runs and holds.)
                 for _ in range(300):
                     count = await made()
                     assert count <= 16, f"{count} calls ran for a client reading nothing"
-                    assert not sender.done(), sender.exception()
-                assert sent < total
                 got = await answers(rpc, total)
                 assert sorted(a.id for a in got) == list(range(total))
                 assert all(len(a.reply.output_json) > size for a in got)

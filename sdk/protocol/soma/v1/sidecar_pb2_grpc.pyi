@@ -60,7 +60,8 @@ class SidecarStub:
 
     The stream itself ends with a status only for what concerns all its calls:
     UNAUTHENTICATED (no valid session when it opens, or the session revoked
-    later), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
+    later: the call whose frame finds it revoked is answered with an
+    UNAUTHENTICATED CallError, not run, before the end), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
     CANCELLED (the sidecar stopping or restarting: reconnect). Calls unanswered
     when a stream ends were cancelled; whether a cancelled call ran is unknown, so
     only idempotent calls may be sent again.
@@ -102,7 +103,8 @@ class SidecarAsyncStub(SidecarStub):
 
     The stream itself ends with a status only for what concerns all its calls:
     UNAUTHENTICATED (no valid session when it opens, or the session revoked
-    later), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
+    later: the call whose frame finds it revoked is answered with an
+    UNAUTHENTICATED CallError, not run, before the end), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
     CANCELLED (the sidecar stopping or restarting: reconnect). Calls unanswered
     when a stream ends were cancelled; whether a cancelled call ran is unknown, so
     only idempotent calls may be sent again.
@@ -153,7 +155,8 @@ class SidecarServicer(metaclass=_abc_1.ABCMeta):
 
         The stream itself ends with a status only for what concerns all its calls:
         UNAUTHENTICATED (no valid session when it opens, or the session revoked
-        later), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
+        later: the call whose frame finds it revoked is answered with an
+        UNAUTHENTICATED CallError, not run, before the end), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
         CANCELLED (the sidecar stopping or restarting: reconnect). Calls unanswered
         when a stream ends were cancelled; whether a cancelled call ran is unknown, so
         only idempotent calls may be sent again.
