@@ -10,12 +10,17 @@ and a slot is freed once its call's answer has been written (not when the call e
 client that sends without reading, or reads without end, stops being read and HTTP/2 flow
 control pushes back on it; its calls and answers cannot pile up in the sidecar.
 
+A stream is accepted (initial metadata with `protocol.STREAM_ACCEPTED`) before any frame is
+read: a client that never saw that knows none of its calls ran (the SDK sends nothing before).
+
 The stream ends with a status only for what concerns all its calls (see sidecar.proto):
-UNAUTHENTICATED when the session it opened with is revoked, INVALID_ARGUMENT for a frame that
-is not a StreamRequest, UNAVAILABLE when the sidecar stops (after the calls in flight are
-answered), and OK when the client half-closes and every call is answered. Calls still running
-when it ends are cancelled.
-"""
+UNAUTHENTICATED when the session it opened with is revoked (the call whose frame finds it so
+is answered UNAUTHENTICATED, not run: only the calls in flight are cut off), INVALID_ARGUMENT
+for a frame that is not a StreamRequest, UNAVAILABLE when the sidecar stops (after the calls
+in flight are answered), and OK when the client half-closes and every call is answered. Calls
+still running when it ends are cancelled. A call frame whose timeout_s is no duration
+(negative, NaN, infinite) is answered INVALID_ARGUMENT: `timeout_s > 0` is false for NaN, which
+would otherwise have read it as "no deadline"."""
 
 from __future__ import annotations
 

@@ -284,3 +284,27 @@ def test_a_session_revoked_before_any_answer_resends_nothing_that_may_have_run(
         thread.join(10)
         assert len(outcome) == 1 and isinstance(outcome[0], sdk.Unavailable), outcome
         assert recorded("unanswered") == 1
+
+
+async def test_a_session_revoked_before_any_answer_resends_nothing_async(
+    served: tuple[str, Path],
+) -> None:
+    """The same for `sdk.AsyncClient`."""
+    target, state = served
+    records = state / "acme-records.txt"
+
+    def recorded(call_id: str) -> int:
+        return records.read_text().split().count(call_id) if records.exists() else 0
+
+    async with sdk.AsyncClient(target) as client:
+        cut = asyncio.create_task(client.call("acme.record", {"id": "unanswered-a", "ms": 3000}))
+        await asyncio.to_thread(
+            wait_until, lambda: recorded("unanswered-a") == 1, 10, "the first call to run"
+        )
+        stream = client._stream
+        assert stream is not None and stream.accepted
+        await asyncio.to_thread(evict_sessions, target)
+        assert await client.call("system.echo", {"n": 2}) == {"n": 2}
+        with pytest.raises(sdk.Unavailable):
+            await cut
+        assert recorded("unanswered-a") == 1
