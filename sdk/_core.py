@@ -18,7 +18,7 @@ from sdk.errors import SomaError, Unavailable
 
 DEFAULT_TIMEOUT = 30.0
 TRANSPORTS = ("stream", "unary")
-REOPEN_PAUSE = 0.02  # before replacing a stream that never answered (see `replace_stream`)
+REOPEN_PAUSE = 0.02  # before replacing a stream that was refused (see `replace_stream`)
 
 
 def arguments_from_env() -> tuple[str, dict[str, str | None]]:
@@ -150,45 +150,51 @@ class ClientCore:
         return Retry.RESEND if self._idempotent.get(call.op, False) else Retry.RAISE
 
     def after_stream_end(
-        self, call: Call, code: grpc.StatusCode, session: str | None, answered: bool
+        self, call: Call, code: grpc.StatusCode, session: str | None, accepted: bool
     ) -> Retry:
-        """After the stream `call` was sent on ended with `code` (as `stream_end_status`
+        """After the stream `call` was put on ended with `code` (as `stream_end_status`
         reports it) before answering it. `session` is the one the stream opened with;
-        `answered`: whether the stream had answered any call (it had been accepted)."""
+        `accepted`: whether the sidecar had accepted the stream. Unaccepted, the stream sent
+        no frame (see sdk._stream): nothing ran, and any call may be sent again."""
+        if accepted:  # calls in flight may have run
+            return self.after_failure(call, code)
         if code == grpc.StatusCode.UNAUTHENTICATED:
             if session is None or call.stale is not None:
                 return Retry.RAISE  # a second refusal is final
-            # Refused as it opened: nothing ran.
             call.stale = session
             return Retry.NEW_SESSION
-        return self.after_failure(call, code)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            return Retry.RESEND  # a stopping or unreachable sidecar
+        return Retry.RAISE
 
-    def replace_stream(self, session: str | None, answered: bool) -> float:
+    def replace_stream(self, session: str | None, accepted: bool) -> float:
         """Before opening a stream in place of one that opened with `session` (ended, or
         retired by a stopping sidecar); returns how long to pause first.
 
         The new stream opens with a fresh session: most often a sidecar restart ended the
-        old one, and the new sidecar would refuse the old session only after the calls were
-        written to it. The pause follows a stream that never answered (a stopping sidecar
-        refuses new streams at once), so that reconnecting is no busy loop."""
+        old one, and the new sidecar would refuse the old session only after the stream
+        opened. The pause follows a stream that was refused (a stopping sidecar refuses new
+        streams at once), so that reconnecting is no busy loop."""
         if session is not None and self.session == session:
             self.session = None
-        return 0.0 if answered else REOPEN_PAUSE
+        return 0.0 if accepted else REOPEN_PAUSE
 
     @staticmethod
     def retires_stream(code: grpc.StatusCode) -> bool:
-        """Whether a call's UNAVAILABLE answer means its stream takes no more calls: the
-        sidecar is stopping; it answers the stream's calls in flight, then ends it."""
-        return code == grpc.StatusCode.UNAVAILABLE
+        """Whether a call's answer means its stream takes no more calls. UNAVAILABLE: the
+        sidecar is stopping; it answers the stream's calls in flight, then ends it.
+        UNAUTHENTICATED: the stream's session was revoked; the stream is ending (a call sent
+        again on it would be cut off by that end, not refused)."""
+        return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
 
     @staticmethod
     def stream_end_status(
-        code: grpc.StatusCode, details: str, answered: bool
+        code: grpc.StatusCode, details: str, accepted: bool
     ) -> tuple[grpc.StatusCode, str]:
         """The status a call still on a stream that ended with `code` failed with. A session
-        revoked mid-stream (`answered`: it had been accepted) cut its calls off, and they may
-        have run, as in a restart: UNAVAILABLE."""
-        if code == grpc.StatusCode.UNAUTHENTICATED and answered:
+        revoked after the stream was accepted cut its calls off, and they may have run, as
+        in a restart: UNAVAILABLE."""
+        if code == grpc.StatusCode.UNAUTHENTICATED and accepted:
             return grpc.StatusCode.UNAVAILABLE, f"cut off: {details}"
         return code, details
 

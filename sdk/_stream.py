@@ -4,6 +4,11 @@ Each holds the calls sent on it by id; one reader resolves them as answers come 
 order), and when the stream ends every call still on it learns the stream's status, which
 `ClientCore.after_stream_end` turns into "send again on a new stream" or an error.
 
+No frame is sent before the sidecar has accepted the stream (its initial metadata carries
+`protocol.STREAM_ACCEPTED`): a stream that ends unaccepted carried no call, so every call on
+it may be sent again, whatever its function, and that is known, not inferred from silence.
+The cost is one round trip when a stream opens.
+
 The blocking client's design, measured: a grpc (sync) stream fed by a queue of frames, and
 one reader thread that resolves each caller's waiter by id. The other candidate, an asyncio
 loop in a background thread driving a grpc.aio stream, had the same latency at one call in
@@ -23,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 
 
@@ -51,14 +57,21 @@ class Waiter:
         self._lock.release()
 
 
+def _accepts(metadata: Any) -> bool:
+    """Whether a stream's initial metadata says the sidecar accepted it (none, or metadata
+    without the key: refused, or not from a sidecar that took it)."""
+    return any(key == protocol.STREAM_ACCEPTED for key, _ in metadata or ())
+
+
 class SyncStream:
     """A `Stream` RPC and the calls waiting on it. `ended` is None while it serves, then the
-    status it ended with; `answered` whether it ever answered a call; `retired` once it
-    takes no more calls (its calls in flight are still answered)."""
+    status it ended with; `accepted` whether the sidecar accepted it (frames are sent only
+    then); `retired` once it takes no more calls (its calls in flight are still answered)."""
 
     def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...], session: str | None):
         self.session = session
-        self.answered = False
+        self.accepted = False
+        self._open = threading.Event()  # set once accepted or ended, whichever comes first
         self.retired = False
         self.ended: tuple[grpc.StatusCode, str] | None = None
         self._lock = threading.Lock()
@@ -69,7 +82,11 @@ class SyncStream:
         self._reader.start()
 
     def _outgoing(self) -> Iterator[pb.StreamRequest]:
-        """The frames, consumed by grpc's sending thread; None ends them (half-close)."""
+        """The frames, consumed by grpc's sending thread once the stream is accepted; None
+        ends them (half-close)."""
+        self._open.wait()
+        if not self.accepted:
+            return
         frames = self._frames
         while (frame := frames.get()) is not None:
             yield frame
@@ -106,8 +123,9 @@ class SyncStream:
     def _read(self) -> None:
         calls = self._calls
         try:
+            self.accepted = _accepts(self._rpc.initial_metadata())  # waits for it, or the end
+            self._open.set()
             for answer in self._rpc:
-                self.answered = True
                 waiter = calls.pop(answer.id, None)
                 if waiter is not None:  # None: a call given up on, answered anyway
                     waiter.answered(answer)
@@ -124,6 +142,7 @@ class SyncStream:
                 self.ended = (code, details)
             waiters = list(self._calls.values())
             self._calls.clear()
+        self._open.set()
         self._frames.put(None)  # grpc's sending thread may be waiting for a frame
         for waiter in waiters:
             waiter.ended(*self.ended)
@@ -143,7 +162,8 @@ class AsyncStream:
 
     def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...], session: str | None):
         self.session = session
-        self.answered = False
+        self.accepted = False
+        self._open = asyncio.Event()  # set once accepted or ended, whichever comes first
         self.retired = False
         self.ended: tuple[grpc.StatusCode, str] | None = None
         self._loop = asyncio.get_running_loop()
@@ -153,6 +173,9 @@ class AsyncStream:
         self._reader = self._loop.create_task(self._read())
 
     async def _outgoing(self) -> AsyncIterator[pb.StreamRequest]:
+        await self._open.wait()
+        if not self.accepted:
+            return
         frames = self._frames
         while (frame := await frames.get()) is not None:
             yield frame
@@ -182,8 +205,9 @@ class AsyncStream:
         calls = self._calls
         status = (grpc.StatusCode.UNAVAILABLE, "the sidecar ended the stream")
         try:
+            self.accepted = _accepts(await self._rpc.initial_metadata())
+            self._open.set()
             async for answer in self._rpc:
-                self.answered = True
                 future = calls.pop(answer.id, None)
                 if future is not None and not future.done():
                     future.set_result(answer)
@@ -198,6 +222,7 @@ class AsyncStream:
     def _end(self, code: grpc.StatusCode, details: str) -> None:
         if self.ended is None:
             self.ended = (code, details)
+        self._open.set()
         for future in self._calls.values():
             if not future.done():
                 future.set_result(None)

@@ -185,8 +185,8 @@ class AsyncClient:
                 if self._closed:
                     raise _wire.closed()
                 assert stream.ended is not None
-                code, details = core.stream_end_status(*stream.ended, stream.answered)
-                decide = partial(core.after_stream_end, call, code, stream.session, stream.answered)
+                code, details = core.stream_end_status(*stream.ended, stream.accepted)
+                decide = partial(core.after_stream_end, call, code, stream.session, stream.accepted)
             elif answer.WhichOneof("result") == "reply":
                 core.succeeded()
                 return answer.reply
@@ -213,7 +213,7 @@ class AsyncClient:
                 self._retired.remove(old)
             if stream is not None:
                 self._retired.append(stream)
-                if pause := core.replace_stream(stream.session, stream.answered):
+                if pause := core.replace_stream(stream.session, stream.accepted):
                     await asyncio.sleep(min(pause, call.remaining() or pause))
             if core.needs_session(call):
                 assert core.auth_socket is not None and core.token is not None

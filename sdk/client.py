@@ -170,8 +170,8 @@ class Client:
             if answer is None:  # the stream ended first
                 if self._closed:
                     raise _wire.closed()
-                code, details = core.stream_end_status(waiter.code, waiter.details, stream.answered)
-                decide = partial(core.after_stream_end, call, code, stream.session, stream.answered)
+                code, details = core.stream_end_status(waiter.code, waiter.details, stream.accepted)
+                decide = partial(core.after_stream_end, call, code, stream.session, stream.accepted)
             elif answer.WhichOneof("result") == "reply":
                 core.succeeded()
                 return answer.reply
@@ -196,7 +196,7 @@ class Client:
                 self._retired.remove(old)
             if stream is not None:
                 self._retired.append(stream)
-                if pause := core.replace_stream(stream.session, stream.answered):
+                if pause := core.replace_stream(stream.session, stream.accepted):
                     time.sleep(min(pause, call.remaining() or pause))
             if core.needs_session(call):
                 assert core.auth_socket is not None and core.token is not None

@@ -10,24 +10,31 @@ and a slot is freed once its call's answer has been written (not when the call e
 client that sends without reading, or reads without end, stops being read and HTTP/2 flow
 control pushes back on it; its calls and answers cannot pile up in the sidecar.
 
+A stream is accepted (initial metadata with `protocol.STREAM_ACCEPTED`) before any frame is
+read: a client that never saw that knows none of its calls ran (the SDK sends nothing before).
+
 The stream ends with a status only for what concerns all its calls (see sidecar.proto):
-UNAUTHENTICATED when the session it opened with is revoked, INVALID_ARGUMENT for a frame that
-is not a StreamRequest, UNAVAILABLE when the sidecar stops (after the calls in flight are
-answered), and OK when the client half-closes and every call is answered. Calls still running
-when it ends are cancelled.
-"""
+UNAUTHENTICATED when the session it opened with is revoked (the call whose frame finds it so
+is answered UNAUTHENTICATED, not run: only the calls in flight are cut off), INVALID_ARGUMENT
+for a frame that is not a StreamRequest, UNAVAILABLE when the sidecar stops (after the calls
+in flight are answered), and OK when the client half-closes and every call is answered. Calls
+still running when it ends are cancelled. A call frame whose timeout_s is no duration
+(negative, NaN, infinite) is answered INVALID_ARGUMENT: `timeout_s > 0` is false for NaN, which
+would otherwise have read it as "no deadline"."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import functools
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import structlog
 
+from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sidecar.dispatch import Dispatcher, Refusal
 
@@ -45,6 +52,11 @@ _UNDECODABLE = Refusal(
     f"the request is not a valid {pb.StreamRequest.DESCRIPTOR.full_name}",
 )
 _STOPPING = Refusal(grpc.StatusCode.UNAVAILABLE, "the sidecar is stopping; reconnect")
+_ACCEPTED = ((protocol.STREAM_ACCEPTED, "1"),)
+_BAD_TIMEOUT = Refusal(
+    grpc.StatusCode.INVALID_ARGUMENT,
+    "timeout_s must be a finite number of seconds, at least 0 (0: no deadline)",
+)
 _NO_KIND = Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the frame has neither call nor cancel")
 
 
@@ -85,7 +97,10 @@ class CallStream:
         self._closed = False
 
     async def serve(self, requests: AsyncIterator[Any]) -> None:
-        """Read and run the stream's calls until it ends; ends it with its status."""
+        """Tell the client the stream is accepted, then read and run its calls until it
+        ends; ends it with its status."""
+        # Before any frame is read: a client that never saw this knows none of its calls ran.
+        await self._context.send_initial_metadata(_ACCEPTED)
         reader = asyncio.create_task(self._read(requests))
         try:
             await self._done
@@ -133,12 +148,17 @@ class CallStream:
             if type(request) is not pb.StreamRequest:  # what sidecar.server could not decode
                 self._finish(_UNDECODABLE)
                 return
-            # Stopping clears the sessions: a call then is answered "not run", not refused.
-            if not self._draining and not self._session_live():
-                self._finish(_REVOKED)
-                return
             kind = request.WhichOneof("kind")
             call_id = request.id
+            # Stopping clears the sessions: a call then is answered "not run", not refused.
+            if not self._draining and not self._session_live():
+                if kind == "call" and call_id not in calls:
+                    # Told apart from the calls in flight, which the end cuts off: this one
+                    # did not run, so the client may send it again with a new session.
+                    self._unwritten += 1
+                    await self._send(call_id, _REVOKED)
+                self._finish(_REVOKED)
+                return
             if kind == "cancel":
                 slots.release()
                 task = calls.get(call_id)
@@ -157,6 +177,8 @@ class CallStream:
                 await self._send(call_id, duplicate)
             elif self._draining:
                 await self._send(call_id, _NOT_RUN)
+            elif not 0.0 <= request.timeout_s < math.inf:  # NaN fails both
+                await self._send(call_id, _BAD_TIMEOUT)
             else:
                 calls[call_id] = asyncio.create_task(
                     self._run(call_id, request.call, request.timeout_s)

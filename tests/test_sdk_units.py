@@ -133,25 +133,30 @@ def test_a_broken_stream_resends_only_what_is_safe() -> None:
     unavailable, unauthenticated = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED
     core = stream_core({"a.read": True, "a.write": False})
     read, write = Call("a.read", None), Call("a.write", None)
-    assert core.after_stream_end(read, unavailable, "s1", answered=True) is Retry.RESEND
-    assert core.after_stream_end(write, unavailable, "s1", answered=True) is Retry.RAISE
+    assert core.after_stream_end(read, unavailable, "s1", accepted=True) is Retry.RESEND
+    assert core.after_stream_end(write, unavailable, "s1", accepted=True) is Retry.RAISE
     # The next stream opens with a fresh session, at once after one that was serving...
-    assert core.replace_stream("s1", answered=True) == 0.0
+    assert core.replace_stream("s1", accepted=True) == 0.0
     assert core.session is None and core.needs_session(read)
-    # ...and after a pause after one that never answered: no busy loop.
-    assert core.replace_stream("s0", answered=False) > 0
+    # ...and after a pause after one that was refused: no busy loop.
+    assert core.replace_stream("s0", accepted=False) > 0
     # A stopping sidecar answers new calls UNAVAILABLE: that stream takes no more.
-    assert core.retires_stream(unavailable) and not core.retires_stream(unauthenticated)
-    # Refused at open: nothing ran, even a non-idempotent call goes again, once.
+    assert core.retires_stream(unavailable) and not core.retires_stream(grpc.StatusCode.NOT_FOUND)
+    # A call answered UNAUTHENTICATED: the session was revoked and the stream is ending.
+    assert core.retires_stream(unauthenticated)
+    # Refused at open (never accepted, so no frame was sent): nothing ran, and even a
+    # non-idempotent call goes again: at once after UNAVAILABLE, with one new session after
+    # UNAUTHENTICATED.
+    assert core.after_stream_end(write, unavailable, "s1", accepted=False) is Retry.RESEND
     core.session = "s2"
-    assert core.after_stream_end(write, unauthenticated, "s2", answered=False) is Retry.NEW_SESSION
+    assert core.after_stream_end(write, unauthenticated, "s2", accepted=False) is Retry.NEW_SESSION
     assert core.needs_session(write)
     core.session = "s3"
-    assert core.after_stream_end(write, unauthenticated, "s3", answered=False) is Retry.RAISE
-    # Revoked mid-stream: reported as a cut-off, decided like one.
-    code, details = ClientCore.stream_end_status(unauthenticated, "revoked", answered=True)
+    assert core.after_stream_end(write, unauthenticated, "s3", accepted=False) is Retry.RAISE
+    # Revoked once accepted (answered or not): reported as a cut-off, decided like one.
+    code, details = ClientCore.stream_end_status(unauthenticated, "revoked", accepted=True)
     assert code == unavailable and "revoked" in details
-    assert ClientCore.stream_end_status(unauthenticated, "x", answered=False)[0] == unauthenticated
+    assert ClientCore.stream_end_status(unauthenticated, "x", accepted=False)[0] == unauthenticated
     # Cards not known yet: ask them first.
     assert stream_core(None).after_stream_end(read, unavailable, "s1", True) is Retry.ASK_CARDS
 

@@ -216,7 +216,37 @@ async def test_a_stream_without_a_valid_session_is_refused(sidecar: Sidecar) -> 
     _, target = sidecar
     for metadata in [(), (("authorization", "Bearer " + "0" * 64),)]:
         async with stream(target, metadata) as rpc:
+            assert protocol.STREAM_ACCEPTED not in dict(await rpc.initial_metadata() or ())
             assert await ended_with(rpc) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_accepted_stream_says_so_before_any_frame(sidecar: Sidecar) -> None:
+    """The SDK sends nothing until it has this: a stream that ends without it ran nothing."""
+    _, target = sidecar
+    async with stream(target) as rpc:
+        async with asyncio.timeout(10):
+            assert protocol.STREAM_ACCEPTED in dict(await rpc.initial_metadata())
+        await rpc.write(call(1, "system.echo", {"after": "accepted"}))
+        assert output((await answers(rpc, 1))[0]) == {"after": "accepted"}
+
+
+@pytest.mark.parametrize("timeout_s", [-1.0, float("nan"), float("inf"), float("-inf")])
+async def test_a_timeout_that_is_no_duration_is_that_calls_invalid_argument(
+    sidecar: Sidecar, tmp_path: Path, timeout_s: float
+) -> None:
+    """Negative, NaN or infinite timeout_s is refused rather than read as "no deadline"
+    (which it was: `timeout_s > 0` is false for NaN); 0 means none, and a huge finite one
+    is a deadline that does not come."""
+    _, target = sidecar
+    async with stream(target) as rpc:
+        record = {"id": f"bad-timeout-{timeout_s}", "ms": 0}
+        await rpc.write(call(1, "acme.record", record, timeout_s))
+        await rpc.write(call(2, "system.echo", {"n": 2}, timeout_s=1e308))
+        got = {a.id: a for a in await answers(rpc, 2)}
+        assert error(got[1]) == "INVALID_ARGUMENT" and "timeout_s" in got[1].error.message
+        assert output(got[2]) == {"n": 2}
+        records = tmp_path / "state" / "acme-records.txt"
+        assert record["id"] not in (records.read_text() if records.exists() else "")
 
 
 async def test_a_session_revoked_mid_stream_ends_it_and_its_calls(
@@ -235,6 +265,8 @@ async def test_a_session_revoked_mid_stream_ends_it_and_its_calls(
         for _ in range(64):
             _auth.handshake(protocol.auth_socket_for(path), token, None)
         await rpc.write(call(3, "system.echo"))
+        # The frame that finds it revoked is answered "not run", then the stream ends.
+        assert error((await answers(rpc, 1))[0]) == "UNAUTHENTICATED"
         assert await ended_with(rpc) == grpc.StatusCode.UNAUTHENTICATED
         await asyncio.to_thread(wait_for_lines, tmp_path, ["cancelled r"])
 
@@ -270,13 +302,10 @@ async def test_a_client_that_never_reads_is_held_back_and_others_are_served(
         # No BDP probing: the client's receive window stays at its 64 KB default.
         async with own_channel(target, ("grpc.http2.bdp_probe", 0)) as channel:
             rpc = pb_grpc.SidecarStub(channel).Stream(metadata=session_metadata(target))
-            sent = 0
 
             async def send() -> None:
-                nonlocal sent
                 for i in range(total):
                     await rpc.write(call(i, "acme.blob", {"size": size}))
-                    sent += 1
 
             sender = asyncio.create_task(send())
             async with stream(target) as other:
@@ -291,12 +320,12 @@ async def test_a_client_that_never_reads_is_held_back_and_others_are_served(
                     while await made() < 8:
                         pass
                 # It runs no more: 8 calls in flight, and at most as many answers again that
-                # the transport's windows take, while the sender is pushed back.
+                # the transport's windows take. (Whether its 2000 frames, 60 KB, all fit in
+                # the sidecar's receive window depends on how far gRPC grew it: under load
+                # they did, twice. What is bounded is what the sidecar runs and holds.)
                 for _ in range(300):
                     count = await made()
                     assert count <= 16, f"{count} calls ran for a client reading nothing"
-                    assert not sender.done()
-                assert sent < total
                 got = await answers(rpc, total)
                 assert sorted(a.id for a in got) == list(range(total))
                 assert all(len(a.reply.output_json) > size for a in got)

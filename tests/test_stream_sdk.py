@@ -239,12 +239,72 @@ def test_a_stale_session_gets_one_new_session_and_nothing_runs_twice(
         # one new session, and even a non-idempotent call is sent again, once.
         assert client.call("acme.record", {"id": "at-open", "ms": 0}) == {"recorded": "at-open"}
         assert recorded("at-open") == 1
-        # Revoked mid-stream: what was in flight may have run, so only an idempotent
-        # call is sent again (on a new stream, with a new session).
+        # Revoked mid-stream: the call whose frame finds the session revoked is answered
+        # "not run" (UNAUTHENTICATED), so even a non-idempotent one goes again, once, on a
+        # new stream with a new session. (What was in flight: see the next test.)
         evict_sessions(target)
         assert client.call("system.echo", {"again": True}) == {"again": True}
         evict_sessions(target)
+        assert client.call("acme.record", {"id": "mid-stream", "ms": 0}) == {
+            "recorded": "mid-stream"
+        }
+        assert recorded("mid-stream") == 1
+
+
+def test_a_session_revoked_before_any_answer_resends_nothing_that_may_have_run(
+    served: tuple[str, Path],
+) -> None:
+    """The stream was accepted and its first call is running when its session is revoked:
+    the stream ends UNAUTHENTICATED without having answered anything. That is no refusal at
+    open (the sidecar accepted the stream), so the non-idempotent call raises rather than
+    running a second time; an idempotent one goes again on a new stream."""
+    target, state = served
+    records = state / "acme-records.txt"
+
+    def recorded(call_id: str) -> int:
+        return records.read_text().split().count(call_id) if records.exists() else 0
+
+    with sdk.Client(target) as client:
+        outcome: list[Any] = []
+
+        def cut() -> None:
+            try:
+                outcome.append(client.call("acme.record", {"id": "unanswered", "ms": 3000}))
+            except sdk.SomaError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=cut)
+        thread.start()
+        wait_until(lambda: recorded("unanswered") == 1, what="the first call to run")
+        stream = client._stream
+        assert stream is not None and stream.accepted
+        evict_sessions(target)
+        # Its frame finds the session revoked, which ends the stream; then it goes again.
+        assert client.call("system.echo", {"n": 1}) == {"n": 1}
+        thread.join(10)
+        assert len(outcome) == 1 and isinstance(outcome[0], sdk.Unavailable), outcome
+        assert recorded("unanswered") == 1
+
+
+async def test_a_session_revoked_before_any_answer_resends_nothing_async(
+    served: tuple[str, Path],
+) -> None:
+    """The same for `sdk.AsyncClient`."""
+    target, state = served
+    records = state / "acme-records.txt"
+
+    def recorded(call_id: str) -> int:
+        return records.read_text().split().count(call_id) if records.exists() else 0
+
+    async with sdk.AsyncClient(target) as client:
+        cut = asyncio.create_task(client.call("acme.record", {"id": "unanswered-a", "ms": 3000}))
+        await asyncio.to_thread(
+            wait_until, lambda: recorded("unanswered-a") == 1, 10, "the first call to run"
+        )
+        stream = client._stream
+        assert stream is not None and stream.accepted
+        await asyncio.to_thread(evict_sessions, target)
+        assert await client.call("system.echo", {"n": 2}) == {"n": 2}
         with pytest.raises(sdk.Unavailable):
-            client.call("acme.record", {"id": "mid-stream", "ms": 0})
-        assert recorded("mid-stream") == 0  # refused as read, yet it might have run
-        assert client.call("acme.record", {"id": "after", "ms": 0}) == {"recorded": "after"}
+            await cut
+        assert recorded("unanswered-a") == 1

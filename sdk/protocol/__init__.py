@@ -62,6 +62,11 @@ REFUSED = "refused"
 
 MAX_HANDSHAKE_LINE = 4096
 
+# The initial metadata key the sidecar sends once it has accepted a `Stream` (authenticated
+# it, before reading any frame). A stream that ends without it was refused: none of its calls
+# ran. The SDK sends no frame before it arrives, so that this holds whatever the transport did.
+STREAM_ACCEPTED = "soma-stream-accepted"
+
 # The sidecar's default receive limit; the SDK refuses larger requests before sending them
 # (on a stream, an oversized frame would end the stream and every call on it).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024

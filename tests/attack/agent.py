@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from soma_runtime.unix import Peer
 from tests.attack.sockets import send_and_read
 
 stopping = threading.Event()
+STREAM = "/soma.v1.Sidecar/Stream"
 
 
 class Report:
@@ -102,6 +103,48 @@ class RawCaller:
             return "OK", reply
         raise AssertionError("unreachable")
 
+    def stream(
+        self, frames: list[bytes], half_close: bool, timeout: float
+    ) -> tuple[str, list[bytes]]:
+        """A `Stream` RPC whose frames are exactly `frames`, then half-closed (the answers
+        read until it ends) or cancelled once they are sent (a client that goes away with
+        calls in flight). The status name and the answers' bytes."""
+        assert self._token is not None and self._auth_socket is not None
+        rpc: Any = self._channel.stream_stream(STREAM)  # no serializers: bytes in, bytes out
+        deadline = time.monotonic() + timeout
+        sent, cancelled = threading.Event(), threading.Event()
+
+        def outgoing() -> Iterator[bytes]:
+            yield from frames
+            sent.set()
+            if not half_close:
+                cancelled.wait()  # no half-close: the RPC is cancelled instead
+
+        if self._session is None:
+            self._session = _auth.handshake(self._auth_socket, self._token, deadline)
+        call = rpc(
+            outgoing(),
+            timeout=max(0.01, deadline - time.monotonic()),
+            metadata=protocol.bearer_metadata(self._session),
+            wait_for_ready=True,
+        )
+        answers: list[bytes] = []
+        if not half_close:
+            if not call.add_callback(sent.set):  # the sidecar ended it early (a bad frame)
+                sent.set()
+            sent.wait(timeout)
+            call.cancel()
+            cancelled.set()
+            return "CANCELLED", answers
+        try:
+            answers.extend(call)
+        except grpc.RpcError as exc:
+            code: grpc.StatusCode = exc.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                self._session = None  # a restarted sidecar: the next stream gets a new one
+            return code.name, answers
+        return "OK", answers
+
 
 def sdk_outcome(call: Callable[[], sdk.Response]) -> dict[str, Any]:
     """An SDK call's answer as JSON: the organ's response, or the typed error it raised."""
@@ -121,6 +164,8 @@ class Relay:
     - `{"op": "call", "fn": OP, "input": ..., "timeout": s}` → `sdk_outcome` under `"result"`
     - `{"op": "raw", "path": "/soma.v1.Sidecar/Stimulate", "payload": b64, "timeout": s}` →
       `{"ok": true, "code": "OK" | status name, "reply": b64 | null}`
+    - `{"op": "stream", "frames": [b64], "half_close": bool, "timeout": s}` → `{"ok": true,
+      "code": status name, "answers": [b64]}` (see `RawCaller.stream`)
     - `{"op": "spawn"}` → a helper process (`sleep`) started, `{"ok": true, "pid": ...}`
     - `{"op": "send", "path": SOCKET, "file": PATH}` → the bytes of PATH written to a socket
       from inside this runtime's process tree (see `send_and_read`), `{"ok": true, "closed":
@@ -154,6 +199,15 @@ class Relay:
             )
             encoded = None if reply is None else base64.b64encode(reply).decode()
             return {"ok": True, "code": code, "reply": encoded}
+        if op == "stream":
+            code, answers = await asyncio.to_thread(
+                self.raw.stream,
+                [base64.b64decode(frame) for frame in message["frames"]],
+                bool(message.get("half_close", True)),
+                message.get("timeout", 10),
+            )
+            encoded = [base64.b64encode(answer).decode() for answer in answers]
+            return {"ok": True, "code": code, "answers": encoded}
         if op == "send":
             data = Path(message["file"]).read_bytes()
             try:

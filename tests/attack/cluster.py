@@ -54,6 +54,22 @@ class Relay:
         reply = answer["reply"]
         return answer["code"], None if reply is None else base64.b64decode(reply)
 
+    def stream(
+        self, frames: list[bytes], half_close: bool, timeout: float = 10.0
+    ) -> tuple[str, list[bytes]]:
+        """A `Stream` RPC on this runtime's channel whose frames are exactly `frames` (see
+        `RawCaller.stream` in tests.attack.agent): its status name and its answers."""
+        answer = self.request(
+            {
+                "op": "stream",
+                "frames": [base64.b64encode(frame).decode() for frame in frames],
+                "half_close": half_close,
+                "timeout": timeout,
+            },
+            timeout=timeout + 10,
+        )
+        return answer["code"], [base64.b64decode(a) for a in answer["answers"]]
+
     def send(self, path: str, data: bytes) -> bool:
         """Write `data` to the socket at `path` from inside this runtime's process tree; True
         when the server closed the connection."""

@@ -138,7 +138,9 @@ class StreamRequest(_message.Message):
     timeout_s: _builtins.float
     """The call's own deadline in seconds from the moment the sidecar reads it;
     0 (or unset) means none. On expiry the organ task is cancelled and the call
-    answered with a DEADLINE_EXCEEDED CallError. Only read with `call`.
+    answered with a DEADLINE_EXCEEDED CallError. Only read with `call`. A value
+    that is no duration (negative, NaN, infinite) is answered with an
+    INVALID_ARGUMENT CallError and the call not run.
     """
     @_builtins.property
     def call(self) -> Global___StimulateRequest:

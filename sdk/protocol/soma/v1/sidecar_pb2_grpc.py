@@ -81,10 +81,16 @@ class SidecarServicer:
 
         The stream itself ends with a status only for what concerns all its calls:
         UNAUTHENTICATED (no valid session when it opens, or the session revoked
-        later), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
+        later: the call whose frame finds it revoked is answered with an
+        UNAUTHENTICATED CallError, not run, before the end), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
         CANCELLED (the sidecar stopping or restarting: reconnect). Calls unanswered
         when a stream ends were cancelled; whether a cancelled call ran is unknown, so
         only idempotent calls may be sent again.
+
+        Once it has authenticated a stream, and before reading any frame, the sidecar
+        sends initial metadata with the key "soma-stream-accepted". A stream that ends
+        without it was refused: nothing sent on it ran. (The SDK sends no frame before
+        it, so that every call on a refused stream may be sent again.)
 
         Flow control: the sidecar runs a bounded number of a stream's calls at once
         and stops reading the stream while that many are in flight.
