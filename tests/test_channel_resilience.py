@@ -264,7 +264,7 @@ async def test_the_liveness_probe_keeps_its_connection_and_still_sees_a_socket_g
     config = parse_config({"soma": {"state_dir": str(tmp_path / "state")}}, tmp_path / "x.toml")
     vault = AsyncVault(lambda: open_vault(config, durable=False))
     executive = Executive([SystemOrgan()])
-    registry = ChannelRegistry(executive, config.sidecar, CredentialBroker([], vault))
+    registry = ChannelRegistry(executive, config.sidecar, CredentialBroker([], vault), None)
     directory = tmp_path / "rt"
     directory.mkdir(mode=0o700)
     grpc_path, auth_path = socket_paths(directory, "alpha")

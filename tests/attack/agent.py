@@ -246,6 +246,8 @@ def writer(client: sdk.Client, report: Report) -> None:
                 client.call("vault.store", {"key": f"w-{n}", "data": data})
                 report(op="store", n=n, ok=True)
             except sdk.SomaError as exc:
+                if stopping.is_set():  # cut off by our own client's close: not the sidecar's
+                    return
                 report(op="store", n=n, ok=False, error=type(exc).__name__)
 
     def records() -> None:
@@ -255,6 +257,8 @@ def writer(client: sdk.Client, report: Report) -> None:
                 client.call("acme.record", {"id": record, "ms": 5})
                 report(op="record", id=record, ok=True)
             except sdk.SomaError as exc:
+                if stopping.is_set():
+                    return
                 report(op="record", id=record, ok=False, error=type(exc).__name__)
 
     for loop in (stores, records):
