@@ -1,0 +1,283 @@
+"""`soma bench`: the groups of cases, the servers they need, and the run from start to report.
+
+Groups (`--cases`; all by default):
+  echo        100 B echo, one call at a time: the raw Unix-socket floor, bare grpc.aio unary
+              (sync and asyncio clients) and bidi stream, `sdk.Client` / `sdk.AsyncClient` over
+              unary and the stream, against a standalone `soma sidecar`
+  inflight    1/8/32/128 calls in flight (asyncio clients): bare unary and stream, the SDK
+  payload     100 B / 10 KB / 1 MB through `sdk.Client` against bare unary
+  supervised  from inside a runtime of `soma supervise` (session, allow-list, validation,
+              credential injection, JSON logs, metrics when built in): `bench.echo` against
+              bare unary measured by the same worker
+  gateway     a POST through the outbound gateway against the same POST sent directly
+  runtimes    the supervised case with 1/16/64 runtimes connected
+  bridge      `tools/call` through an MCP bridge instance against a bare `mcp` SDK server
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from soma_bench import GROUPS, report
+from soma_bench.bridge import Servers
+from soma_bench.clients import Endpoints, Spec, build, transports_supported
+from soma_bench.deploy import BenchError, Deployment, start_bare, start_sidecar
+from soma_bench.measure import Result, Settings, progress, run_group
+from soma_bench.soak import long_run
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    inflight: tuple[int, ...]
+    payloads: tuple[int, ...]
+    runtimes: tuple[int, ...]
+
+
+QUICK = Plan(
+    Settings(warmup=100, batches=5, per_batch=200), (1, 32), (100, 10_000, 1_000_000), (1, 16)
+)
+FULL = Plan(
+    Settings(warmup=500, batches=10, per_batch=500),
+    (1, 8, 32, 128),
+    (100, 10_000, 1_000_000),
+    (1, 16, 64),
+)
+
+
+def sdk_specs(prefix: str, kind: str, baseline: str, suffix: str = "", **extra: Any) -> list[Spec]:
+    """The SDK's cases: over the stream and over unary when this SDK has both, else its one."""
+    if not transports_supported():
+        return [Spec(name=f"{prefix}{suffix}", kind=kind, baseline=baseline, **extra)]  # type: ignore[typeddict-item]
+    return [
+        Spec(name=f"{prefix} {t}{suffix}", kind=kind, baseline=baseline, transport=t, **extra)  # type: ignore[typeddict-item]
+        for t in ("unary", "stream")
+    ]
+
+
+def echo_specs() -> list[Spec]:
+    specs = [
+        Spec(name="raw uds echo (floor)", kind="raw", baseline=None),
+        Spec(name="bare unary (sync)", kind="bare_unary_sync", baseline=None),
+        Spec(name="bare unary (aio)", kind="bare_unary_aio", baseline=None),
+        Spec(name="bare stream (aio)", kind="bare_stream_aio", baseline="bare unary (aio)"),
+    ]
+    specs += sdk_specs("Client", "client", "bare unary (sync)")
+    specs += sdk_specs("AsyncClient", "async_client", "bare unary (aio)")
+    for spec in specs:  # the stream's own baseline is the bare stream
+        if spec["name"] == "AsyncClient stream":
+            spec["baseline"] = "bare stream (aio)"
+    return specs
+
+
+def inflight_specs(k: int) -> list[Spec]:
+    unary = f"bare unary (aio) @{k}"
+    specs = [
+        Spec(name=unary, kind="bare_unary_aio", baseline=None, inflight=k),
+        Spec(name=f"bare stream (aio) @{k}", kind="bare_stream_aio", baseline=unary, inflight=k),
+    ]
+    return specs + sdk_specs("AsyncClient", "async_client", unary, f" @{k}", inflight=k)
+
+
+def size_name(size: int) -> str:
+    return (
+        f"{size // 1_000_000} MB"
+        if size >= 1_000_000
+        else f"{size // 1000} KB"
+        if size >= 1000
+        else f"{size} B"
+    )
+
+
+def payload_specs(size: int) -> list[Spec]:
+    bare = f"bare unary (sync) {size_name(size)}"
+    return [
+        Spec(name=bare, kind="bare_unary_sync", baseline=None, payload=size),
+        Spec(name=f"Client {size_name(size)}", kind="client", baseline=bare, payload=size),
+    ]
+
+
+def supervised_specs() -> list[Spec]:
+    bare = "supervised: bare unary (sync)"
+    specs = [Spec(name=bare, kind="bare_unary_sync", baseline=None)]
+    return specs + sdk_specs("supervised: Client", "client", bare, op="bench.echo")
+
+
+def runtimes_specs(n: int) -> list[Spec]:
+    bare = f"runtimes {n}: bare unary (sync)"
+    params = {"runtimes": n}
+    return [
+        Spec(name=bare, kind="bare_unary_sync", baseline=None, params=params),
+        Spec(
+            name=f"runtimes {n}: Client",
+            kind="client",
+            baseline=bare,
+            op="bench.echo",
+            params=params,
+        ),
+    ]
+
+
+GATEWAY_SPECS = [
+    Spec(name="gateway: direct", kind="http_direct", baseline=None),
+    Spec(name=report.GATEWAY, kind="http_gateway", baseline="gateway: direct"),
+]
+
+
+async def measure_local(
+    title: str, specs: list[Spec], endpoints: Endpoints, settings: Settings
+) -> list[Result]:
+    async with AsyncExitStack() as stack:
+        cases = [await build(spec, endpoints, stack) for spec in specs]
+        return await run_group(title, cases, settings)
+
+
+async def measure_bridge(tmp: Path, settings: Settings) -> list[Result]:
+    servers = Servers(tmp / "bridge")
+    try:
+        async with AsyncExitStack() as stack:
+            return await run_group("bridge", await servers.cases(stack, 100), settings)
+    finally:
+        servers.stop()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every selected group, in one run; the JSON document."""
+    plan = QUICK if args.quick else FULL
+    settings = Settings(
+        warmup=plan.settings.warmup if args.warmup is None else args.warmup,
+        batches=args.batches or plan.settings.batches,
+        per_batch=args.calls or plan.settings.per_batch,
+    )
+    groups = args.cases or list(GROUPS)
+    began = time.monotonic()
+    results: list[dict[str, Any]] = []
+    loop = uvloop.new_event_loop()
+
+    def local(title: str, specs: list[Spec], endpoints: Endpoints) -> None:
+        progress(f"{title}: {len(specs)} cases")
+        found = loop.run_until_complete(measure_local(title, specs, endpoints, settings))
+        results.extend(r.as_dict() for r in found)
+
+    with tempfile.TemporaryDirectory(prefix="soma-bench-") as raw, ExitStack() as stack:
+        tmp = Path(raw)
+        bare, ready = start_bare(tmp / "bare")
+        stack.callback(bare.stop)
+        standalone = Endpoints(
+            bare_dir=tmp / "bare", bare_pid=bare.pid, http_port=ready["http_port"]
+        )
+        if {"echo", "inflight", "payload"} & set(groups) or args.long:
+            sidecar, target = start_sidecar(tmp / "sidecar")
+            stack.callback(sidecar.stop)
+            standalone.target, standalone.sidecar_pid = target, sidecar.pid
+        if "echo" in groups:
+            local("echo", echo_specs(), standalone)
+        if "inflight" in groups:
+            for k in plan.inflight:
+                local(f"inflight {k}", inflight_specs(k), standalone)
+        if "payload" in groups:
+            for size in plan.payloads:
+                local(f"payload {size_name(size)}", payload_specs(size), standalone)
+        upstream = f"http://127.0.0.1:{ready['http_port']}"
+        where = {
+            "bare_dir": str(tmp / "bare"),
+            "bare_pid": bare.pid,
+            "http_port": ready["http_port"],
+        }
+        counts = plan.runtimes if "runtimes" in groups else (1,)
+        if {"supervised", "gateway", "runtimes"} & set(groups):
+            for n in counts:
+                progress(f"starting soma supervise with {n} runtime(s)")
+                deployment = Deployment(tmp / f"supervised-{n}", n, upstream)
+                try:
+                    endpoints = {**where, "sidecar_pid": deployment.sidecar_pid}
+                    todo: list[tuple[str, list[Spec]]] = []
+                    if n == 1 and "supervised" in groups:
+                        todo.append(("supervised", supervised_specs()))
+                    if n == 1 and "gateway" in groups:
+                        todo.append(("gateway", GATEWAY_SPECS))
+                    if "runtimes" in groups:
+                        todo.append((f"runtimes {n}", runtimes_specs(n)))
+                    for title, specs in todo:
+                        progress(f"{title}: {len(specs)} cases, measured inside runtime bench0")
+                        found = deployment.measure(
+                            {
+                                "title": title,
+                                "specs": specs,
+                                "settings": asdict(settings),
+                                "endpoints": endpoints,
+                            }
+                        )
+                        results.extend(found)
+                finally:
+                    deployment.stop()
+        if "bridge" in groups:
+            progress("bridge: 2 cases")
+            results.extend(
+                r.as_dict() for r in loop.run_until_complete(measure_bridge(tmp, settings))
+            )
+        soak = None
+        if args.long:
+            soak = loop.run_until_complete(long_run(standalone, args.long))
+    loop.close()
+    report.ratios(results)
+    found_targets = report.targets(results)
+    return {
+        "command": "soma bench " + " ".join(sys.argv[2:])
+        if sys.argv[1:2] == ["bench"]
+        else "soma bench",
+        "mode": "quick" if args.quick else "full",
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": _cpus(),
+        },
+        "settings": asdict(settings),
+        "stream_transport": transports_supported(),
+        "seconds": round(time.monotonic() - began, 1),
+        "results": results,
+        "targets": [t.as_dict() for t in found_targets],
+        "long": soak,
+    }
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def bench(args: argparse.Namespace) -> int:
+    """The `soma bench` handler: measure, print the table and the targets, write what was asked."""
+    if args.plot is not None:
+        try:
+            report.check_plotting()
+        except ImportError as exc:
+            print(f"soma bench: {exc}", file=sys.stderr)
+            return 2
+    try:
+        document = run(args)
+    except BenchError as exc:
+        print(f"soma bench: {exc}", file=sys.stderr)
+        return 1
+    print(report.table(document["results"]))
+    print()
+    print(report.target_lines(document["targets"]))
+    if document["long"]:
+        print()
+        print(report.long_lines(document["long"]))
+    if args.json is not None:
+        report.write_json(args.json, document)
+    if args.plot is not None:
+        report.plot(args.plot, document["results"])
+    return 0
