@@ -26,7 +26,6 @@ import grpc
 import uvloop
 
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
-from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 
 STREAM_METHOD = "/soma_bench.Bare/Echo"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the sidecar's default limit
@@ -35,9 +34,8 @@ UPSTREAM_REPLY = json.dumps(
 ).encode()
 
 
-class Echo(pb_grpc.SidecarServicer):
-    async def Stimulate(self, request: pb.StimulateRequest, context: Any) -> pb.StimulateResponse:
-        return pb.StimulateResponse(ok=True, output_json=request.input_json)
+async def stimulate(request: pb.StimulateRequest, context: Any) -> pb.StimulateResponse:
+    return pb.StimulateResponse(ok=True, output_json=request.input_json)
 
 
 async def echo_stream(frames: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
@@ -77,10 +75,19 @@ async def main(directory: Path) -> None:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_SidecarServicer_to_server(Echo(), server)
-    stream = grpc.stream_stream_rpc_method_handler(echo_stream)  # raw bytes both ways
+    unary: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
+        stimulate,
+        request_deserializer=pb.StimulateRequest.FromString,
+        response_serializer=pb.StimulateResponse.SerializeToString,
+    )
+    stream: grpc.RpcMethodHandler[Any, Any] = grpc.stream_stream_rpc_method_handler(
+        echo_stream  # raw bytes both ways
+    )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("soma_bench.Bare", {"Echo": stream}),)
+        (
+            grpc.method_handlers_generic_handler("soma.v1.Sidecar", {"Stimulate": unary}),
+            grpc.method_handlers_generic_handler("soma_bench.Bare", {"Echo": stream}),
+        )
     )
     server.add_insecure_port(f"unix:{directory / 'grpc.sock'}")
     await server.start()

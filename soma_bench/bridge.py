@@ -118,10 +118,10 @@ class Servers:
             httpx2.AsyncClient(headers={"x-api-key": self.key})
         )
         bare = await stack.enter_async_context(
-            Client(streamable_http_client(self.urls["bare"], http_client=bare_http))  # type: ignore[arg-type]
+            Client(streamable_http_client(self.urls["bare"], http_client=bare_http))
         )
         bridge = await stack.enter_async_context(
-            Client(streamable_http_client(self.urls["bridge"], http_client=bridge_http))  # type: ignore[arg-type]
+            Client(streamable_http_client(self.urls["bridge"], http_client=bridge_http))
         )
         params = {"kind": "mcp", "payload": payload}
         pid = os.getpid()

@@ -106,7 +106,10 @@ class BareStream:
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._waiting: dict[int, asyncio.Future[bytes]] = {}
         self._ids = itertools.count()
-        self._call = channel.stream_stream(STREAM_METHOD)(self._frames())
+        method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            STREAM_METHOD
+        )
+        self._call = method(self._frames())
         self._reader = asyncio.create_task(self._read())
 
     async def _frames(self) -> AsyncIterator[bytes]:
@@ -173,11 +176,11 @@ async def build(spec: Spec, endpoints: Endpoints, stack: AsyncExitStack) -> Case
         )
         stack.push_async_callback(aio.close)
         if kind == "bare_unary_aio":
-            astimulate = pb_grpc.SidecarStub(aio).Stimulate  # type: ignore[arg-type]
+            astimulate = pb_grpc.SidecarStub(aio).Stimulate
             request = pb.StimulateRequest(op=op, input_json=raw)
 
             async def call() -> object:
-                return await astimulate(request, timeout=30)  # type: ignore[misc]
+                return await astimulate(request, timeout=30)
 
         else:
             stream = BareStream(aio)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from soma_bench.measure import cpu_seconds
 from soma_runtime.config import SomaConfig
 from soma_runtime.supervisor.control import fetch_status
 
@@ -34,6 +35,21 @@ def wait_for(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
             raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.02)
     return value
+
+
+def settle(pid: int, timeout: float = 20.0) -> None:
+    """Wait until a process that has just started is done with its start-up work (it used
+    under 5% of a CPU over a quarter of a second), so that the first batches do not pay for
+    it; after `timeout`, measure anyway."""
+    task = Path(f"/proc/{pid}/task")
+    deadline = time.monotonic() + timeout
+    before = cpu_seconds(task)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = cpu_seconds(task)
+        if now - before < 0.0125:
+            return
+        before = now
 
 
 class Server:
@@ -97,6 +113,7 @@ def start_sidecar(directory: Path) -> tuple[Server, str]:
         return sock.exists() and sock.with_suffix(".token").exists()
 
     wait_for(up, 30, "the sidecar")
+    settle(server.pid)
     return server, f"unix://{sock}"
 
 
@@ -209,6 +226,8 @@ class Deployment:
                 self._measuring = (conn, reader)
         status = fetch_status(self.directory / "run" / "supervisor.sock")
         self.sidecar_pid = next(c["pid"] for c in status["children"] if c["name"] == "sidecar")
+        settle(self.sidecar_pid)
+        settle(self.supervisor.pid)
 
     def measure(self, plan: dict[str, Any]) -> list[dict[str, Any]]:
         """Hand the measuring worker a plan; its results."""

@@ -9,7 +9,6 @@ rotated from batch to batch so no case always runs right after another.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ class Settings:
     per_batch: int
 
     def calls(self, inflight: int) -> int:
-        return max(self.per_batch, inflight * 8)
+        return self.per_batch if inflight == 1 else max(self.per_batch, inflight * 8)
 
 
 @dataclass
