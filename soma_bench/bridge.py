@@ -123,28 +123,22 @@ class Servers:
         bridge = await stack.enter_async_context(
             Client(streamable_http_client(self.urls["bridge"], http_client=bridge_http))
         )
-        params = {"kind": "mcp", "payload": payload}
         pid = os.getpid()
         return [
             Case(
-                BARE,
-                lambda: bare.call_tool("system_echo", data),
-                self.stat,
-                pid,
-                None,
-                1,
-                1,
-                params,
+                name=BARE,
+                call=lambda: bare.call_tool("system_echo", data),
+                server=self.stat,
+                rss_pid=pid,
+                params={"kind": "mcp", "bare": True, "payload": payload},
             ),
             Case(
-                BRIDGE,
-                lambda: bridge.call_tool("system_echo", data),
-                self.stat,
-                pid,
-                BARE,
-                1,
-                1,
-                params,
+                name=BRIDGE,
+                call=lambda: bridge.call_tool("system_echo", data),
+                server=self.stat,
+                rss_pid=pid,
+                baseline=BARE,
+                params={"kind": "mcp", "bare": False, "payload": payload},
             ),
         ]
 

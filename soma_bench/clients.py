@@ -238,5 +238,5 @@ async def build(spec: Spec, endpoints: Endpoints, stack: AsyncExitStack) -> Case
         baseline=spec.get("baseline"),
         inflight=spec.get("inflight", 1),
         scale=max(1, size // 100_000),
-        params={"kind": kind, "payload": size, **spec.get("params", {})},
+        params={"kind": kind, "bare": kind in BARE, "payload": size, **spec.get("params", {})},
     )

@@ -117,9 +117,11 @@ def start_sidecar(directory: Path) -> tuple[Server, str]:
     return server, f"unix://{sock}"
 
 
-def metrics_section() -> str:
-    """Metrics on, when this build has them (the `[metrics]` table)."""
-    return "[metrics]\nenabled = true\n" if "metrics" in SomaConfig.model_fields else ""
+def metrics_section(directory: Path) -> str:
+    """The Prometheus endpoint on, on a Unix socket, when this build has one."""
+    if "metrics" not in SomaConfig.model_fields:
+        return ""
+    return f'\n[metrics]\nlisten = "unix:{directory / "metrics.sock"}"\n'
 
 
 SUPERVISED = """
@@ -184,7 +186,7 @@ class Deployment:
             IDLE.format(n=n, worker=json.dumps([*worker, "--idle"])) for n in range(1, runtimes)
         )
         config = directory / "soma.toml"
-        config.write_text(body + metrics_section())
+        config.write_text(body + metrics_section(directory))
         subprocess.run(
             [PYTHON, "-m", "soma_cli", "secrets", "set", "bench", "--config", str(config)],
             input=f"sk-bench-{secrets.token_hex(8)}\n",

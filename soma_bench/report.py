@@ -194,7 +194,7 @@ def plot(path: Path, results: list[dict[str, Any]]) -> None:
         [r["p50_us"] - r["p50_spread_us"][0] for r in single][::-1],
         [r["p50_spread_us"][1] - r["p50_us"] for r in single][::-1],
     ]
-    colours = ["tab:gray" if r["baseline"] is None else "tab:blue" for r in single][::-1]
+    colours = ["tab:gray" if r["params"]["bare"] else "tab:blue" for r in single][::-1]
     left.barh(names, p50, xerr=spread, color=colours, capsize=2)
     left.set_xscale("log")
     left.set_xlabel("p50 latency, µs (log; bars: min-max of batch medians; grey: baselines)")

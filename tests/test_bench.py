@@ -35,6 +35,7 @@ def test_a_tiny_run_writes_every_field_as_json_and_a_png(tmp_path: Path) -> None
     result = run_soma(
         "bench",
         *("--cases", "echo,gateway,bridge", "--batches", "1", "--calls", "4", "--warmup", "2"),
+        *("--long", "400"),
         *("--json", str(out), "--plot", str(png)),
         timeout=60,
     )
@@ -77,6 +78,11 @@ def test_a_tiny_run_writes_every_field_as_json_and_a_png(tmp_path: Path) -> None
     assert "gateway p50 vs direct (total)" in result.stdout
     assert "batch 1/1" in result.stderr
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    long = document["long"]
+    assert long["calls"] == 400
+    assert [calls for calls, _ in long["rss_kb_samples"]] == list(range(40, 401, 40))
+    assert long["met"] == (long["rss_growth_kb"] <= long["growth_limit_kb"])
+    assert "long run: 400 calls" in result.stdout
 
 
 @pytest.mark.parametrize(
