@@ -17,6 +17,7 @@ Groups (`--cases`; all by default):
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -151,17 +152,54 @@ async def measure_bridge(tmp: Path, settings: Settings) -> list[Result]:
         servers.stop()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every selected group, in one run; the JSON document."""
-    plan = QUICK if args.quick else FULL
-    settings = Settings(
+def settings_of(args: argparse.Namespace, plan: Plan) -> Settings:
+    return Settings(
         warmup=plan.settings.warmup if args.warmup is None else args.warmup,
         batches=args.batches or plan.settings.batches,
         per_batch=args.calls or plan.settings.per_batch,
     )
-    groups = args.cases or list(GROUPS)
+
+
+def measure_supervised(
+    tmp: Path, groups: list[str], plan: Plan, settings: Settings, bare: Endpoints
+) -> list[dict[str, Any]]:
+    """The groups measured inside a supervised runtime: one deployment per runtime count
+    (the supervised and gateway groups with one runtime)."""
+    results: list[dict[str, Any]] = []
+    for n in plan.runtimes if "runtimes" in groups else (1,):
+        todo: list[tuple[str, list[Spec]]] = []
+        if n == 1 and "supervised" in groups:
+            todo.append(("supervised", supervised_specs()))
+        if n == 1 and "gateway" in groups:
+            todo.append(("gateway", GATEWAY_SPECS))
+        if "runtimes" in groups:
+            todo.append((f"runtimes {n}", runtimes_specs(n)))
+        progress(f"starting soma supervise with {n} runtime(s)")
+        deployment = Deployment(tmp / f"supervised-{n}", n, f"http://127.0.0.1:{bare.http_port}")
+        try:
+            where = {
+                "bare_dir": str(bare.bare_dir),
+                "bare_pid": bare.bare_pid,
+                "http_port": bare.http_port,
+                "sidecar_pid": deployment.sidecar_pid,
+            }
+            for title, specs in todo:
+                progress(f"{title}: {len(specs)} cases, measured inside runtime bench0")
+                plan_ = {"title": title, "specs": specs, "settings": asdict(settings)}
+                results += deployment.measure({**plan_, "endpoints": where})
+        finally:
+            deployment.stop()
+    return results
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every selected group, in one run; the JSON document."""
+    plan = QUICK if args.quick else FULL
+    settings = settings_of(args, plan)
+    groups: list[str] = args.cases or list(GROUPS)
     began = time.monotonic()
     results: list[dict[str, Any]] = []
+    soak = None
     loop = uvloop.new_event_loop()
 
     def local(title: str, specs: list[Spec], endpoints: Endpoints) -> None:
@@ -169,92 +207,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         found = loop.run_until_complete(measure_local(title, specs, endpoints, settings))
         results.extend(r.as_dict() for r in found)
 
-    with tempfile.TemporaryDirectory(prefix="soma-bench-") as raw, ExitStack() as stack:
-        tmp = Path(raw)
-        bare, ready = start_bare(tmp / "bare")
-        stack.callback(bare.stop)
-        standalone = Endpoints(
-            bare_dir=tmp / "bare", bare_pid=bare.pid, http_port=ready["http_port"]
-        )
-        if {"echo", "inflight", "payload"} & set(groups) or args.long:
-            sidecar, target = start_sidecar(tmp / "sidecar")
-            stack.callback(sidecar.stop)
-            standalone.target, standalone.sidecar_pid = target, sidecar.pid
-        if "echo" in groups:
-            local("echo", echo_specs(), standalone)
-        if "inflight" in groups:
-            for k in plan.inflight:
-                local(f"inflight {k}", inflight_specs(k), standalone)
-        if "payload" in groups:
-            for size in plan.payloads:
-                local(f"payload {size_name(size)}", payload_specs(size), standalone)
-        upstream = f"http://127.0.0.1:{ready['http_port']}"
-        where = {
-            "bare_dir": str(tmp / "bare"),
-            "bare_pid": bare.pid,
-            "http_port": ready["http_port"],
-        }
-        counts = plan.runtimes if "runtimes" in groups else (1,)
-        if {"supervised", "gateway", "runtimes"} & set(groups):
-            for n in counts:
-                progress(f"starting soma supervise with {n} runtime(s)")
-                deployment = Deployment(tmp / f"supervised-{n}", n, upstream)
-                try:
-                    endpoints = {**where, "sidecar_pid": deployment.sidecar_pid}
-                    todo: list[tuple[str, list[Spec]]] = []
-                    if n == 1 and "supervised" in groups:
-                        todo.append(("supervised", supervised_specs()))
-                    if n == 1 and "gateway" in groups:
-                        todo.append(("gateway", GATEWAY_SPECS))
-                    if "runtimes" in groups:
-                        todo.append((f"runtimes {n}", runtimes_specs(n)))
-                    for title, specs in todo:
-                        progress(f"{title}: {len(specs)} cases, measured inside runtime bench0")
-                        found = deployment.measure(
-                            {
-                                "title": title,
-                                "specs": specs,
-                                "settings": asdict(settings),
-                                "endpoints": endpoints,
-                            }
-                        )
-                        results.extend(found)
-                finally:
-                    deployment.stop()
-        if "bridge" in groups:
-            progress("bridge: 2 cases")
-            results.extend(
-                r.as_dict() for r in loop.run_until_complete(measure_bridge(tmp, settings))
-            )
-        soak = None
-        if args.long:
-            soak = loop.run_until_complete(long_run(standalone, args.long))
-    loop.close()
+    try:
+        with tempfile.TemporaryDirectory(prefix="soma-bench-") as raw, ExitStack() as stack:
+            tmp = Path(raw)
+            bare, ready = start_bare(tmp / "bare")
+            stack.callback(bare.stop)
+            endpoints = Endpoints(tmp / "bare", bare.pid, ready["http_port"])
+            if {"echo", "inflight", "payload"} & set(groups) or args.long:
+                sidecar, endpoints.target = start_sidecar(tmp / "sidecar")
+                stack.callback(sidecar.stop)
+                endpoints.sidecar_pid = sidecar.pid
+            if "echo" in groups:
+                local("echo", echo_specs(), endpoints)
+            for k in plan.inflight if "inflight" in groups else ():
+                local(f"inflight {k}", inflight_specs(k), endpoints)
+            for size in plan.payloads if "payload" in groups else ():
+                local(f"payload {size_name(size)}", payload_specs(size), endpoints)
+            if {"supervised", "gateway", "runtimes"} & set(groups):
+                results += measure_supervised(tmp, groups, plan, settings, endpoints)
+            if "bridge" in groups:
+                progress("bridge: 2 cases")
+                found = loop.run_until_complete(measure_bridge(tmp, settings))
+                results.extend(r.as_dict() for r in found)
+            if args.long:
+                soak = loop.run_until_complete(long_run(endpoints, args.long))
+    finally:
+        loop.close()
     report.ratios(results)
-    found_targets = report.targets(results)
     return {
-        "command": "soma bench " + " ".join(sys.argv[2:])
-        if sys.argv[1:2] == ["bench"]
-        else "soma bench",
+        "command": " ".join(["soma", *sys.argv[1:]]),
         "mode": "quick" if args.quick else "full",
         "machine": {
             "python": platform.python_version(),
             "platform": platform.platform(),
-            "cpus": _cpus(),
+            "cpus": len(os.sched_getaffinity(0)),
         },
         "settings": asdict(settings),
         "stream_transport": transports_supported(),
         "seconds": round(time.monotonic() - began, 1),
         "results": results,
-        "targets": [t.as_dict() for t in found_targets],
+        "targets": [t.as_dict() for t in report.targets(results)],
         "long": soak,
     }
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 def bench(args: argparse.Namespace) -> int:

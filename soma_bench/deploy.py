@@ -21,6 +21,7 @@ from soma_runtime.supervisor.control import fetch_status
 
 T = TypeVar("T")
 PYTHON = sys.executable
+MEASURE_TIMEOUT = 1800  # seconds a worker may take for one group (a full run's largest is minutes)
 
 
 class BenchError(RuntimeError):
@@ -220,9 +221,14 @@ class Deployment:
                         f"see {self.supervisor.log}"
                     ) from None
                 continue
-            conn.settimeout(None)
+            conn.settimeout(max(1.0, deadline - time.monotonic()))
             reader = conn.makefile("r")
-            hello = json.loads(reader.readline())
+            try:
+                hello = json.loads(reader.readline())
+            except (TimeoutError, ValueError):
+                conn.close()
+                continue
+            conn.settimeout(MEASURE_TIMEOUT)
             self._workers.append(conn)
             if not hello["idle"]:
                 self._measuring = (conn, reader)
@@ -236,7 +242,10 @@ class Deployment:
         assert self._measuring is not None
         conn, reader = self._measuring
         conn.sendall(json.dumps(plan).encode() + b"\n")
-        line = reader.readline()
+        try:
+            line = reader.readline()
+        except TimeoutError:
+            raise BenchError(f"the bench worker took over {MEASURE_TIMEOUT}s for a group") from None
         if not line:
             self.supervisor.check("soma supervise")
             raise BenchError(f"the bench worker went away; see {self.supervisor.log}")
