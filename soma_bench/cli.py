@@ -182,6 +182,7 @@ def measure_supervised(
                 "bare_pid": bare.bare_pid,
                 "http_port": bare.http_port,
                 "sidecar_pid": deployment.sidecar_pid,
+                "supervisor_pid": deployment.supervisor.pid,
             }
             for title, specs in todo:
                 progress(f"{title}: {len(specs)} cases, measured inside runtime bench0")

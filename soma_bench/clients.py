@@ -77,6 +77,7 @@ class Endpoints:
     bare_pid: int
     http_port: int
     sidecar_pid: int | None = None
+    supervisor_pid: int | None = None
     target: str | None = None
     token_file: str | None = None
     gateway: tuple[str, str] | None = None  # base URL and key handed to the runtime
@@ -239,4 +240,7 @@ async def build(spec: Spec, endpoints: Endpoints, stack: AsyncExitStack) -> Case
         inflight=spec.get("inflight", 1),
         scale=max(1, size // 100_000),
         params={"kind": kind, "bare": kind in BARE, "payload": size, **spec.get("params", {})},
+        supervisor=stat_path(endpoints.supervisor_pid)
+        if endpoints.supervisor_pid and kind not in BARE
+        else None,
     )

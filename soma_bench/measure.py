@@ -37,7 +37,9 @@ class Settings:
 class Case:
     """One thing measured. `server` is where to read the CPU of what serves it (a process's
     `/proc/<pid>/task` or one thread's `/proc/<pid>/task/<tid>`), `rss_pid` the process
-    whose VmRSS is reported; `scale` divides the batch size for slow cases (1 MB payloads)."""
+    whose VmRSS is reported; `supervisor` the supervisor's, whose CPU a supervised call costs
+    too (it carries the sidecar's log lines); `scale` divides the batch size for slow cases
+    (1 MB payloads)."""
 
     name: str
     call: Call
@@ -47,6 +49,7 @@ class Case:
     inflight: int = 1
     scale: int = 1
     params: dict[str, Any] = field(default_factory=dict)
+    supervisor: Path | None = None
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Result:
     max_us: float
     calls_per_s: float
     cpu_us_per_call: float | None
+    supervisor_cpu_us_per_call: float | None
     rss_kb: int | None
 
     def as_dict(self) -> dict[str, Any]:
@@ -109,6 +113,7 @@ class _Batches:
     p99: list[float] = field(default_factory=list)
     rate: list[float] = field(default_factory=list)
     cpu: float = 0.0
+    supervisor_cpu: float = 0.0
     peak: float = 0.0
     calls: int = 0
 
@@ -152,8 +157,11 @@ async def run_group(title: str, cases: list[Case], settings: Settings) -> list[R
         for case in cases[shift:] + cases[:shift]:
             calls = max(case.inflight, settings.calls(case.inflight) // case.scale)
             before = cpu_seconds(case.server) if case.server else 0.0
+            supervisor = cpu_seconds(case.supervisor) if case.supervisor else 0.0
             latencies, wall = await batch(case.call, calls, case.inflight)
             used = cpu_seconds(case.server) - before if case.server else 0.0
+            if case.supervisor:
+                figures[case.name].supervisor_cpu += cpu_seconds(case.supervisor) - supervisor
             into = figures[case.name]
             into.p50.append(quantile(latencies, 0.5))
             into.p90.append(quantile(latencies, 0.9))
@@ -176,6 +184,11 @@ async def run_group(title: str, cases: list[Case], settings: Settings) -> list[R
             calls_per_s=statistics.median(figures[case.name].rate),
             cpu_us_per_call=figures[case.name].cpu / figures[case.name].calls * 1e6
             if case.server
+            else None,
+            supervisor_cpu_us_per_call=figures[case.name].supervisor_cpu
+            / figures[case.name].calls
+            * 1e6
+            if case.supervisor
             else None,
             rss_kb=rss_kb(case.rss_pid) if case.rss_pid else None,
         )

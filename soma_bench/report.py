@@ -130,10 +130,12 @@ def _num(value: float | None, digits: int = 0) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """The results as a fixed-width table: latencies in µs, the p50 with its batch spread."""
+    """The results as a fixed-width table: latencies in µs, the p50 with its batch spread;
+    CPU per call of the server (sidecar or bare) and of the supervisor; the server's RSS."""
     header = (
-        f"{'case':<40} {'p50 µs (spread)':>20} {'p90':>7} {'p99':>7} {'max':>8} "
-        f"{'calls/s':>8} {'cpu µs':>7} {'RSS MB':>7} {'p50 x':>6} {'p99 x':>6} {'thr x':>6}"
+        f"{'case':<34} {'p50 µs (spread)':>22} {'p90':>7} {'p99':>7} {'max':>8} "
+        f"{'calls/s':>8} {'cpu µs':>7} {'sup µs':>7} {'RSS MB':>7} "
+        f"{'p50 x':>6} {'p99 x':>6} {'thr x':>6}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -142,9 +144,10 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio = r["ratio"] or {}
         rss = None if r["rss_kb"] is None else r["rss_kb"] / 1024
         lines.append(
-            f"{r['name']:<40} {p50:>20} "
+            f"{r['name']:<34} {p50:>22} "
             f"{r['p90_us']:>7,.0f} {r['p99_us']:>7,.0f} {r['max_us']:>8,.0f} "
-            f"{r['calls_per_s']:>8,.0f} {_num(r['cpu_us_per_call']):>7} {_num(rss, 1):>7} "
+            f"{r['calls_per_s']:>8,.0f} {_num(r['cpu_us_per_call']):>7} "
+            f"{_num(r['supervisor_cpu_us_per_call']):>7} {_num(rss, 1):>7} "
             f"{_num(ratio.get('p50'), 2):>6} {_num(ratio.get('p99'), 2):>6} "
             f"{_num(ratio.get('throughput'), 2):>6}"
         )

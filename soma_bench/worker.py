@@ -38,6 +38,7 @@ async def measure(plan: dict[str, Any]) -> list[dict[str, Any]]:
         bare_pid=where["bare_pid"],
         http_port=where["http_port"],
         sidecar_pid=where["sidecar_pid"],
+        supervisor_pid=where["supervisor_pid"],
         gateway=gateway if GATEWAY_URL_ENV in os.environ else None,
     )
     async with AsyncExitStack() as stack:

@@ -25,6 +25,7 @@ RESULT_FIELDS = {
     "max_us",
     "calls_per_s",
     "cpu_us_per_call",
+    "supervisor_cpu_us_per_call",
     "rss_kb",
     "ratio",
 }
@@ -68,6 +69,10 @@ def test_a_tiny_run_writes_every_field_as_json_and_a_png(tmp_path: Path) -> None
     # Server CPU is charged to the right process: the sidecar serves the SDK's calls, and
     # the gateway's RSS is the supervised sidecar's, not the bare server's.
     assert results["gateway: via the gateway"]["rss_kb"] != results["gateway: direct"]["rss_kb"]
+    # ...and the supervisor's CPU only to calls through a supervised sidecar.
+    assert results["gateway: via the gateway"]["supervisor_cpu_us_per_call"] is not None
+    assert results["gateway: direct"]["supervisor_cpu_us_per_call"] is None
+    assert results["bare unary (sync)"]["supervisor_cpu_us_per_call"] is None
     targets = {t["name"]: t for t in document["targets"]}
     gateway = targets["gateway p50 vs direct (total)"]
     assert gateway["value"] == pytest.approx(results["gateway: via the gateway"]["ratio"]["p50"])
