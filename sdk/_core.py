@@ -5,6 +5,7 @@ loops around this core that do the I/O it asks for (the model is httpx's `BaseCl
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from enum import Enum
@@ -16,6 +17,10 @@ from sdk import _auth, _wire, protocol
 from sdk.errors import SomaError, Unavailable
 
 DEFAULT_TIMEOUT = 30.0
+TRANSPORTS = ("stream", "unary")
+# Before reopening a stream that ended without answering anything (a sidecar stopping
+# refuses new streams at once): a pause, so that reconnecting is not a busy loop.
+REOPEN_PAUSE = 0.02
 
 
 def arguments_from_env() -> tuple[str, dict[str, str | None]]:
@@ -49,6 +54,7 @@ class Call:
     op: str | None
     deadline: float | None
     stale: str | None = None  # a session this call saw refused
+    frame: Any = None  # its frame on a stream (a `StreamRequest`), built once
 
     def remaining(self) -> float | None:
         return _wire.remaining(self.deadline)
@@ -69,9 +75,13 @@ class ClientCore:
         token_file: str | None,
         auth_socket: str | None,
         timeout: float | None,
+        transport: str = "stream",
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.target = target
         self.timeout = timeout
+        self.streaming = transport == "stream"
         self.path = protocol.socket_path(target)
         if token is None and token_file is not None:
             token = _auth.read_token_file(token_file)
@@ -83,9 +93,22 @@ class ClientCore:
         self.auth_socket = auth_socket or (
             protocol.auth_socket_for(self.path) if self.path else None
         )
-        self.session: str | None = None
+        self._session: str | None = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
         self._idempotent: dict[str, bool] | None = None
         self._reached = False
+        self._ids = itertools.count(1)  # call ids on streams; next() is atomic in CPython
+        self.reopen_pause = 0.0
+
+    @property
+    def session(self) -> str | None:
+        return self._session
+
+    @session.setter
+    def session(self, session: str | None) -> None:
+        # The metadata every call carries, built once per session rather than per call.
+        self._session = session
+        self._metadata = protocol.bearer_metadata(session) if session else ()
 
     def start(self, op: str | None, timeout: float | None) -> Call:
         """A new call. Until a call has reached the sidecar once, a socket that does not exist
@@ -102,13 +125,17 @@ class ClientCore:
         return self.session is None or self.session == call.stale
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return protocol.bearer_metadata(self.session) if self.session else ()
+        return self._metadata
+
+    def next_id(self) -> int:
+        return next(self._ids)
 
     def succeeded(self) -> None:
         self._reached = True
 
-    def after_failure(self, call: Call, exc: grpc.RpcError) -> Retry:
-        code = exc.code()
+    def after_failure(self, call: Call, code: grpc.StatusCode) -> Retry:
+        """After a unary call failed with `code`, or a call on a stream was answered with a
+        `CallError` of that code (the same meaning)."""
         if code == grpc.StatusCode.UNAUTHENTICATED and self.session and call.stale is None:
             # A restarted sidecar forgot the session; it refused before any organ ran. A
             # second refusal in the same call is final.
@@ -125,6 +152,31 @@ class ClientCore:
             return Retry.ASK_CARDS
         # Cut off mid-call: it may have run, so only an idempotent function runs again.
         return Retry.RESEND if self._idempotent.get(call.op, False) else Retry.RAISE
+
+    def after_stream_end(
+        self, call: Call, code: grpc.StatusCode, session: str | None, answered: bool
+    ) -> Retry:
+        """After the stream `call` was sent on ended with `code` before answering it.
+        `session` is the one the stream opened with; `answered`: whether the stream had
+        answered any call (then it had been accepted, and its calls were running)."""
+        if session is not None and self.session == session:
+            # Whatever ended the stream (most often a sidecar restart, which forgets
+            # sessions), the next stream opens with a fresh session: a stale one would be
+            # refused only after the calls were written to it.
+            self.session = None
+        self.reopen_pause = 0.0 if answered else REOPEN_PAUSE
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            if answered:
+                # The session was revoked mid-stream: the calls in flight were cut off and
+                # may have run, as in a restart.
+                code = grpc.StatusCode.UNAVAILABLE
+            elif session is not None and call.stale is None:
+                # Refused as it opened: nothing ran. A second refusal is final.
+                call.stale = session
+                return Retry.NEW_SESSION
+            else:
+                return Retry.RAISE
+        return self.after_failure(call, code)
 
     def learn_cards(self, cards: list[dict[str, Any]]) -> None:
         self._idempotent = _wire.idempotency(cards)

@@ -9,22 +9,22 @@ from typing import Any
 
 import grpc
 
-from sdk.errors import TRANSPORT_ERRORS, DeadlineExceeded, SomaError, TransportError
+from sdk.errors import (
+    TRANSPORT_ERRORS,
+    DeadlineExceeded,
+    InvalidRequest,
+    SomaError,
+    TransportError,
+    Unavailable,
+)
+from sdk.protocol import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.types import FunctionMatch, Response
 
-# Matches the sidecar's default receive limit; larger requests are refused before sending.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+__all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES"]  # re-exported for older callers
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # A local sidecar restarts in well under a second: reconnect promptly rather than after
-    # gRPC's default backoff, which grows to two minutes.
-    ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
+# Room for the frame's id and timeout around a call on a stream.
+_FRAME_OVERHEAD = 32
 
 
 def stimulate_request(
@@ -32,6 +32,19 @@ def stimulate_request(
 ) -> pb.StimulateRequest:
     data = json.dumps(input, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     return pb.StimulateRequest(op=op, input_json=data, context=dict(context or {}))
+
+
+def stream_frame(call_id: int, request: pb.StimulateRequest) -> pb.StreamRequest:
+    """A call's frame on a stream. One too large for the sidecar is refused here: sent, it
+    would end the stream, and every call on it, with RESOURCE_EXHAUSTED."""
+    frame = pb.StreamRequest(id=call_id, call=request)
+    size = frame.ByteSize() + _FRAME_OVERHEAD
+    if size > MAX_MESSAGE_BYTES:
+        raise InvalidRequest(
+            "RESOURCE_EXHAUSTED",
+            f"the request is {size} bytes, over the {MAX_MESSAGE_BYTES}-byte message limit",
+        )
+    return frame
 
 
 def response_from(reply: pb.StimulateResponse) -> Response:
@@ -75,9 +88,26 @@ def idempotency(cards: list[dict[str, Any]]) -> dict[str, bool]:
     return {str(f["name"]): bool(f.get("idempotent")) for f in functions}
 
 
-def transport_error(exc: grpc.RpcError) -> SomaError:
-    """The typed SDK error for a failed RPC."""
+def status_of(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """A failed RPC's status code and details."""
     code = exc.code() if hasattr(exc, "code") else None
-    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     details = (exc.details() if hasattr(exc, "details") else None) or ""
-    return TRANSPORT_ERRORS.get(name, TransportError)(name, details)
+    return (code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN), details
+
+
+def code_named(name: str) -> grpc.StatusCode:
+    """The status code a stream's `CallError.code` names (UNKNOWN for a name it does not)."""
+    return _CODES.get(name, grpc.StatusCode.UNKNOWN)
+
+
+_CODES = {code.name: code for code in grpc.StatusCode}
+
+
+def closed() -> Unavailable:
+    """What a call on a closed client raises (also one still waiting when it was closed)."""
+    return Unavailable("CANCELLED", "the client is closed")
+
+
+def transport_error(code: grpc.StatusCode, details: str) -> SomaError:
+    """The typed SDK error for a call that failed with `code`, unary or on a stream."""
+    return TRANSPORT_ERRORS.get(code.name, TransportError)(code.name, details)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from sdk import _auth, _wire
-from sdk._core import DEFAULT_TIMEOUT, ClientCore, Retry, arguments_from_env
+from sdk import _auth, _wire, protocol
+from sdk._core import DEFAULT_TIMEOUT, Call, ClientCore, Retry, arguments_from_env
+from sdk._stream import AsyncStream
+from sdk.errors import DeadlineExceeded
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from sdk.types import FunctionMatch, Response
@@ -21,7 +24,8 @@ class AsyncClient:
 
     grpc.aio channels belong to the event loop that creates them, so construction does no I/O
     and the channel is made by the first call (or by `async with`). See `sdk.Client` for the
-    arguments and for what happens while the sidecar restarts.
+    arguments, the transports and what happens while the sidecar restarts. Cancelling the task
+    awaiting a call cancels the call in the sidecar too.
     """
 
     def __init__(
@@ -32,22 +36,29 @@ class AsyncClient:
         token_file: str | None = None,
         auth_socket: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
+        transport: str = "stream",
     ) -> None:
-        self._core = ClientCore(target, token, token_file, auth_socket, timeout)
+        self._core = ClientCore(target, token, token_file, auth_socket, timeout, transport)
         self._lock: asyncio.Lock | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.SidecarAsyncStub | None = None
+        self._stream: AsyncStream | None = None
+        self._closed = False
 
     @classmethod
-    def from_env(cls, *, timeout: float | None = DEFAULT_TIMEOUT) -> AsyncClient:
+    def from_env(
+        cls, *, timeout: float | None = DEFAULT_TIMEOUT, transport: str = "stream"
+    ) -> AsyncClient:
         """The client of a supervised runtime, configured from its environment."""
         target, auth = arguments_from_env()
-        return cls(target, **auth, timeout=timeout)
+        return cls(target, **auth, timeout=timeout, transport=transport)
 
     def _ensure_stub(self) -> pb_grpc.SidecarAsyncStub:
+        if self._closed:
+            raise _wire.closed()
         if self._stub is None:
             self._channel = grpc.aio.insecure_channel(
-                self._core.target, options=_wire.CHANNEL_OPTIONS
+                self._core.target, options=protocol.CHANNEL_OPTIONS
             )
             self._stub = pb_grpc.SidecarStub(self._channel)
             self._lock = asyncio.Lock()
@@ -63,6 +74,8 @@ class AsyncClient:
         """Send one stimulus; returns what the organ answered, ok or not."""
         request = _wire.stimulate_request(op, input, context)
         stub = self._ensure_stub()
+        if self._core.streaming:
+            return _wire.response_from(await self._on_stream(request, timeout, op))
         return _wire.response_from(await self._invoke(stub.Stimulate, request, timeout, op))
 
     async def call(
@@ -121,17 +134,94 @@ class AsyncClient:
                     wait_for_ready=True,
                 )
             except grpc.RpcError as exc:
-                retry = core.after_failure(call, exc)
-                if retry is Retry.ASK_CARDS:
-                    core.learn_cards(await self.describe(timeout=call.remaining()))
-                    retry = core.after_failure(call, exc)
-                if retry is Retry.RAISE:
-                    raise _wire.transport_error(exc) from None
+                code, details = _wire.status_of(exc)
+                await self._retry(call, partial(core.after_failure, call, code), code, details)
                 continue
             core.succeeded()
             return reply
 
+    async def _retry(
+        self, call: Call, decide: Callable[[], Retry], code: grpc.StatusCode, details: str
+    ) -> None:
+        """Returns when the core says to send `call` again; raises its error otherwise."""
+        retry = decide()
+        if retry is Retry.ASK_CARDS:
+            self._core.learn_cards(await self.describe(timeout=call.remaining()))
+            retry = decide()
+        if retry is Retry.RAISE:
+            raise _wire.transport_error(code, details) from None
+
+    async def _on_stream(
+        self, request: pb.StimulateRequest, timeout: float | None, op: str
+    ) -> pb.StimulateResponse:
+        """One call on the client's stream, sent again on a new stream when the core says
+        it is safe."""
+        core = self._core
+        call = core.start(op, timeout)
+        frame = call.frame = _wire.stream_frame(core.next_id(), request)
+        while True:
+            stream = self._stream
+            if stream is None or stream.ended is not None:
+                stream = await self._reopen(call)
+            remaining = call.remaining()
+            frame.timeout_s = remaining or 0.0  # the sidecar enforces the deadline too
+            future = stream.send(frame)
+            try:
+                if remaining is None:
+                    answer = await future
+                else:
+                    async with asyncio.timeout(remaining):
+                        answer = await future
+            except TimeoutError:
+                stream.abandon(frame.id)
+                raise DeadlineExceeded("DEADLINE_EXCEEDED", "the call's deadline passed") from None
+            except asyncio.CancelledError:  # the caller's task: cancel the call in the sidecar
+                stream.abandon(frame.id)
+                raise
+            if answer is None:  # the stream ended first
+                if self._closed:
+                    raise _wire.closed()
+                assert stream.ended is not None
+                code, details = stream.ended
+                decide = partial(core.after_stream_end, call, code, stream.session, stream.answered)
+            elif answer.WhichOneof("result") == "reply":
+                core.succeeded()
+                return answer.reply
+            else:
+                code, details = _wire.code_named(answer.error.code), answer.error.message
+                decide = partial(core.after_failure, call, code)
+            await self._retry(call, decide, code, details)
+
+    async def _reopen(self, call: Call) -> AsyncStream:
+        """The client's stream, opened anew (with a fresh session) if it has ended."""
+        core = self._core
+        stub = self._ensure_stub()
+        assert self._lock is not None
+        async with self._lock:
+            if self._closed:
+                raise _wire.closed()
+            stream = self._stream
+            if stream is not None and stream.ended is None:
+                return stream
+            if stream is not None:
+                await stream.close("replaced")  # ended already: this awaits its reader
+                if core.reopen_pause:
+                    await asyncio.sleep(min(core.reopen_pause, call.remaining() or 1.0))
+            if core.needs_session(call):
+                assert core.auth_socket is not None and core.token is not None
+                core.session = await _auth.handshake_async(
+                    core.auth_socket, core.token, call.deadline
+                )
+            self._stream = AsyncStream(stub, core.metadata(), core.session)
+            return self._stream
+
     async def close(self) -> None:
+        """Ends the stream (calls still waiting on it raise `sdk.Unavailable`) and the
+        channel; no task is left behind."""
+        self._closed = True
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close("the client was closed")
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

@@ -23,6 +23,7 @@ from sidecar.bridge import serve_bridges
 from sidecar.channels import ChannelRegistry
 from sidecar.credentials import CredentialBroker
 from sidecar.descriptors import ensure_budget
+from sidecar.dispatch import call_log_level
 from sidecar.gateway import Gateway, GatewayServer, sockets_from_env
 from sidecar.loading import load_organs
 from sidecar.vault.async_vault import AsyncVault
@@ -68,7 +69,7 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
             # A key-encryption key others can read, or a wrong one, stops the start; a damaged
             # database does not (each vault call reports it, everything else keeps serving).
             kek_provider(config)
-        registry = ChannelRegistry(executive, settings, broker)
+        registry = ChannelRegistry(executive, settings, broker, call_log_level(config.logging))
         stop = _stop_on_signals(parts)
         await executive.start()
         parts.push_async_callback(executive.stop)

@@ -104,9 +104,14 @@ class ChannelRegistry:
     """Opens, updates and closes channels by runtime name."""
 
     def __init__(
-        self, executive: Executive, settings: SidecarSection, broker: CredentialBroker
+        self,
+        executive: Executive,
+        settings: SidecarSection,
+        broker: CredentialBroker,
+        call_level: int | None,
     ) -> None:
         self._executive = executive
+        self._call_level = call_level
         self._settings = settings
         self._broker = broker
         self._hosts: dict[str, _Host] = {}
@@ -135,6 +140,8 @@ class ChannelRegistry:
             max_input_depth=self._settings.max_input_depth,
             max_message_bytes=self._settings.max_message_bytes,
             warnings=self.warnings,
+            call_level=self._call_level,
+            stream_max_in_flight=self._settings.stream_max_in_flight,
         )
         server = SocketServer(grpc_path, servicer, self._settings.max_message_bytes, self._limits)
         await server.start()
@@ -155,6 +162,7 @@ class ChannelRegistry:
         host = self._hosts.pop(name, None)
         if host is None:
             return
+        host.grpc.drain()  # before the reset: streams end UNAVAILABLE, not UNAUTHENTICATED
         host.channel.reset(None, None, False)
         host.handshake.close()
         with contextlib.suppress(TimeoutError):  # Python 3.12+ also waits for connections

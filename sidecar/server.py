@@ -27,6 +27,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from sdk.protocol.soma.v1 import sidecar_pb2, sidecar_pb2_grpc
+from sidecar.service import SidecarService
 from soma_runtime.unix import prepare_socket_path, private_umask, remove_socket
 
 SERVICE = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"]
@@ -88,14 +89,23 @@ def service_handlers(
     client cannot tell from a sidecar fault."""
     handlers = {}
     for method in SERVICE.methods:
-        if method.client_streaming or method.server_streaming:
-            raise NotImplementedError(f"{method.full_name}: only unary methods are registered")
-        request_type = GetMessageClass(method.input_type)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _refusing_undecodable(getattr(servicer, method.name), method.input_type.full_name),
-            request_deserializer=_lenient(request_type.FromString),
-            response_serializer=GetMessageClass(method.output_type).SerializeToString,
-        )
+        deserialize = _lenient(GetMessageClass(method.input_type).FromString)
+        serialize = GetMessageClass(method.output_type).SerializeToString
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming and method.server_streaming:
+            # Each frame is decoded on its own: the behaviour gets what is not a message as
+            # a frame that is not an instance of its request type, and refuses it itself.
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behaviour, request_deserializer=deserialize, response_serializer=serialize
+            )
+        elif method.client_streaming or method.server_streaming:
+            raise NotImplementedError(f"{method.full_name}: half-streaming is not registered")
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _refusing_undecodable(behaviour, method.input_type.full_name),
+                request_deserializer=deserialize,
+                response_serializer=serialize,
+            )
     return handlers
 
 
@@ -105,7 +115,7 @@ class SocketServer:
     def __init__(
         self,
         path: Path,
-        servicer: sidecar_pb2_grpc.SidecarServicer,
+        servicer: SidecarService,
         max_message_bytes: int,
         limits: ConnectionLimits,
     ):
@@ -188,11 +198,17 @@ class SocketServer:
         os.replace(fresh, self.path)
         self.revivals += 1
 
+    def drain(self) -> None:
+        """Have the servicer's streams answer their calls in flight and end (a stream is one
+        call that would otherwise hold the server's stop for its whole grace period)."""
+        self._servicer.drain()
+
     async def stop(self, grace: float) -> None:
         """Stop accepting calls, give in-flight ones `grace` seconds, remove the socket."""
         if self._server is None:
             return
         server, self._server = self._server, None
         await self._health.enter_graceful_shutdown()
+        self._servicer.drain()
         await server.stop(grace)
         remove_socket(self.path)

@@ -1,14 +1,15 @@
-"""The `soma.v1.Sidecar` gRPC service of one channel: Stimulate, Describe and Search.
+"""The `soma.v1.Sidecar` gRPC service of one channel: Stimulate, Stream, Describe and Search.
 
 Every call must carry a session of this channel (`authorization: Bearer <session>`), and may
 only reach functions the channel's allow-list names. Organ failures are answered as responses;
-gRPC statuses are for transport and access problems.
+gRPC statuses are for transport and access problems. Stimulate and each call on a Stream run
+through the same `Dispatcher` (sidecar.dispatch); a Stream is authenticated when it opens and
+its session re-checked at every frame (sidecar.stream).
 """
 
 from __future__ import annotations
 
-import os
-import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -17,11 +18,11 @@ import structlog
 from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
-from sidecar.access import AllowList, Channel
-from sidecar.credentials import CredentialBroker, CredentialDenied
-from sidecar.injection import inject_credentials
-from sidecar.wire import WireError, decode_input, encode_output
-from soma_runtime import ErrorKind, Executive, FunctionCard, OrganCard, Response, Stimulus
+from sidecar.access import AllowList, Channel, token_digest
+from sidecar.credentials import CredentialBroker
+from sidecar.dispatch import Dispatcher, Refusal
+from sidecar.stream import CallStream
+from soma_runtime import Executive, OrganCard
 from soma_runtime.card_files import card_to_json, function_to_json
 from soma_runtime.throttle import RepeatedWarnings
 
@@ -43,109 +44,82 @@ class SidecarService(pb_grpc.SidecarServicer):
         max_input_depth: int,
         max_message_bytes: int,
         warnings: RepeatedWarnings,
+        call_level: int | None,
+        stream_max_in_flight: int,
     ) -> None:
         self._executive = executive
         self._channel = channel
-        self._broker = broker
-        # Refusals are logged through it: a flood of them costs a line per interval.
         self._warnings = warnings
-        self._max_depth = max_input_depth
-        # Room for the reply's other fields inside the gRPC message limit.
-        self._max_output = max_message_bytes - 1024
+        self._dispatcher = Dispatcher(
+            executive,
+            channel,
+            broker,
+            max_input_depth=max_input_depth,
+            max_message_bytes=max_message_bytes,
+            warnings=warnings,
+            call_level=call_level,
+        )
+        self._stream_max_in_flight = stream_max_in_flight
+        self._streams: set[CallStream] = set()
+        self._stopping = False
         self._cards: tuple[AllowList, list[bytes]] | None = None
 
-    async def _authenticate(self, context: Context, op: str = "") -> None:
+    async def _authenticate(self, context: Context, op: str = "") -> bytes:
+        """The digest of the call's session; aborts with UNAUTHENTICATED without one."""
+        digest = self._session(context)
+        if digest is None:
+            name = self._channel.name
+            self._warnings.warning("unauthenticated", name, runtime=name, op=op or None)
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "no valid session for this channel"
+            )
+        return digest
+
+    def _session(self, context: Context) -> bytes | None:
         for key, value in context.invocation_metadata() or ():
             if key == protocol.AUTHORIZATION and isinstance(value, str):
+                session = value[len(BEARER) :]
                 if value[: len(BEARER)].lower() == BEARER and self._channel.session_matches(
-                    value[len(BEARER) :]
+                    session
                 ):
-                    return
+                    return token_digest(session)
                 break
-        name = self._channel.name
-        self._warnings.warning("unauthenticated", name, runtime=name, op=op or None)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session for this channel")
+        return None
 
     async def Stimulate(
         self, request: pb.StimulateRequest, context: Context
     ) -> pb.StimulateResponse:
-        started = time.perf_counter()
-        op = request.op
-        await self._authenticate(context, op)
-        channel = self._channel
-        call_context = dict(request.context)
-        trace_id = call_context.get("trace_id") or os.urandom(16).hex()
-        call_context["trace_id"] = trace_id
-        # The organ learns the caller from the channel, never from what the caller wrote.
-        call_context["runtime"] = channel.name
-        if not channel.allow.allows(op):
-            self._warnings.warning(
-                "denied", (channel.name, op), runtime=channel.name, op=op, trace_id=trace_id
-            )
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"runtime {channel.name!r} may not call {op!r}"
-            )
-        try:
-            value = decode_input(request.input_json, self._max_depth)
-        except WireError as exc:
-            log.info("call", runtime=channel.name, op=op, outcome="BadRequest", trace_id=trace_id)
-            await context.abort(exc.code, exc.message)
-        if isinstance(value, dict):
-            stimulus = Stimulus(op, value, call_context, caller=channel.name)
-            try:
-                response = await self._executive.stimulate(stimulus, self._inject_credentials)
-            except CredentialDenied as exc:
-                log.warning(
-                    "credential_denied",
-                    runtime=channel.name,
-                    op=op,
-                    credential=exc.credential,
-                    trace_id=trace_id,
-                )
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        else:
-            response = Response.failure(
-                ErrorKind.INVALID_INPUT, path="$", message="input must be a JSON object"
-            )
-        response, output = self._encoded(response, op, trace_id)
-        log.info(
-            "call",
-            runtime=channel.name,
-            op=op,
-            outcome="ok" if response.ok else (response.error or "Failed"),
-            latency_ms=round((time.perf_counter() - started) * 1000.0, 3),
-            trace_id=trace_id,
-        )
-        reply = pb.StimulateResponse(
-            ok=response.ok, output_json=output, latency_ms=response.latency_ms
-        )
-        if response.cost is not None:
-            reply.cost = response.cost
-        return reply
+        await self._authenticate(context, request.op)
+        outcome = await self._dispatcher.call(request)
+        if isinstance(outcome, Refusal):
+            await context.abort(outcome.code, outcome.message)
+        return outcome
 
-    async def _inject_credentials(
-        self, organ: str, card: FunctionCard, stimulus: Stimulus
-    ) -> Stimulus | Response:
-        """The credentials the card asks for, for this channel's runtime."""
-        channel = self._channel
-        return await inject_credentials(
-            self._broker, organ, card, stimulus, caller=channel.name, allowed=channel.credentials
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: Context
+    ) -> AsyncIterator[pb.StreamResponse]:
+        digest = await self._authenticate(context)
+        if self._stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar is stopping")
+        sessions = self._channel.sessions
+        # Checked at every frame: a dictionary lookup of the digest the stream opened with
+        # (a session revoked or reset leaves the channel's sessions).
+        stream = CallStream(
+            self._dispatcher, lambda: digest in sessions, self._stream_max_in_flight
         )
-
-    def _encoded(self, response: Response, op: str, trace_id: str) -> tuple[Response, bytes]:
-        """The response and its JSON; an output that cannot be sent becomes an Internal error."""
+        self._streams.add(stream)
         try:
-            output = encode_output(response.output)
-        except (TypeError, ValueError) as exc:
-            log.error("output_not_json", op=op, error=str(exc), trace_id=trace_id)
-            problem = "the organ's output is not JSON"
-        else:
-            if len(output) <= self._max_output:
-                return response, output
-            log.error("output_too_large", op=op, size=len(output), trace_id=trace_id)
-            problem = f"the output exceeds the {self._max_output}-byte limit"
-        failed = Response.failure(ErrorKind.INTERNAL, response.latency_ms, op=op, message=problem)
-        return failed, encode_output(failed.output)
+            async for answer in stream.serve(request_iterator, context):
+                yield answer
+        finally:
+            self._streams.discard(stream)
+
+    def drain(self) -> None:
+        """The sidecar is stopping: every stream answers its calls in flight and ends with
+        UNAVAILABLE, and no new stream opens (unary calls are left to the server's grace)."""
+        self._stopping = True
+        for stream in self._streams:
+            stream.drain()
 
     async def Describe(self, request: pb.DescribeRequest, context: Context) -> pb.DescribeResponse:
         await self._authenticate(context)

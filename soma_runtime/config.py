@@ -68,6 +68,10 @@ class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # auto: JSON when stderr is not a terminal, readable text when it is.
     format: Literal["auto", "json", "console"] = "auto"
+    # Level of the sidecar's `call` event, one per call. Debug by default: the SLO histograms
+    # already count calls and their latency, and the event costs tens of microseconds a call.
+    # Refusals and errors are logged at warning/info whatever this says.
+    calls: Literal["debug", "info"] = "debug"
 
 
 RUNTIME_NAME = r"^[a-z0-9][a-z0-9-]{0,31}$"
@@ -123,6 +127,9 @@ class SidecarSection(RestartPolicy):
     # (no call in flight) is kept open.
     connection_handshake_timeout: float = Field(default=5.0, gt=0.0, le=300.0)
     connection_idle_timeout: float = Field(default=300.0, gt=0.0, le=86400.0)
+    # Calls one Stream may have in flight (read but not yet answered); beyond it the stream
+    # is not read, so HTTP/2 flow control holds the client back.
+    stream_max_in_flight: int = Field(default=256, ge=1, le=65536)
     # Under `soma supervise`: every `liveness_interval` seconds the supervisor asks the
     # sidecar to exercise every runtime channel; after `liveness_failures` failed checks in a
     # row the sidecar is restarted.

@@ -35,8 +35,10 @@ make a new session and send the call again; nothing ran.
 
 The service
 -----------
-`soma.v1.Sidecar` (`proto/soma/v1/sidecar.proto`): `Stimulate`, `Describe` and `Search`, with
-JSON in `bytes` fields; plus the standard `grpc.health.v1.Health` and reflection services.
+`soma.v1.Sidecar` (`proto/soma/v1/sidecar.proto`): `Stimulate`, `Stream` (many Stimulate calls
+multiplexed by id on one bidirectional stream), `Describe` and `Search`, with JSON in `bytes`
+fields; plus the standard `grpc.health.v1.Health` and reflection services. Clients use the
+channel options below (`CHANNEL_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,22 @@ UNAUTHENTICATED = "unauthenticated"
 REFUSED = "refused"
 
 MAX_HANDSHAKE_LINE = 4096
+
+# The sidecar's default receive limit; the SDK refuses larger requests before sending them
+# (on a stream, an oversized frame would end the stream and every call on it).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+# The gRPC channel options of every SDK client (and of `soma bench`'s bare baselines, so that
+# they compare like with like).
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # A local sidecar restarts in well under a second: reconnect promptly rather than after
+    # gRPC's default backoff, which grows to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 
 
 def socket_path(target: str) -> str | None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15soma/v1/sidecar.proto\x12\x07soma.v1\"\x9b\x01\n\x10StimulateRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\x12\n\ninput_json\x18\x02 \x01(\x0c\x12\x37\n\x07\x63ontext\x18\x03 \x03(\x0b\x32&.soma.v1.StimulateRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"d\n\x11StimulateResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x13\n\x0boutput_json\x18\x02 \x01(\x0c\x12\x12\n\nlatency_ms\x18\x03 \x01(\x01\x12\x11\n\x04\x63ost\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x07\n\x05_cost\"\x11\n\x0f\x44\x65scribeRequest\",\n\x10\x44\x65scribeResponse\x12\x18\n\x10organ_cards_json\x18\x01 \x03(\x0c\"+\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\":\n\rFunctionMatch\x12\r\n\x05organ\x18\x01 \x01(\t\x12\x1a\n\x12\x66unction_card_json\x18\x02 \x01(\x0c\"9\n\x0eSearchResponse\x12\'\n\x07matches\x18\x01 \x03(\x0b\x32\x16.soma.v1.FunctionMatch2\xc9\x01\n\x07Sidecar\x12\x42\n\tStimulate\x12\x19.soma.v1.StimulateRequest\x1a\x1a.soma.v1.StimulateResponse\x12?\n\x08\x44\x65scribe\x12\x18.soma.v1.DescribeRequest\x1a\x19.soma.v1.DescribeResponse\x12\x39\n\x06Search\x12\x16.soma.v1.SearchRequest\x1a\x17.soma.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15soma/v1/sidecar.proto\x12\x07soma.v1\"\x9b\x01\n\x10StimulateRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\x12\n\ninput_json\x18\x02 \x01(\x0c\x12\x37\n\x07\x63ontext\x18\x03 \x03(\x0b\x32&.soma.v1.StimulateRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"d\n\x11StimulateResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x13\n\x0boutput_json\x18\x02 \x01(\x0c\x12\x12\n\nlatency_ms\x18\x03 \x01(\x01\x12\x11\n\x04\x63ost\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x07\n\x05_cost\"s\n\rStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x19.soma.v1.StimulateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x42\x06\n\x04kind\"*\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"x\n\x0eStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x05reply\x18\x02 \x01(\x0b\x32\x1a.soma.v1.StimulateResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.soma.v1.CallErrorH\x00\x42\x08\n\x06result\"\x11\n\x0f\x44\x65scribeRequest\",\n\x10\x44\x65scribeResponse\x12\x18\n\x10organ_cards_json\x18\x01 \x03(\x0c\"+\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\":\n\rFunctionMatch\x12\r\n\x05organ\x18\x01 \x01(\t\x12\x1a\n\x12\x66unction_card_json\x18\x02 \x01(\x0c\"9\n\x0eSearchResponse\x12\'\n\x07matches\x18\x01 \x03(\x0b\x32\x16.soma.v1.FunctionMatch2\x88\x02\n\x07Sidecar\x12\x42\n\tStimulate\x12\x19.soma.v1.StimulateRequest\x1a\x1a.soma.v1.StimulateResponse\x12=\n\x06Stream\x12\x16.soma.v1.StreamRequest\x1a\x17.soma.v1.StreamResponse(\x01\x30\x01\x12?\n\x08\x44\x65scribe\x12\x18.soma.v1.DescribeRequest\x1a\x19.soma.v1.DescribeResponse\x12\x39\n\x06Search\x12\x16.soma.v1.SearchRequest\x1a\x17.soma.v1.SearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,16 +40,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STIMULATEREQUEST_CONTEXTENTRY']._serialized_end=190
   _globals['_STIMULATERESPONSE']._serialized_start=192
   _globals['_STIMULATERESPONSE']._serialized_end=292
-  _globals['_DESCRIBEREQUEST']._serialized_start=294
-  _globals['_DESCRIBEREQUEST']._serialized_end=311
-  _globals['_DESCRIBERESPONSE']._serialized_start=313
-  _globals['_DESCRIBERESPONSE']._serialized_end=357
-  _globals['_SEARCHREQUEST']._serialized_start=359
-  _globals['_SEARCHREQUEST']._serialized_end=402
-  _globals['_FUNCTIONMATCH']._serialized_start=404
-  _globals['_FUNCTIONMATCH']._serialized_end=462
-  _globals['_SEARCHRESPONSE']._serialized_start=464
-  _globals['_SEARCHRESPONSE']._serialized_end=521
-  _globals['_SIDECAR']._serialized_start=524
-  _globals['_SIDECAR']._serialized_end=725
+  _globals['_STREAMREQUEST']._serialized_start=294
+  _globals['_STREAMREQUEST']._serialized_end=409
+  _globals['_CALLERROR']._serialized_start=411
+  _globals['_CALLERROR']._serialized_end=453
+  _globals['_STREAMRESPONSE']._serialized_start=455
+  _globals['_STREAMRESPONSE']._serialized_end=575
+  _globals['_DESCRIBEREQUEST']._serialized_start=577
+  _globals['_DESCRIBEREQUEST']._serialized_end=594
+  _globals['_DESCRIBERESPONSE']._serialized_start=596
+  _globals['_DESCRIBERESPONSE']._serialized_end=640
+  _globals['_SEARCHREQUEST']._serialized_start=642
+  _globals['_SEARCHREQUEST']._serialized_end=685
+  _globals['_FUNCTIONMATCH']._serialized_start=687
+  _globals['_FUNCTIONMATCH']._serialized_end=745
+  _globals['_SEARCHRESPONSE']._serialized_start=747
+  _globals['_SEARCHRESPONSE']._serialized_end=804
+  _globals['_SIDECAR']._serialized_start=807
+  _globals['_SIDECAR']._serialized_end=1071
 # @@protoc_insertion_point(module_scope)

@@ -116,6 +116,118 @@ class StimulateResponse(_message.Message):
 Global___StimulateResponse: _TypeAlias = StimulateResponse  # noqa: Y015
 
 @_typing.final
+class StreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CALL_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The call's id, chosen by the client, unique among the stream's calls in
+    flight (a call is in flight until its answer is sent). A call whose id is
+    already in flight is answered with an INVALID_ARGUMENT CallError under that
+    id and not run; the call already running keeps going.
+    """
+    cancel: _builtins.bool
+    """Cancel the call in flight with this id (the value is ignored; setting the
+    field is the request). Its organ task is cancelled and the call answered
+    with a CANCELLED CallError, unless it was answered first. An id not in
+    flight is ignored: its answer may already be on its way.
+    """
+    timeout_s: _builtins.float
+    """The call's own deadline in seconds from the moment the sidecar reads it;
+    0 (or unset) means none. On expiry the organ task is cancelled and the call
+    answered with a DEADLINE_EXCEEDED CallError. Only read with `call`.
+    """
+    @_builtins.property
+    def call(self) -> Global___StimulateRequest:
+        """Start a call."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        call: Global___StimulateRequest | None = ...,
+        cancel: _builtins.bool = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "id", b"id", "kind", b"kind", "timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["call", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___StreamRequest: _TypeAlias = StreamRequest  # noqa: Y015
+
+@_typing.final
+class CallError(_message.Message):
+    """A refusal of one call on a stream: what unary Stimulate would end with a status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The gRPC status code name, e.g. "PERMISSION_DENIED", "INVALID_ARGUMENT",
+    "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", with the meaning
+    that status has for unary Stimulate.
+    """
+    message: _builtins.str
+    """Human-readable detail, as the unary status message would carry."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallError: _TypeAlias = CallError  # noqa: Y015
+
+@_typing.final
+class StreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The id of the call this answers; each call gets exactly one answer."""
+    @_builtins.property
+    def reply(self) -> Global___StimulateResponse:
+        """The call ran: its response, exactly as unary Stimulate returns it (an
+        organ's own failure is ok=false here, not an error).
+        """
+
+    @_builtins.property
+    def error(self) -> Global___CallError:
+        """The call was refused, cancelled or timed out."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        reply: Global___StimulateResponse | None = ...,
+        error: Global___CallError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "reply", b"reply", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "reply", b"reply", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["reply", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___StreamResponse: _TypeAlias = StreamResponse  # noqa: Y015
+
+@_typing.final
 class DescribeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

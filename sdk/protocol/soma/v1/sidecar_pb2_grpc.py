@@ -40,6 +40,11 @@ class SidecarStub:
                 request_serializer=soma_dot_v1_dot_sidecar__pb2.StimulateRequest.SerializeToString,
                 response_deserializer=soma_dot_v1_dot_sidecar__pb2.StimulateResponse.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/soma.v1.Sidecar/Stream',
+                request_serializer=soma_dot_v1_dot_sidecar__pb2.StreamRequest.SerializeToString,
+                response_deserializer=soma_dot_v1_dot_sidecar__pb2.StreamResponse.FromString,
+                _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/soma.v1.Sidecar/Describe',
                 request_serializer=soma_dot_v1_dot_sidecar__pb2.DescribeRequest.SerializeToString,
@@ -62,6 +67,27 @@ class SidecarServicer:
         reserved for transport and access problems (UNAUTHENTICATED,
         PERMISSION_DENIED, INVALID_ARGUMENT for undecodable requests,
         RESOURCE_EXHAUSTED for oversized messages).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stream(self, request_iterator, context):
+        """Many Stimulate calls multiplexed on one stream, each named by a client-chosen id.
+        Same meaning as Stimulate, call by call: the same allow-list, validation,
+        credential injection and organ responses; a status that unary Stimulate would
+        return for one call comes back as that call's CallError, and the stream lives
+        on. Answers come as calls complete, in any order.
+
+        The stream itself ends with a status only for what concerns all its calls:
+        UNAUTHENTICATED (no valid session when it opens, or the session revoked
+        later), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
+        CANCELLED (the sidecar stopping or restarting: reconnect). Calls unanswered
+        when a stream ends were cancelled; whether a cancelled call ran is unknown, so
+        only idempotent calls may be sent again.
+
+        Flow control: the sidecar runs a bounded number of a stream's calls at once
+        and stops reading the stream while that many are in flight.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +116,11 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.Stimulate,
                     request_deserializer=soma_dot_v1_dot_sidecar__pb2.StimulateRequest.FromString,
                     response_serializer=soma_dot_v1_dot_sidecar__pb2.StimulateResponse.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=soma_dot_v1_dot_sidecar__pb2.StreamRequest.FromString,
+                    response_serializer=soma_dot_v1_dot_sidecar__pb2.StreamResponse.SerializeToString,
             ),
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
@@ -129,6 +160,33 @@ class Sidecar:
             '/soma.v1.Sidecar/Stimulate',
             soma_dot_v1_dot_sidecar__pb2.StimulateRequest.SerializeToString,
             soma_dot_v1_dot_sidecar__pb2.StimulateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/soma.v1.Sidecar/Stream',
+            soma_dot_v1_dot_sidecar__pb2.StreamRequest.SerializeToString,
+            soma_dot_v1_dot_sidecar__pb2.StreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

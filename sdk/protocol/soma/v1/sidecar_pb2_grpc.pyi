@@ -51,6 +51,23 @@ class SidecarStub:
     PERMISSION_DENIED, INVALID_ARGUMENT for undecodable requests,
     RESOURCE_EXHAUSTED for oversized messages).
     """
+    Stream: _grpc.StreamStreamMultiCallable[_sidecar_pb2.StreamRequest, _sidecar_pb2.StreamResponse]
+    """Many Stimulate calls multiplexed on one stream, each named by a client-chosen id.
+    Same meaning as Stimulate, call by call: the same allow-list, validation,
+    credential injection and organ responses; a status that unary Stimulate would
+    return for one call comes back as that call's CallError, and the stream lives
+    on. Answers come as calls complete, in any order.
+
+    The stream itself ends with a status only for what concerns all its calls:
+    UNAUTHENTICATED (no valid session when it opens, or the session revoked
+    later), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
+    CANCELLED (the sidecar stopping or restarting: reconnect). Calls unanswered
+    when a stream ends were cancelled; whether a cancelled call ran is unknown, so
+    only idempotent calls may be sent again.
+
+    Flow control: the sidecar runs a bounded number of a stream's calls at once
+    and stops reading the stream while that many are in flight.
+    """
     Describe: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.DescribeRequest, _sidecar_pb2.DescribeResponse]
     """The capability cards of the organs, limited to the functions the calling
     channel may call.
@@ -70,6 +87,23 @@ class SidecarAsyncStub(SidecarStub):
     reserved for transport and access problems (UNAUTHENTICATED,
     PERMISSION_DENIED, INVALID_ARGUMENT for undecodable requests,
     RESOURCE_EXHAUSTED for oversized messages).
+    """
+    Stream: _aio.StreamStreamMultiCallable[_sidecar_pb2.StreamRequest, _sidecar_pb2.StreamResponse]  # type: ignore[assignment]
+    """Many Stimulate calls multiplexed on one stream, each named by a client-chosen id.
+    Same meaning as Stimulate, call by call: the same allow-list, validation,
+    credential injection and organ responses; a status that unary Stimulate would
+    return for one call comes back as that call's CallError, and the stream lives
+    on. Answers come as calls complete, in any order.
+
+    The stream itself ends with a status only for what concerns all its calls:
+    UNAUTHENTICATED (no valid session when it opens, or the session revoked
+    later), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
+    CANCELLED (the sidecar stopping or restarting: reconnect). Calls unanswered
+    when a stream ends were cancelled; whether a cancelled call ran is unknown, so
+    only idempotent calls may be sent again.
+
+    Flow control: the sidecar runs a bounded number of a stream's calls at once
+    and stops reading the stream while that many are in flight.
     """
     Describe: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.DescribeRequest, _sidecar_pb2.DescribeResponse]  # type: ignore[assignment]
     """The capability cards of the organs, limited to the functions the calling
@@ -93,6 +127,29 @@ class SidecarServicer(metaclass=_abc_1.ABCMeta):
         reserved for transport and access problems (UNAUTHENTICATED,
         PERMISSION_DENIED, INVALID_ARGUMENT for undecodable requests,
         RESOURCE_EXHAUSTED for oversized messages).
+        """
+
+    @_abc_1.abstractmethod
+    def Stream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sidecar_pb2.StreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sidecar_pb2.StreamResponse], _abc.AsyncIterator[_sidecar_pb2.StreamResponse]]:
+        """Many Stimulate calls multiplexed on one stream, each named by a client-chosen id.
+        Same meaning as Stimulate, call by call: the same allow-list, validation,
+        credential injection and organ responses; a status that unary Stimulate would
+        return for one call comes back as that call's CallError, and the stream lives
+        on. Answers come as calls complete, in any order.
+
+        The stream itself ends with a status only for what concerns all its calls:
+        UNAUTHENTICATED (no valid session when it opens, or the session revoked
+        later), INVALID_ARGUMENT (a frame that is not a StreamRequest), UNAVAILABLE or
+        CANCELLED (the sidecar stopping or restarting: reconnect). Calls unanswered
+        when a stream ends were cancelled; whether a cancelled call ran is unknown, so
+        only idempotent calls may be sent again.
+
+        Flow control: the sidecar runs a bounded number of a stream's calls at once
+        and stops reading the stream while that many are in flight.
         """
 
     @_abc_1.abstractmethod
