@@ -31,7 +31,7 @@ import uvloop
 
 from soma_bench import GROUPS, report
 from soma_bench.bridge import Servers
-from soma_bench.clients import Endpoints, Spec, build, transports_supported
+from soma_bench.clients import Endpoints, Spec, build
 from soma_bench.deploy import BenchError, Deployment, start_bare, start_sidecar
 from soma_bench.measure import Result, Settings, progress, run_group
 from soma_bench.soak import long_run
@@ -57,13 +57,14 @@ FULL = Plan(
 
 
 def sdk_specs(prefix: str, kind: str, baseline: str, suffix: str = "", **extra: Any) -> list[Spec]:
-    """The SDK's cases: over the stream and over unary when this SDK has both, else its one."""
-    if not transports_supported():
-        return [Spec(name=f"{prefix}{suffix}", kind=kind, baseline=baseline, **extra)]  # type: ignore[typeddict-item]
-    return [
-        Spec(name=f"{prefix} {t}{suffix}", kind=kind, baseline=baseline, transport=t, **extra)  # type: ignore[typeddict-item]
-        for t in ("unary", "stream")
-    ]
+    """The SDK's cases, over unary and over the stream; `extra`: more `Spec` keys."""
+    specs = []
+    for transport in ("unary", "stream"):
+        spec = Spec(name=f"{prefix} {transport}{suffix}", kind=kind, baseline=baseline)
+        spec["transport"] = transport
+        spec.update(extra)  # type: ignore[typeddict-item]
+        specs.append(spec)
+    return specs
 
 
 def echo_specs() -> list[Spec]:
@@ -244,7 +245,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": len(os.sched_getaffinity(0)),
         },
         "settings": asdict(settings),
-        "stream_transport": transports_supported(),
         "seconds": round(time.monotonic() - began, 1),
         "results": results,
         "targets": [t.as_dict() for t in report.targets(results)],

@@ -1,14 +1,13 @@
 """The calls a case makes, built from a plain description (a `Spec`) so that the driver and
 the worker inside a supervised runtime build them the same way.
 
-The bare clients use the SDK's channel options, so a baseline differs from the SDK only in
-what the SDK and the sidecar do, not in how the channel is tuned.
+The bare clients use the SDK's channel options (`sdk.protocol.CHANNEL_OPTIONS`), so a baseline
+differs from the SDK only in what the SDK and the sidecar do, not in how the channel is tuned.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import json
 import struct
@@ -22,36 +21,12 @@ import grpc
 import httpx2
 
 import sdk
-from sdk import protocol
+from sdk.protocol import CHANNEL_OPTIONS
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from soma_bench.bare import STREAM_METHOD
 from soma_bench.measure import Call, Case
 
-# The SDK's channel options, public as `sdk.protocol.CHANNEL_OPTIONS` from the stream work on;
-# before it, the same values the SDK sets (message limits and a prompt reconnect).
-CHANNEL_OPTIONS: list[tuple[str, Any]] = getattr(
-    protocol,
-    "CHANNEL_OPTIONS",
-    [
-        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-        ("grpc.max_send_message_length", 4 * 1024 * 1024),
-        ("grpc.initial_reconnect_backoff_ms", 50),
-        ("grpc.min_reconnect_backoff_ms", 50),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-    ],
-)
-
-KINDS = (
-    "raw",
-    "bare_unary_sync",
-    "bare_unary_aio",
-    "bare_stream_aio",
-    "client",
-    "async_client",
-    "http_direct",
-    "http_gateway",
-)
 BARE = ("raw", "bare_unary_sync", "bare_unary_aio", "bare_stream_aio", "http_direct")
 
 
@@ -87,11 +62,6 @@ class Endpoints:
 def payload_of(size: int) -> dict[str, str]:
     """A JSON object whose encoding is `size` bytes: `{"data":"xxx..."}`."""
     return {"data": "x" * max(0, size - 11)}
-
-
-def transports_supported() -> bool:
-    """Whether this SDK has the `transport=` choice (the streaming fast path)."""
-    return "transport" in inspect.signature(sdk.Client.__init__).parameters
 
 
 def stat_path(pid: int) -> Path:

@@ -55,10 +55,7 @@ class Target:
 
 
 def _ratio(results: dict[str, dict[str, Any]], name: str, key: str) -> float | None:
-    """`name`'s ratio to its baseline; for an SDK without the transport choice, the ratio of
-    the one case it has (named without " unary")."""
-    found = results.get(name) or results.get(name.removesuffix(" unary"), {})
-    ratio = found.get("ratio")
+    ratio = results.get(name, {}).get("ratio")
     return None if ratio is None else float(ratio[key])
 
 

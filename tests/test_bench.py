@@ -49,8 +49,9 @@ def test_a_tiny_run_writes_every_field_as_json_and_a_png(tmp_path: Path) -> None
     assert {"gateway: direct", "gateway: via the gateway", "mcp: tools/call via bridge"} <= set(
         results
     )
-    assert any(name.startswith("Client") for name in results)
-    assert any(name.startswith("AsyncClient") for name in results)
+    for client in ("Client", "AsyncClient"):
+        assert {f"{client} unary", f"{client} stream"} <= set(results)
+    assert results["AsyncClient stream"]["baseline"] == "bare stream (aio)"
     for r in document["results"]:
         assert set(r) == RESULT_FIELDS, r["name"]
         assert r["calls"] == 4
@@ -77,6 +78,8 @@ def test_a_tiny_run_writes_every_field_as_json_and_a_png(tmp_path: Path) -> None
     gateway = targets["gateway p50 vs direct (total)"]
     assert gateway["value"] == pytest.approx(results["gateway: via the gateway"]["ratio"]["p50"])
     assert gateway["met"] == (gateway["value"] <= 2.0)
+    stream = targets["stream p50 vs bare stream"]
+    assert stream["value"] == pytest.approx(results["AsyncClient stream"]["ratio"]["p50"])
     assert targets["p50 flat from 1 to N runtimes"]["met"] is None  # not measured
     # stdout: the table and the verdicts; stderr: progress.
     assert "gateway: via the gateway" in result.stdout
