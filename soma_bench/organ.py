@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from soma_runtime import FunctionCard, OrganCard, ResidencyPolicy, RoutedOrgan, SloConfig, Stimulus
+from soma_runtime import (
+    FunctionCard,
+    OrganCard,
+    OrganFailure,
+    ResidencyPolicy,
+    RoutedOrgan,
+    SloConfig,
+    Stimulus,
+)
 from soma_runtime import function as organ_function
 
 CREDENTIAL = "bench"
@@ -51,5 +59,5 @@ class BenchOrgan(RoutedOrgan):
     @organ_function(_ECHO)
     async def echo(self, input: dict[str, Any], stimulus: Stimulus) -> dict[str, Any]:
         if CREDENTIAL not in stimulus.credentials:  # the path under test must have run
-            raise ValueError("the bench credential was not handed over")
+            raise OrganFailure("CredentialUnavailable", "the bench credential was not handed over")
         return input

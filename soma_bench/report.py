@@ -54,50 +54,55 @@ class Target:
         }
 
 
-def _ratio(results: dict[str, dict[str, Any]], name: str, key: str) -> float | None:
-    ratio = results.get(name, {}).get("ratio")
-    return None if ratio is None else float(ratio[key])
+def _against(
+    by: dict[str, dict[str, Any]], name: str, other: str, key: str = "p50_us"
+) -> float | None:
+    """`name`'s figure over `other`'s (both measured in the same group), None unless both
+    were measured."""
+    if name not in by or other not in by:
+        return None
+    return float(by[name][key] / by[other][key])
+
+
+SUPERVISED = ("supervised: Client unary", "supervised: bare unary (sync)")
+GATEWAY = "gateway: via the gateway"
 
 
 def targets(results: list[dict[str, Any]]) -> list[Target]:
     """The issue's targets, from the cases this run measured (None: not measured)."""
     by = {r["name"]: r for r in results}
-    found: list[Target] = [
-        Target("supervised unary p50 vs bare unary", _ratio(by, SUPERVISED_UNARY, "p50"), 1.15),
-        Target("supervised unary p99 vs bare unary", _ratio(by, SUPERVISED_UNARY, "p99"), 1.3),
-    ]
-    stream, unary = by.get("AsyncClient stream"), by.get("bare unary (aio)")
-    found.append(
+    return [
+        Target("supervised unary p50 vs bare unary", _against(by, *SUPERVISED), 1.15),
+        Target("supervised unary p99 vs bare unary", _against(by, *SUPERVISED, "p99_us"), 1.3),
         Target(
-            "stream p50 vs bare unary",
-            stream["p50_us"] / unary["p50_us"] if stream and unary else None,
+            "Client stream p50 vs bare unary (sync)",
+            _against(by, "Client stream", "bare unary (sync)"),
             0.6,
-        )
-    )
-    found.append(Target("stream p50 vs bare stream", _ratio(by, "AsyncClient stream", "p50"), 1.15))
-    stream32, unary32 = by.get("AsyncClient stream @32"), by.get("bare unary (aio) @32")
-    found.append(
+        ),
+        Target(
+            "AsyncClient stream p50 vs bare unary (aio)",
+            _against(by, "AsyncClient stream", "bare unary (aio)"),
+            0.6,
+        ),
+        Target(
+            "AsyncClient stream p50 vs bare stream",
+            _against(by, "AsyncClient stream", "bare stream (aio)"),
+            1.15,
+        ),
         Target(
             "stream throughput @32 vs bare unary",
-            stream32["calls_per_s"] / unary32["calls_per_s"] if stream32 and unary32 else None,
+            _against(by, "AsyncClient stream @32", "bare unary (aio) @32", "calls_per_s"),
             1.5,
             at_most=False,
-        )
-    )
-    found += runtime_targets(by)
-    found.append(
+        ),
+        *runtime_targets(by),
         Target(
             "bridge tools/call p50 vs bare mcp",
-            _ratio(by, "mcp: tools/call via bridge", "p50"),
+            _against(by, "mcp: tools/call via bridge", "mcp: bare SDK server"),
             1.3,
-        )
-    )
-    found.append(Target("gateway p50 vs direct (total)", _ratio(by, GATEWAY, "p50"), 2.0))
-    return found
-
-
-SUPERVISED_UNARY = "supervised: Client unary"
-GATEWAY = "gateway: via the gateway"
+        ),
+        Target("gateway p50 vs direct (total)", _against(by, GATEWAY, "gateway: direct"), 2.0),
+    ]
 
 
 def runtime_targets(by: dict[str, dict[str, Any]]) -> list[Target]:

@@ -78,7 +78,7 @@ def test_a_tiny_run_writes_every_field_as_json_and_a_png(tmp_path: Path) -> None
     gateway = targets["gateway p50 vs direct (total)"]
     assert gateway["value"] == pytest.approx(results["gateway: via the gateway"]["ratio"]["p50"])
     assert gateway["met"] == (gateway["value"] <= 2.0)
-    stream = targets["stream p50 vs bare stream"]
+    stream = targets["AsyncClient stream p50 vs bare stream"]
     assert stream["value"] == pytest.approx(results["AsyncClient stream"]["ratio"]["p50"])
     assert targets["p50 flat from 1 to N runtimes"]["met"] is None  # not measured
     # stdout: the table and the verdicts; stderr: progress.
