@@ -50,21 +50,25 @@ async def raw_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
 
 
 async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Just enough HTTP/1.1 for a keep-alive client: read the head and a Content-Length body,
-    answer 200 with a fixed JSON body."""
+    """Just enough HTTP/1.1 for a keep-alive client: read the head and the body (by
+    Content-Length, or chunked as a streaming proxy sends it), answer 200 with a fixed JSON
+    body."""
     head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
     reply = head % len(UPSTREAM_REPLY) + UPSTREAM_REPLY
     try:
         while True:
-            header = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in header.split(b"\r\n"):
+            fields = {}
+            for line in (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
+                fields[name.strip().lower()] = value.strip().lower()
+            if fields.get(b"transfer-encoding") == b"chunked":
+                while size := int((await reader.readline()).split(b";")[0], 16):
+                    await reader.readexactly(size + 2)
+                await reader.readline()  # the empty line after the last chunk
+            else:
+                await reader.readexactly(int(fields.get(b"content-length", b"0")))
             writer.write(reply)
-    except (asyncio.IncompleteReadError, ConnectionError):
+    except (asyncio.IncompleteReadError, ConnectionError, ValueError):
         pass
     writer.close()
 
