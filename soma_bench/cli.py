@@ -254,6 +254,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def bench(args: argparse.Namespace) -> int:
     """The `soma bench` handler: measure, print the table and the targets, write what was asked."""
+    for path in (args.json, args.plot):  # found out now, not after minutes of measuring
+        if path is not None and not path.parent.is_dir():
+            print(f"soma bench: no directory {path.parent} for {path}", file=sys.stderr)
+            return 2
     if args.plot is not None:
         try:
             report.check_plotting()

@@ -112,6 +112,13 @@ def test_bad_arguments_are_a_usage_error(args: list[str], message: str) -> None:
     assert message in result.stderr
 
 
+def test_an_output_path_in_no_directory_is_refused_before_measuring(tmp_path: Path) -> None:
+    result = run_soma("bench", "--json", str(tmp_path / "missing" / "b.json"), timeout=30)
+    assert result.returncode == 2
+    assert f"no directory {tmp_path / 'missing'}" in result.stderr
+    assert "batch" not in result.stderr
+
+
 def test_plot_without_matplotlib_names_the_extra_before_measuring(tmp_path: Path) -> None:
     hide = (
         "import sys; sys.modules['matplotlib'] = None; from soma_cli.main import main; "
