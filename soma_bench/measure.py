@@ -108,6 +108,8 @@ def quantile(ordered: list[float], q: float) -> float:
 
 @dataclass
 class _Batches:
+    """What a case's batches measured, to be summed up by `result`."""
+
     p50: list[float] = field(default_factory=list)
     p90: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
@@ -116,6 +118,39 @@ class _Batches:
     supervisor_cpu: float = 0.0
     peak: float = 0.0
     calls: int = 0
+
+    def add(self, latencies: list[float], wall: float, cpu: float, supervisor_cpu: float) -> None:
+        self.p50.append(quantile(latencies, 0.5))
+        self.p90.append(quantile(latencies, 0.9))
+        self.p99.append(quantile(latencies, 0.99))
+        self.rate.append(len(latencies) / wall)
+        self.cpu += cpu
+        self.supervisor_cpu += supervisor_cpu
+        self.peak = max(self.peak, latencies[-1])
+        self.calls += len(latencies)
+
+    def result(self, case: Case) -> Result:
+        return Result(
+            name=case.name,
+            baseline=case.baseline,
+            params={"inflight": case.inflight, **case.params},
+            calls=self.calls,
+            p50_us=statistics.median(self.p50),
+            p50_spread_us=(min(self.p50), max(self.p50)),
+            p90_us=statistics.median(self.p90),
+            p99_us=statistics.median(self.p99),
+            max_us=self.peak,
+            calls_per_s=statistics.median(self.rate),
+            cpu_us_per_call=self.cpu / self.calls * 1e6 if case.server else None,
+            supervisor_cpu_us_per_call=(
+                self.supervisor_cpu / self.calls * 1e6 if case.supervisor else None
+            ),
+            rss_kb=rss_kb(case.rss_pid) if case.rss_pid else None,
+        )
+
+
+def _cpu(where: Path | None) -> float:
+    return cpu_seconds(where) if where else 0.0
 
 
 async def batch(call: Call, calls: int, inflight: int) -> tuple[list[float], float]:
@@ -156,41 +191,9 @@ async def run_group(title: str, cases: list[Case], settings: Settings) -> list[R
         shift = number % len(cases)
         for case in cases[shift:] + cases[:shift]:
             calls = max(case.inflight, settings.calls(case.inflight) // case.scale)
-            before = cpu_seconds(case.server) if case.server else 0.0
-            supervisor = cpu_seconds(case.supervisor) if case.supervisor else 0.0
+            server, supervisor = _cpu(case.server), _cpu(case.supervisor)
             latencies, wall = await batch(case.call, calls, case.inflight)
-            used = cpu_seconds(case.server) - before if case.server else 0.0
-            if case.supervisor:
-                figures[case.name].supervisor_cpu += cpu_seconds(case.supervisor) - supervisor
-            into = figures[case.name]
-            into.p50.append(quantile(latencies, 0.5))
-            into.p90.append(quantile(latencies, 0.9))
-            into.p99.append(quantile(latencies, 0.99))
-            into.rate.append(calls / wall)
-            into.cpu += used
-            into.peak = max(into.peak, latencies[-1])
-            into.calls += calls
-    return [
-        Result(
-            name=case.name,
-            baseline=case.baseline,
-            params={"inflight": case.inflight, **case.params},
-            calls=figures[case.name].calls,
-            p50_us=statistics.median(figures[case.name].p50),
-            p50_spread_us=(min(figures[case.name].p50), max(figures[case.name].p50)),
-            p90_us=statistics.median(figures[case.name].p90),
-            p99_us=statistics.median(figures[case.name].p99),
-            max_us=figures[case.name].peak,
-            calls_per_s=statistics.median(figures[case.name].rate),
-            cpu_us_per_call=figures[case.name].cpu / figures[case.name].calls * 1e6
-            if case.server
-            else None,
-            supervisor_cpu_us_per_call=figures[case.name].supervisor_cpu
-            / figures[case.name].calls
-            * 1e6
-            if case.supervisor
-            else None,
-            rss_kb=rss_kb(case.rss_pid) if case.rss_pid else None,
-        )
-        for case in cases
-    ]
+            figures[case.name].add(
+                latencies, wall, _cpu(case.server) - server, _cpu(case.supervisor) - supervisor
+            )
+    return [figures[case.name].result(case) for case in cases]
