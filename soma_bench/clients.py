@@ -13,7 +13,7 @@ import json
 import struct
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -31,7 +31,9 @@ BARE = ("raw", "bare_unary_sync", "bare_unary_aio", "bare_stream_aio", "http_dir
 
 
 class Spec(TypedDict, total=False):
-    """A case as data. `transport` is the SDK's ("stream" or "unary"; absent: its default)."""
+    """A case as data. `transport` is the SDK's ("stream" or "unary"; absent: its default).
+    Blocking clients (`bare_unary_sync`, `client`) are called from the event loop's thread
+    itself, one call at a time, as a plain blocking agent would call them."""
 
     name: str
     kind: str
@@ -45,8 +47,9 @@ class Spec(TypedDict, total=False):
 
 @dataclass
 class Endpoints:
-    """Where the cases' servers are. `target` None: the SDK clients come from the runtime's
-    environment (`from_env`), as in a supervised runtime."""
+    """Where the cases' servers are. `target`: a standalone sidecar's (its token is read from
+    beside its socket); None: the SDK clients come from the runtime's environment
+    (`from_env`), as in a supervised runtime."""
 
     bare_dir: Path
     bare_pid: int
@@ -54,9 +57,7 @@ class Endpoints:
     sidecar_pid: int | None = None
     supervisor_pid: int | None = None
     target: str | None = None
-    token_file: str | None = None
     gateway: tuple[str, str] | None = None  # base URL and key handed to the runtime
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def payload_of(size: int) -> dict[str, str]:
@@ -106,15 +107,6 @@ class BareStream:
         await asyncio.gather(self._reader, return_exceptions=True)
 
 
-def _sdk_kwargs(spec: Spec, endpoints: Endpoints) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    if "transport" in spec:
-        kwargs["transport"] = spec["transport"]
-    if endpoints.token_file is not None:
-        kwargs["token_file"] = endpoints.token_file
-    return kwargs
-
-
 async def build(spec: Spec, endpoints: Endpoints, stack: AsyncExitStack) -> Case:
     """The case `spec` describes, its clients connected and closed by `stack`."""
     kind = spec["kind"]
@@ -161,11 +153,11 @@ async def build(spec: Spec, endpoints: Endpoints, stack: AsyncExitStack) -> Case
                 return await stream.echo(raw)
 
     elif kind == "client":
-        kwargs = _sdk_kwargs(spec, endpoints)
+        transport = spec.get("transport", "stream")  # the SDK's default
         client = (
-            sdk.Client(endpoints.target, **kwargs)
+            sdk.Client(endpoints.target, transport=transport)
             if endpoints.target
-            else sdk.Client.from_env(**kwargs)
+            else sdk.Client.from_env(transport=transport)
         )
         stack.enter_context(client)
 
@@ -173,11 +165,11 @@ async def build(spec: Spec, endpoints: Endpoints, stack: AsyncExitStack) -> Case
             return client.call(op, data)
 
     elif kind == "async_client":
-        kwargs = _sdk_kwargs(spec, endpoints)
+        transport = spec.get("transport", "stream")  # the SDK's default
         aclient = (
-            sdk.AsyncClient(endpoints.target, **kwargs)
+            sdk.AsyncClient(endpoints.target, transport=transport)
             if endpoints.target
-            else sdk.AsyncClient.from_env(**kwargs)
+            else sdk.AsyncClient.from_env(transport=transport)
         )
         await stack.enter_async_context(aclient)
 
