@@ -38,7 +38,7 @@ def wait_for(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
     return value
 
 
-def settle(pid: int, timeout: float = 20.0) -> None:
+def settle(pid: int, timeout: float = 10.0) -> None:
     """Wait until a process that has just started is done with its start-up work (it used
     under 5% of a CPU over a quarter of a second), so that the first batches do not pay for
     it; after `timeout`, measure anyway."""

@@ -176,8 +176,12 @@ async def batch(call: Call, calls: int, inflight: int) -> tuple[list[float], flo
     return latencies, wall
 
 
+STARTED = time.monotonic()
+
+
 def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    """A line on stderr, with the seconds since this process started measuring."""
+    print(f"[{time.monotonic() - STARTED:6.1f}s] {text}", file=sys.stderr, flush=True)
 
 
 async def run_group(title: str, cases: list[Case], settings: Settings) -> list[Result]:
