@@ -39,14 +39,18 @@ from soma_bench.soak import long_run
 
 @dataclass(frozen=True)
 class Plan:
+    """How much a run measures: the batches, and the points of each sweep."""
+
     settings: Settings
     inflight: tuple[int, ...]
     payloads: tuple[int, ...]
     runtimes: tuple[int, ...]
 
 
+# `--quick` (`make bench`): about 1-1.5 minutes on a 2-core machine; the full run, which
+# the README's table comes from, sweeps further and takes several minutes.
 QUICK = Plan(
-    Settings(warmup=100, batches=5, per_batch=200), (1, 32), (100, 10_000, 1_000_000), (1, 16)
+    Settings(warmup=200, batches=6, per_batch=300), (1, 32), (100, 10_000, 1_000_000), (1, 16)
 )
 FULL = Plan(
     Settings(warmup=500, batches=10, per_batch=500),
