@@ -114,9 +114,14 @@ def payload_specs(size: int) -> list[Spec]:
 
 
 def supervised_specs() -> list[Spec]:
+    """`bench.echo` (validation and a credential) over both transports, and `system.echo`
+    (neither) over unary: the difference is what those two cost per call."""
     bare = "supervised: bare unary (sync)"
     specs = [Spec(name=bare, kind="bare_unary_sync", baseline=None)]
-    return specs + sdk_specs("supervised: Client", "client", bare, op="bench.echo")
+    specs += sdk_specs("supervised: Client", "client", bare, op="bench.echo")
+    plain = Spec(name="supervised: Client unary, system.echo", kind="client", baseline=bare)
+    plain["transport"] = "unary"
+    return [*specs, plain]
 
 
 def runtimes_specs(n: int) -> list[Spec]:
