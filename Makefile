@@ -49,9 +49,10 @@ proto: $(STAMP)
 cards: $(STAMP)
 	$(BIN)/soma cards export
 
+# `soma bench --quick`: every call path beside its bare baseline, about two minutes; the full
+# run is `.venv/bin/soma bench --json bench.json --plot bench.png`.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.echo
-	$(BIN)/python -m benchmarks.vault_and_gateway
+	$(BIN)/soma bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -40,6 +40,35 @@ def _command(
     return sub
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _bench_groups(text: str) -> list[str]:
+    from soma_bench import GROUPS  # a constant; the benchmark itself loads when it runs
+
+    groups = [g.strip() for g in text.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups:
+        raise argparse.ArgumentTypeError(
+            f"unknown group(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(GROUPS)}"
+        )
+    return groups
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soma", description="Soma Runtime")
     parser.add_argument("--version", action="version", version=f"soma {_version()}")
@@ -161,6 +190,36 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("name", help="the [[upstream]] name")
         sub.add_argument("--tool", default=None, help="only this tool (its upstream name)")
     # -- end soma upstream -------------------------------------------------------------------
+
+    # -- soma bench: what a call costs, beside bare baselines (soma_bench) -------------------
+    bench = _command(
+        commands,
+        "bench",
+        "measure the call paths against bare baselines; a table on stdout, progress on stderr",
+        "soma_bench.cli:bench",
+        config=False,
+    )
+    bench.add_argument("--quick", action="store_true", help="the short run `make bench` makes")
+    bench.add_argument("--json", type=Path, metavar="PATH", help="write every figure as JSON")
+    bench.add_argument("--plot", type=Path, metavar="PATH", help="draw a chart (PNG, matplotlib)")
+    bench.add_argument(
+        "--cases",
+        type=_bench_groups,
+        metavar="GROUP,...",
+        help="only these groups: echo, inflight, payload, supervised, gateway, runtimes, bridge",
+    )
+    bench.add_argument("--batches", type=_positive, metavar="N", help="interleaved batches")
+    bench.add_argument("--calls", type=_positive, metavar="N", help="calls per batch")
+    bench.add_argument("--warmup", type=_count, metavar="N", help="warm-up calls per case")
+    bench.add_argument(
+        "--long",
+        type=_positive,
+        nargs="?",
+        const=1_000_000,
+        metavar="CALLS",
+        help="also check the sidecar's RSS stays flat over CALLS calls (default a million)",
+    )
+    # -- end soma bench ----------------------------------------------------------------------
     return parser
 
 

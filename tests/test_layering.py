@@ -11,13 +11,15 @@ from pathlib import Path
 
 from tests.helpers import REPO
 
-PACKAGES = ("sdk", "soma_runtime", "sidecar", "soma_cli")
+PACKAGES = ("sdk", "soma_runtime", "sidecar", "soma_cli", "soma_bench")
 # What each package may import of the project's packages (by prefix), beside itself.
 ALLOWED = {
     "sdk": (),
     "soma_runtime": ("sdk.protocol",),
     "sidecar": ("soma_runtime", "sdk.protocol"),
-    "soma_cli": ("soma_runtime", "sidecar", "sdk.protocol"),  # the top floor
+    "soma_cli": ("soma_runtime", "sidecar", "sdk.protocol", "soma_bench"),  # the top floor
+    # The benchmark measures the SDK as an agent uses it, so it imports the public `sdk`.
+    "soma_bench": ("soma_runtime", "sidecar", "sdk"),
 }
 # Third-party packages each may not import at all.
 FORBIDDEN = {
@@ -25,6 +27,7 @@ FORBIDDEN = {
     "soma_runtime": ("grpc", "grpc_health", "grpc_reflection", "google", "cryptography", "mcp"),
     "sidecar": (),
     "soma_cli": (),
+    "soma_bench": (),
 }
 
 
