@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from soma_bench.measure import cpu_seconds
-from soma_runtime.config import SomaConfig
 from soma_runtime.supervisor.control import fetch_status
 
 T = TypeVar("T")
@@ -118,13 +117,6 @@ def start_sidecar(directory: Path) -> tuple[Server, str]:
     return server, f"unix://{sock}"
 
 
-def metrics_section(directory: Path) -> str:
-    """The Prometheus endpoint on, on a Unix socket, when this build has one."""
-    if "metrics" not in SomaConfig.model_fields:
-        return ""
-    return f'\n[metrics]\nlisten = "unix:{directory / "metrics.sock"}"\n'
-
-
 SUPERVISED = """
 [soma]
 state_dir = "state"
@@ -170,7 +162,7 @@ restart = "never"
 class Deployment:
     """`soma supervise` with `runtimes` bench workers (one measuring, the rest idle), the
     production configuration: sessions, allow-lists, validation, a credential from the vault,
-    the gateway, JSON logs at info, metrics when available."""
+    the gateway, JSON logs at info, the metrics endpoint."""
 
     def __init__(self, directory: Path, runtimes: int, upstream: str) -> None:
         directory.mkdir(mode=0o700)
@@ -187,7 +179,8 @@ class Deployment:
             IDLE.format(n=n, worker=json.dumps([*worker, "--idle"])) for n in range(1, runtimes)
         )
         config = directory / "soma.toml"
-        config.write_text(body + metrics_section(directory))
+        # The Prometheus endpoint on, as in production.
+        config.write_text(body + f'\n[metrics]\nlisten = "unix:{directory / "metrics.sock"}"\n')
         subprocess.run(
             [PYTHON, "-m", "soma_cli", "secrets", "set", "bench", "--config", str(config)],
             input=f"sk-bench-{secrets.token_hex(8)}\n",

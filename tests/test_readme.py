@@ -58,6 +58,7 @@ CLAIMS = {
     "full_config": '[soma]\nstate_dir = ".soma/state"',
     "runtime_table": "# unique, [a-z0-9-]",
     "vault_table": "[vault]\nkek =",
+    "metrics_table": "[metrics]\nlisten =",
     "credential_tables": '[[credential]]\nname = "openai"',
     "gateway_tables": "[[gateway]]",
     "bridge_table": '[[bridge]]\nname = "support"',
@@ -178,6 +179,7 @@ def test_the_organ_skeleton_is_the_contract() -> None:
     [
         (CLAIMS["runtime_table"],),
         (CLAIMS["vault_table"],),
+        (CLAIMS["metrics_table"],),
         (CLAIMS["credential_tables"],),
         (CLAIMS["credential_tables"], CLAIMS["gateway_tables"]),
         (CLAIMS["bridge_table"],),
