@@ -18,11 +18,9 @@ from sdk.errors import (
     TransportError,
     Unavailable,
 )
-from sdk.protocol import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
+from sdk.protocol import MAX_MESSAGE_BYTES
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.types import FunctionMatch, Response
-
-__all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES"]  # re-exported for older callers
 
 # Room for the frame's id and timeout around a call on a stream.
 _FRAME_OVERHEAD = 32

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sdk import protocol
 from sidecar.access import AllowList, Channel
 from sidecar.credentials import CredentialBroker
+from sidecar.dispatch import Dispatcher
 from sidecar.server import ConnectionLimits, SocketServer
 from sidecar.service import SidecarService
 from sidecar.sweep import Owners, close_foreign_connections
@@ -144,7 +145,7 @@ class ChannelRegistry:
     async def open(self, name: str, grpc_path: Path, auth_path: Path, allow: AllowList) -> Channel:
         """Bind both sockets of a new channel; it refuses everything until it has a token."""
         channel = Channel(name=name, allow=allow)
-        servicer = SidecarService(
+        dispatcher = Dispatcher(
             self._executive,
             channel,
             self._broker,
@@ -152,6 +153,11 @@ class ChannelRegistry:
             max_message_bytes=self._settings.max_message_bytes,
             warnings=self.warnings,
             call_level=self._call_level,
+        )
+        servicer = SidecarService(
+            self._executive,
+            dispatcher,
+            warnings=self.warnings,
             stream_max_in_flight=self._settings.stream_max_in_flight,
         )
         server = SocketServer(grpc_path, servicer, self._settings.max_message_bytes, self._limits)

@@ -78,6 +78,10 @@ class Dispatcher:
         self._max_output = max_message_bytes - 1024
         self._call_level = call_level
 
+    @property
+    def channel(self) -> Channel:
+        return self._channel
+
     async def call(self, request: pb.StimulateRequest) -> pb.StimulateResponse | Refusal:
         """Run `request` for this channel's runtime (already authenticated)."""
         started = time.perf_counter()

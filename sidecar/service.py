@@ -18,8 +18,7 @@ import structlog
 from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
-from sidecar.access import AllowList, Channel, token_digest
-from sidecar.credentials import CredentialBroker
+from sidecar.access import AllowList, token_digest
 from sidecar.dispatch import Dispatcher, Refusal
 from sidecar.stream import CallStream
 from soma_runtime import Executive, OrganCard
@@ -38,27 +37,15 @@ class SidecarService(pb_grpc.SidecarServicer):
     def __init__(
         self,
         executive: Executive,
-        channel: Channel,
-        broker: CredentialBroker,
+        dispatcher: Dispatcher,
         *,
-        max_input_depth: int,
-        max_message_bytes: int,
         warnings: RepeatedWarnings,
-        call_level: int | None,
         stream_max_in_flight: int,
     ) -> None:
         self._executive = executive
-        self._channel = channel
+        self._channel = dispatcher.channel
         self._warnings = warnings
-        self._dispatcher = Dispatcher(
-            executive,
-            channel,
-            broker,
-            max_input_depth=max_input_depth,
-            max_message_bytes=max_message_bytes,
-            warnings=warnings,
-            call_level=call_level,
-        )
+        self._dispatcher = dispatcher
         self._stream_max_in_flight = stream_max_in_flight
         self._streams: set[CallStream] = set()
         self._stopping = False

@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 import sdk
-from sdk import _auth, _wire, protocol
+from sdk import _auth, protocol
 from sdk._core import arguments_from_env
 from soma_runtime import jsonline
 from soma_runtime.supervisor.control import same_user
@@ -67,7 +67,7 @@ class RawCaller:
     def __init__(self) -> None:
         target, auth = arguments_from_env()
         self._token, self._auth_socket = auth["token"], auth["auth_socket"]
-        self._channel = grpc.insecure_channel(target, options=_wire.CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(target, options=protocol.CHANNEL_OPTIONS)
         self._session: str | None = None
 
     def refusal(self, message: jsonline.Message) -> str | None:
