@@ -19,6 +19,14 @@ from sdk.errors import SomaError, Unavailable
 DEFAULT_TIMEOUT = 30.0
 TRANSPORTS = ("stream", "unary")
 REOPEN_PAUSE = 0.02  # before replacing a stream that was refused (see `replace_stream`)
+# How long a new stream may wait for the sidecar's acceptance before it is given up and
+# replaced, which is always safe: no frame is sent before acceptance. A sidecar accepts in
+# well under a millisecond; a stream that reached a channel server just as its grpcio main
+# loop crashed is held by that dying server, never accepted nor ended, until the caller's
+# deadline (30 s by default). Doubled for each stream in a row given up on, so a sidecar
+# that is merely slow under load is waited for longer.
+ACCEPT_TIMEOUT_S = 1.0
+MAX_ACCEPT_TIMEOUT_S = 16.0
 
 
 def arguments_from_env() -> tuple[str, dict[str, str | None]]:
@@ -93,8 +101,9 @@ class ClientCore:
         self._session: str | None = None
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._idempotent: dict[str, bool] | None = None
-        self._reached = False
+        self._socket_known = False  # see `start`
         self._ids = itertools.count(1)  # call ids on streams; next() is atomic in CPython
+        self.accept_timeout = ACCEPT_TIMEOUT_S  # for the next stream opened
 
     @property
     def session(self) -> str | None:
@@ -107,10 +116,11 @@ class ClientCore:
         self._metadata = protocol.bearer_metadata(session) if session else ()
 
     def start(self, op: str | None, timeout: float | None) -> Call:
-        """A new call. Until a call has reached the sidecar once, a socket that does not exist
-        is an error at once (a mistyped path should not wait the whole deadline); afterwards
-        it means the sidecar is restarting, and the call waits for it."""
-        if not self._reached and self.path is not None and not os.path.exists(self.path):
+        """A new call. Until the socket is known to exist (a call reached the sidecar once, or
+        `socket_promised`), a socket that does not exist is an error at once (a mistyped path
+        should not wait the whole deadline); afterwards it means the sidecar is restarting or
+        replacing the channel's server, and the call waits for it."""
+        if not self._socket_known and self.path is not None and not os.path.exists(self.path):
             raise Unavailable("UNAVAILABLE", f"no sidecar socket at {self.path}")
         return Call(op, _wire.deadline_after(timeout if timeout is not None else self.timeout))
 
@@ -127,7 +137,12 @@ class ClientCore:
         return next(self._ids)
 
     def succeeded(self) -> None:
-        self._reached = True
+        self._socket_known = True
+
+    def socket_promised(self) -> None:
+        """The supervisor made the socket before it started this process (`from_env`): the
+        first call already waits for a sidecar that is restarting."""
+        self._socket_known = True
 
     def after_failure(self, call: Call, code: grpc.StatusCode) -> Retry:
         """After a unary call failed with `code`, or a call on a stream was answered with a
@@ -177,6 +192,9 @@ class ClientCore:
         streams at once), so that reconnecting is no busy loop."""
         if session is not None and self.session == session:
             self.session = None
+        self.accept_timeout = (
+            ACCEPT_TIMEOUT_S if accepted else min(2 * self.accept_timeout, MAX_ACCEPT_TIMEOUT_S)
+        )
         return 0.0 if accepted else REOPEN_PAUSE
 
     @staticmethod

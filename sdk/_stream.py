@@ -32,6 +32,10 @@ from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 
 
+def _not_accepted(accept_timeout: float) -> tuple[grpc.StatusCode, str]:
+    return grpc.StatusCode.UNAVAILABLE, f"not accepted within {accept_timeout:g} s"
+
+
 class Waiter:
     """Where the reader thread leaves one call's outcome: a lock released once it is there
     (a bare lock is the cheapest wake-up between threads)."""
@@ -68,7 +72,13 @@ class SyncStream:
     status it ended with; `accepted` whether the sidecar accepted it (frames are sent only
     then); `retired` once it takes no more calls (its calls in flight are still answered)."""
 
-    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...], session: str | None):
+    def __init__(
+        self,
+        stub: Any,
+        metadata: tuple[tuple[str, str], ...],
+        session: str | None,
+        accept_timeout: float,
+    ):
         self.session = session
         self.accepted = False
         self._open = threading.Event()  # set once accepted or ended, whichever comes first
@@ -78,8 +88,21 @@ class SyncStream:
         self._calls: dict[int, Waiter] = {}
         self._frames: queue.SimpleQueue[pb.StreamRequest | None] = queue.SimpleQueue()
         self._rpc = stub.Stream(self._outgoing(), metadata=metadata, wait_for_ready=True)
+        # Given up on if not accepted in time (see `ClientCore.accept_timeout`).
+        self._accept_timer = threading.Timer(accept_timeout, self._give_up, (accept_timeout,))
+        self._accept_timer.daemon = True
         self._reader = threading.Thread(target=self._read, name="soma-sdk-stream", daemon=True)
+        self._accept_timer.start()
         self._reader.start()
+
+    def _give_up(self, accept_timeout: float) -> None:
+        # Under the lock the reader takes to mark the stream accepted: one or the other.
+        with self._lock:
+            if self.accepted or self.ended is not None:
+                return
+            self.ended = _not_accepted(accept_timeout)
+        self._end(*self.ended)
+        self._rpc.cancel()
 
     def _outgoing(self) -> Iterator[pb.StreamRequest]:
         """The frames, consumed by grpc's sending thread once the stream is accepted; None
@@ -123,8 +146,12 @@ class SyncStream:
     def _read(self) -> None:
         calls = self._calls
         try:
-            self.accepted = _accepts(self._rpc.initial_metadata())  # waits for it, or the end
+            metadata = self._rpc.initial_metadata()  # waits for it, or the end
+            with self._lock:
+                if self.ended is None:  # else given up on: it sends nothing
+                    self.accepted = _accepts(metadata)
             self._open.set()
+            self._accept_timer.cancel()
             for answer in self._rpc:
                 waiter = calls.pop(answer.id, None)
                 if waiter is not None:  # None: a call given up on, answered anyway
@@ -151,6 +178,8 @@ class SyncStream:
         """End the stream now: waiting calls get CANCELLED with `details`; no thread is left."""
         self._end(grpc.StatusCode.CANCELLED, details)
         self._rpc.cancel()
+        self._accept_timer.cancel()
+        self._accept_timer.join()
         self._reader.join()
 
 
@@ -160,7 +189,13 @@ class AsyncStream:
     interleave). A future's result is the call's answer, or None when the stream ended
     first (`ended` says how)."""
 
-    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...], session: str | None):
+    def __init__(
+        self,
+        stub: Any,
+        metadata: tuple[tuple[str, str], ...],
+        session: str | None,
+        accept_timeout: float,
+    ):
         self.session = session
         self.accepted = False
         self._open = asyncio.Event()  # set once accepted or ended, whichever comes first
@@ -170,7 +205,7 @@ class AsyncStream:
         self._calls: dict[int, asyncio.Future[pb.StreamResponse | None]] = {}
         self._frames: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
         self._rpc = stub.Stream(self._outgoing(), metadata=metadata, wait_for_ready=True)
-        self._reader = self._loop.create_task(self._read())
+        self._reader = self._loop.create_task(self._read(accept_timeout))
 
     async def _outgoing(self) -> AsyncIterator[pb.StreamRequest]:
         await self._open.wait()
@@ -201,11 +236,18 @@ class AsyncStream:
         if self._calls.pop(call_id, None) is not None and self.ended is None:
             self._frames.put_nowait(pb.StreamRequest(id=call_id, cancel=True))
 
-    async def _read(self) -> None:
+    async def _read(self, accept_timeout: float) -> None:
         calls = self._calls
         status = (grpc.StatusCode.UNAVAILABLE, "the sidecar ended the stream")
         try:
-            self.accepted = _accepts(await self._rpc.initial_metadata())
+            try:
+                async with asyncio.timeout(accept_timeout):
+                    metadata = await self._rpc.initial_metadata()
+            except TimeoutError:  # given up on (see `ClientCore.accept_timeout`)
+                self._end(*_not_accepted(accept_timeout))
+                self._rpc.cancel()
+                return
+            self.accepted = _accepts(metadata)
             self._open.set()
             async for answer in self._rpc:
                 future = calls.pop(answer.id, None)

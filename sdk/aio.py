@@ -52,7 +52,9 @@ class AsyncClient:
     ) -> AsyncClient:
         """The client of a supervised runtime, configured from its environment."""
         target, auth = arguments_from_env()
-        return cls(target, **auth, timeout=timeout, transport=transport)
+        client = cls(target, **auth, timeout=timeout, transport=transport)
+        client._core.socket_promised()
+        return client
 
     def _ensure_stub(self) -> pb_grpc.SidecarAsyncStub:
         if self._closed:
@@ -220,7 +222,7 @@ class AsyncClient:
                 core.session = await _auth.handshake_async(
                     core.auth_socket, core.token, call.deadline
                 )
-            self._stream = AsyncStream(stub, core.metadata(), core.session)
+            self._stream = AsyncStream(stub, core.metadata(), core.session, core.accept_timeout)
             return self._stream
 
     async def close(self) -> None:

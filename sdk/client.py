@@ -59,7 +59,9 @@ class Client:
         """The client of a supervised runtime: address, token and handshake socket from the
         environment `soma supervise` gives it ($SOMA_SIDECAR_ADDRESS, $SOMA_TOKEN_FD, ...)."""
         target, auth = arguments_from_env()
-        return cls(target, **auth, timeout=timeout, transport=transport)
+        client = cls(target, **auth, timeout=timeout, transport=transport)
+        client._core.socket_promised()
+        return client
 
     def stimulate(
         self,
@@ -201,7 +203,9 @@ class Client:
             if core.needs_session(call):
                 assert core.auth_socket is not None and core.token is not None
                 core.session = _auth.handshake(core.auth_socket, core.token, call.deadline)
-            self._stream = SyncStream(self._stub, core.metadata(), core.session)
+            self._stream = SyncStream(
+                self._stub, core.metadata(), core.session, core.accept_timeout
+            )
             return self._stream
 
     def close(self) -> None:

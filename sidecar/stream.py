@@ -46,6 +46,7 @@ _EXPIRED = Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's timeout_s expi
 _CANCELLED = Refusal(grpc.StatusCode.CANCELLED, "cancelled by the client")
 _NOT_RUN = Refusal(grpc.StatusCode.UNAVAILABLE, "the sidecar is stopping; the call was not run")
 _FAILED = Refusal(grpc.StatusCode.UNKNOWN, "the sidecar failed to run the call")
+_SERVER_GONE = Refusal(grpc.StatusCode.UNAVAILABLE, "the channel's server stopped")
 _REVOKED = Refusal(grpc.StatusCode.UNAUTHENTICATED, "the stream's session is no longer valid")
 _UNDECODABLE = Refusal(
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -129,6 +130,11 @@ class CallStream:
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         try:
             await self._read_frames(requests)
+        except grpc.aio.BaseError:
+            # grpcio ended the RPC under the reader: most often the channel's server stopped
+            # (its main loop crashed and the sidecar replaced it). The calls in flight were
+            # cut off, as in a restart: UNAVAILABLE, which the SDK resends when it is safe.
+            self._finish(_SERVER_GONE)
         except Exception:  # the stream must end, not hang with a dead reader
             log.exception("stream_read_failed")
             self._finish(_FAILED)

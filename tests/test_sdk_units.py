@@ -10,7 +10,7 @@ import pytest
 
 import sdk
 from sdk import _auth, _wire, protocol
-from sdk._core import Call, ClientCore, Retry
+from sdk._core import ACCEPT_TIMEOUT_S, MAX_ACCEPT_TIMEOUT_S, Call, ClientCore, Retry
 from sdk.types import Response
 
 
@@ -115,6 +115,28 @@ def test_a_client_of_a_socket_that_does_not_exist_fails_at_once(tmp_path: Path) 
         asyncio.run(call_async())
 
 
+def test_a_supervised_client_waits_for_its_socket_rather_than_failing_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under `soma supervise` the socket existed before the runtime started: missing, it is
+    being replaced (a sidecar restart, a channel server revived after a crash), so even a
+    first call waits for it, up to its deadline."""
+    import asyncio
+
+    monkeypatch.setenv(protocol.ADDRESS_ENV, f"unix://{tmp_path / 'rt.sock'}")
+    for name in (protocol.TOKEN_FD_ENV, protocol.TOKEN_FILE_ENV, protocol.AUTH_SOCKET_ENV):
+        monkeypatch.delenv(name, raising=False)  # no handshake: the call itself waits
+    with sdk.Client.from_env(timeout=0.3) as client, pytest.raises(sdk.DeadlineExceeded):
+        client.call("system.echo", {})
+
+    async def call_async() -> None:
+        async with sdk.AsyncClient.from_env(timeout=0.3) as client:
+            await client.call("system.echo", {})
+
+    with pytest.raises(sdk.DeadlineExceeded):
+        asyncio.run(call_async())
+
+
 def stream_core(idempotent: dict[str, bool] | None) -> ClientCore:
     core = ClientCore("unix:///nowhere.sock", "t" * 64, None, "/nowhere.auth.sock", 30.0)
     core.session = "s1"
@@ -123,6 +145,19 @@ def stream_core(idempotent: dict[str, bool] | None) -> ClientCore:
             [{"functions": [{"name": k, "idempotent": v} for k, v in idempotent.items()]}]
         )
     return core
+
+
+def test_the_bound_on_acceptance_grows_while_streams_go_unaccepted() -> None:
+    """A sidecar merely slow under load gets longer each time; one accepted stream resets it."""
+    core = stream_core(None)
+    assert core.accept_timeout == ACCEPT_TIMEOUT_S
+    core.replace_stream("s1", accepted=False)
+    assert core.accept_timeout == 2 * ACCEPT_TIMEOUT_S
+    for _ in range(10):
+        core.replace_stream(None, accepted=False)
+    assert core.accept_timeout == MAX_ACCEPT_TIMEOUT_S
+    core.replace_stream(None, accepted=True)
+    assert core.accept_timeout == ACCEPT_TIMEOUT_S
 
 
 def test_a_broken_stream_resends_only_what_is_safe() -> None:

@@ -29,6 +29,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +168,9 @@ class Relay:
     - `{"op": "stream", "frames": [b64], "half_close": bool, "timeout": s}` → `{"ok": true,
       "code": status name, "answers": [b64]}` (see `RawCaller.stream`)
     - `{"op": "spawn"}` → a helper process (`sleep`) started, `{"ok": true, "pid": ...}`
-    - `{"op": "send", "path": SOCKET, "file": PATH}` → the bytes of PATH written to a socket
-      from inside this runtime's process tree (see `send_and_read`), `{"ok": true, "closed":
-      bool, "answer": b64}`
+    - `{"op": "send", "path": SOCKET, "file": PATH, "wait_for_socket": bool}` → the bytes of
+      PATH written to a socket from inside this runtime's process tree (see `send_and_read`),
+      `{"ok": true, "closed": bool, "answer": b64}`
     - `{"op": "handshake", "token": T}` → a handshake with token T (null: the runtime's own)
       on this runtime's handshake socket, from inside its tree: `{"ok": true, "refused":
       null | message}`
@@ -212,7 +213,13 @@ class Relay:
             data = Path(message["file"]).read_bytes()
             try:
                 answer, closed = await asyncio.to_thread(
-                    send_and_read, message["path"], data, message.get("timeout", 5.0)
+                    partial(
+                        send_and_read,
+                        message["path"],
+                        data,
+                        message.get("timeout", 5.0),
+                        wait_for_socket=bool(message.get("wait_for_socket")),
+                    )
                 )
             except OSError as exc:  # the server does not accept: the test's check will say
                 return {"ok": True, "closed": True, "error": type(exc).__name__}

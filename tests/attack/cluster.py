@@ -70,19 +70,27 @@ class Relay:
         )
         return answer["code"], [base64.b64decode(a) for a in answer["answers"]]
 
-    def send(self, path: str, data: bytes) -> bool:
+    def send(self, path: str, data: bytes, wait_for_socket: bool = False) -> bool:
         """Write `data` to the socket at `path` from inside this runtime's process tree; True
-        when the server closed the connection."""
-        return self.exchange(path, data)[1]
+        when the server closed the connection. `wait_for_socket`: see `send_and_read`."""
+        return self.exchange(path, data, wait_for_socket=wait_for_socket)[1]
 
-    def exchange(self, path: str, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
+    def exchange(
+        self, path: str, data: bytes, timeout: float = 5.0, wait_for_socket: bool = False
+    ) -> tuple[bytes, bool]:
         """`send`, with what the server answered before it closed or went quiet."""
         # In a file: the relay's own requests are lines of at most jsonline.MAX_LINE bytes.
         payload = self.path.with_name(f"payload-{uuid.uuid4().hex}")
         payload.write_bytes(data)
         try:
             answer = self.request(
-                {"op": "send", "path": path, "file": str(payload), "timeout": timeout},
+                {
+                    "op": "send",
+                    "path": path,
+                    "file": str(payload),
+                    "timeout": timeout,
+                    "wait_for_socket": wait_for_socket,
+                },
                 timeout=timeout + 10,
             )
         finally:

@@ -106,8 +106,12 @@ class Answer:
 
 def exchange(path: str, data: bytes, timeout: float = 5.0) -> Answer:
     """Send `data` on a fresh connection to the Unix socket `path` and read until the server
-    closes it (see `send_and_read`); the frames it answered with, parsed by their headers."""
-    received, closed = send_and_read(path, data, timeout)
+    closes it (see `send_and_read`); the frames it answered with, parsed by their headers.
+
+    A runtime's gRPC socket may be missing for a moment after an earlier attack: grpcio's
+    server loop dies on some inputs (a non-UTF-8 method name) some time after the bytes were
+    read, and the sidecar puts a new server on the socket. The attacker waits for it."""
+    received, closed = send_and_read(path, data, timeout, wait_for_socket=True)
     return Answer(tuple(_frame_types(received)), closed)
 
 

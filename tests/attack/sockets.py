@@ -9,15 +9,19 @@ import time
 from pathlib import Path
 
 
-def send_and_read(path: str | Path, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
+def send_and_read(
+    path: str | Path, data: bytes, timeout: float = 5.0, *, wait_for_socket: bool = False
+) -> tuple[bytes, bool]:
     """Send `data` on a fresh connection, half-close, and read until the server closes the
     connection or `timeout` passes: then the server has seen every byte. Returns what it
-    answered, and whether it closed the connection."""
+    answered, and whether it closed the connection. `wait_for_socket`: a socket that is
+    missing or refuses is being replaced (a runtime's gRPC server after a crash the previous
+    input caused); connect once it accepts, within `timeout`."""
     received = bytearray()
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(os.fspath(path))
+        _connect(sock, os.fspath(path), deadline if wait_for_socket else None)
         # A server that stops reading (an over-long line) may reset: what it said still counts.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(data)
@@ -34,3 +38,14 @@ def send_and_read(path: str | Path, data: bytes, timeout: float = 5.0) -> tuple[
                 return bytes(received), True
             received += chunk
     return bytes(received), False
+
+
+def _connect(sock: socket.socket, path: str, until: float | None) -> None:
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            if until is None or time.monotonic() >= until:
+                raise
+        time.sleep(0.01)  # polling the socket: its replacement has no event to wait on

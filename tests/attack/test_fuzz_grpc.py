@@ -250,7 +250,7 @@ def test_raw_http2_bytes_on_a_runtime_socket_affect_no_channel(
     def case(data: bytes) -> None:
         tally.count("fuzz", f"http2 byte streams ({sender} the runtime)")
         if sender == "inside":
-            cluster.relay("alpha").send(socket_path, data)
+            cluster.relay("alpha").send(socket_path, data, wait_for_socket=True)
         else:
             h2.exchange(socket_path, data)
         both_serve(cluster)
