@@ -30,6 +30,8 @@ def supervise(args: argparse.Namespace) -> int:
 def sidecar(args: argparse.Namespace) -> int:
     """Serve until a signal. Every error that stops it before it serves is a setup error
     (exit 2): a bad organ, key or path will fail the same way on every restart."""
+    import faulthandler
+
     import uvloop
 
     from sidecar.app import serve
@@ -46,6 +48,9 @@ def sidecar(args: argparse.Namespace) -> int:
     # under `soma supervise` (which starts it there with `python -m soma_cli`).
     sys.path.insert(0, str(config.source.parent))
     configure_logging(config.logging.level, config.logging.format)
+    # A crash inside grpcio's or another extension's C code leaves no Python traceback and
+    # no log line; this writes the stack of every thread to stderr instead.
+    faulthandler.enable()
     try:
         if args.supervised:
             _check_allow_lists(config)
