@@ -18,7 +18,8 @@ class _Message(BaseModel):
 
 
 class Register(_Message):
-    """Open (or update) a runtime's channel; replaces its token and ends its sessions.
+    """Open (or update) a runtime's channel; a new identity (token, pid, placeholder) replaces
+    the old one and ends its sessions, the same one again changes nothing.
 
     `pid` None means the runtime is about to be started: handshakes are answered "retry"
     until a second `Register` names its pid.

@@ -252,9 +252,9 @@ def test_systemd_unit_passes_systemd_analyze_verify(
     assert "soma.service" not in check.stderr, check.stderr  # no warnings about our unit
 
 
-async def test_the_sidecar_admin_socket_refuses_anyone_but_its_supervisor(tmp_path: Path) -> None:
-    """A supervised sidecar started by this test (so its parent is the test) refuses another
-    process of the same user: only the parent pid may use the admin socket."""
+def supervised_sidecar(tmp_path: Path) -> tuple[Process, Path]:
+    """A `soma sidecar --supervised` whose parent is this test, so the test may use its admin
+    socket as a supervisor does; the process and that socket, once it is there."""
     config = tmp_path / "soma.toml"
     config.write_text('[soma]\nruntime_dir = "run"\nstate_dir = "state"\n')
     sidecar = Process(
@@ -270,8 +270,15 @@ async def test_the_sidecar_admin_socket_refuses_anyone_but_its_supervisor(tmp_pa
         tmp_path / "sidecar.log",
     )
     admin = tmp_path / "run" / "admin.sock"
+    wait_until(admin.exists, 20, "the admin socket")
+    return sidecar, admin
+
+
+async def test_the_sidecar_admin_socket_refuses_anyone_but_its_supervisor(tmp_path: Path) -> None:
+    """A supervised sidecar started by this test (so its parent is the test) refuses another
+    process of the same user: only the parent pid may use the admin socket."""
+    sidecar, admin = supervised_sidecar(tmp_path)
     try:
-        wait_until(admin.exists, 20, "the admin socket")
         assert (await jsonline.request(admin, {"op": "ping"}))["ok"] is True  # the parent
         stranger = subprocess.run(  # noqa: ASYNC221 - the loop has nothing else to do
             [
@@ -289,6 +296,38 @@ async def test_the_sidecar_admin_socket_refuses_anyone_but_its_supervisor(tmp_pa
         assert answer["error"] == "refused" and "is not the supervisor" in answer["message"]
         bad = await jsonline.request(admin, {"op": "register", "runtime": "../etc"})
         assert bad["ok"] is False and "runtime" in bad["message"]
+    finally:
+        assert sidecar.stop() == 0
+
+
+async def test_registering_the_same_identity_again_keeps_its_sessions(tmp_path: Path) -> None:
+    """The supervisor resends a registration the sidecar was slow to answer: the runtime's
+    sessions survive it. A new token (a restarted runtime) ends them."""
+    import asyncio
+
+    from sdk import _auth
+
+    sidecar, admin = supervised_sidecar(tmp_path)
+
+    def register(token: str) -> jsonline.Message:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        message = {"op": "register", "runtime": "x", "token_sha256": digest, "pid": os.getpid()}
+        return jsonline.request_sync(admin, message)
+
+    def sessions() -> int:
+        status = jsonline.request_sync(admin, {"op": "status"})
+        return int(next(c["sessions"] for c in status["channels"] if c["runtime"] == "x"))
+
+    try:
+        token = "a" * 64
+        assert register(token)["ok"]
+        auth = tmp_path / "run" / "rt" / "x.auth.sock"
+        await asyncio.to_thread(_auth.handshake, str(auth), token, None)
+        assert sessions() == 1
+        assert register(token)["ok"]  # the same registration again
+        assert sessions() == 1
+        assert register("b" * 64)["ok"]  # a new identity
+        assert sessions() == 0
     finally:
         assert sidecar.stop() == 0
 
