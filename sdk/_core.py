@@ -60,6 +60,9 @@ class Call:
     op: str | None
     deadline: float | None
     stale: str | None = None  # a session this call saw refused
+    # The session its last attempt carried: a refusal is about that one, whatever the
+    # client's session is by the time the refusal comes (another call may have replaced it).
+    sent_with: str | None = None
 
     def remaining(self) -> float | None:
         return _wire.remaining(self.deadline)
@@ -98,8 +101,9 @@ class ClientCore:
         self.auth_socket = auth_socket or (
             protocol.auth_socket_for(self.path) if self.path else None
         )
-        self._session: str | None = None
-        self._metadata: tuple[tuple[str, str], ...] = ()
+        # The session and the metadata every call carries with it, built once per session
+        # rather than per call, and replaced together (read without the client's lock).
+        self._credentials: tuple[str | None, tuple[tuple[str, str], ...]] = (None, ())
         self._idempotent: dict[str, bool] | None = None
         self._socket_known = False  # see `start`
         self._ids = itertools.count(1)  # call ids on streams; next() is atomic in CPython
@@ -107,13 +111,11 @@ class ClientCore:
 
     @property
     def session(self) -> str | None:
-        return self._session
+        return self._credentials[0]
 
     @session.setter
     def session(self, session: str | None) -> None:
-        # The metadata every call carries, built once per session rather than per call.
-        self._session = session
-        self._metadata = protocol.bearer_metadata(session) if session else ()
+        self._credentials = (session, protocol.bearer_metadata(session) if session else ())
 
     def start(self, op: str | None, timeout: float | None) -> Call:
         """A new call. Until the socket is known to exist (a call reached the sidecar once, or
@@ -131,7 +133,12 @@ class ClientCore:
         return self.session is None or self.session == call.stale
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
+        return self._credentials[1]
+
+    def attempt(self, call: Call) -> tuple[tuple[str, str], ...]:
+        """The metadata of `call`'s next unary attempt, noting the session it carries."""
+        call.sent_with, metadata = self._credentials
+        return metadata
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -147,10 +154,10 @@ class ClientCore:
     def after_failure(self, call: Call, code: grpc.StatusCode) -> Retry:
         """After a unary call failed with `code`, or a call on a stream was answered with a
         `CallError` of that code (the same meaning)."""
-        if code == grpc.StatusCode.UNAUTHENTICATED and self.session and call.stale is None:
+        if code == grpc.StatusCode.UNAUTHENTICATED and call.sent_with and call.stale is None:
             # A restarted sidecar forgot the session; it refused before any organ ran. A
             # second refusal in the same call is final.
-            call.stale = self.session
+            call.stale = call.sent_with
             return Retry.NEW_SESSION
         # UNAVAILABLE: the sidecar could not be reached or went away. CANCELLED (never the
         # client's own cancellation, which raises differently): a sidecar stopping or

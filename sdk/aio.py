@@ -133,7 +133,7 @@ class AsyncClient:
                 reply = await rpc(
                     request,
                     timeout=call.remaining(),
-                    metadata=core.metadata(),
+                    metadata=core.attempt(call),
                     wait_for_ready=True,
                 )
             except grpc.RpcError as exc:
@@ -169,6 +169,7 @@ class AsyncClient:
             remaining = call.remaining()
             frame.timeout_s = remaining or 0.0  # the sidecar enforces the deadline too
             future = stream.send(frame)
+            call.sent_with = stream.session
             if future is None:  # not sent: the stream ended or was retired meanwhile
                 continue
             try:

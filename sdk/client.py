@@ -121,7 +121,7 @@ class Client:
                 reply = rpc(
                     request,
                     timeout=call.remaining(),
-                    metadata=core.metadata(),
+                    metadata=core.attempt(call),
                     wait_for_ready=True,
                 )
             except grpc.RpcError as exc:
@@ -157,6 +157,7 @@ class Client:
             remaining = call.remaining()
             frame.timeout_s = remaining or 0.0  # the sidecar enforces the deadline too
             waiter = stream.send(frame)
+            call.sent_with = stream.session
             if waiter is None:  # not sent: the stream ended or was retired meanwhile
                 continue
             try:

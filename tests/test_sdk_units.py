@@ -147,6 +147,25 @@ def stream_core(idempotent: dict[str, bool] | None) -> ClientCore:
     return core
 
 
+def test_a_refusal_is_about_the_session_the_attempt_carried() -> None:
+    """A call sent with session s1 is refused UNAUTHENTICATED by a restarted sidecar after
+    another call has already dropped s1 (replacing the broken stream): the refusal still
+    gets this call one new session. It used to look at the client's session (None by then)
+    and raise `Unauthenticated` at once."""
+    core = stream_core(None)
+    call = Call("a.read", None)
+    assert core.attempt(call) == protocol.bearer_metadata("s1")
+    core.replace_stream("s1", accepted=True)  # another call's doing
+    assert core.session is None
+    assert core.after_failure(call, grpc.StatusCode.UNAUTHENTICATED) is Retry.NEW_SESSION
+    assert core.needs_session(call)
+    core.session = "s2"
+    assert not core.needs_session(call)
+    core.attempt(call)
+    # Refused again, with the new session: final.
+    assert core.after_failure(call, grpc.StatusCode.UNAUTHENTICATED) is Retry.RAISE
+
+
 def test_the_bound_on_acceptance_grows_while_streams_go_unaccepted() -> None:
     """A sidecar merely slow under load gets longer each time; one accepted stream resets it."""
     core = stream_core(None)
