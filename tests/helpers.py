@@ -356,3 +356,21 @@ def zombie_children(parent: int) -> list[int]:
         if fields[0] == "Z" and int(fields[1]) == parent:
             zombies.append(int(entry.name))
     return zombies
+
+
+def records(state: Path) -> list[str]:
+    """The ids the test organ's `acme.record` wrote under `state`, in order."""
+    path = state / "acme-records.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+def evict_sessions(target: str) -> None:
+    """Revoke every session a standalone sidecar's channel has: it keeps only its newest
+    `MAX_SESSIONS`, so that many more handshakes push the older ones out."""
+    from sidecar.access import MAX_SESSIONS
+
+    path = protocol.socket_path(target)
+    assert path is not None
+    token = _auth.read_token_file(protocol.token_file_for(path))
+    for _ in range(MAX_SESSIONS):
+        _auth.handshake(protocol.auth_socket_for(path), token, None)

@@ -13,11 +13,18 @@ from typing import Any
 import grpc
 import pytest
 
-from sdk import _auth, protocol
+from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from tests.conftest import TEST_ORGANS
-from tests.helpers import Process, session_metadata, start_sidecar, wait_until
+from tests.helpers import (
+    Process,
+    evict_sessions,
+    records,
+    session_metadata,
+    start_sidecar,
+    wait_until,
+)
 
 Sidecar = tuple[Process, str]
 Metadata = tuple[tuple[str, str], ...]
@@ -245,8 +252,7 @@ async def test_a_timeout_that_is_no_duration_is_that_calls_invalid_argument(
         got = {a.id: a for a in await answers(rpc, 2)}
         assert error(got[1]) == "INVALID_ARGUMENT" and "timeout_s" in got[1].error.message
         assert output(got[2]) == {"n": 2}
-        records = tmp_path / "state" / "acme-records.txt"
-        assert record["id"] not in (records.read_text() if records.exists() else "")
+        assert record["id"] not in records(tmp_path / "state")
 
 
 async def test_a_session_revoked_mid_stream_ends_it_and_its_calls(
@@ -258,12 +264,7 @@ async def test_a_session_revoked_mid_stream_ends_it_and_its_calls(
         await asyncio.to_thread(wait_for_lines, tmp_path, ["started r"])
         await rpc.write(call(2, "system.echo"))
         assert output((await answers(rpc, 1))[0]) == {}
-        # A channel keeps its newest 64 sessions: 64 more handshakes revoke the stream's.
-        path = protocol.socket_path(target)
-        assert path is not None
-        token = _auth.read_token_file(protocol.token_file_for(path))
-        for _ in range(64):
-            _auth.handshake(protocol.auth_socket_for(path), token, None)
+        evict_sessions(target)
         await rpc.write(call(3, "system.echo"))
         # The frame that finds it revoked is answered "not run", then the stream ends.
         assert error((await answers(rpc, 1))[0]) == "UNAUTHENTICATED"
@@ -344,10 +345,7 @@ async def test_stopping_the_sidecar_answers_calls_in_flight_then_ends_streams(
             await busy.write(call(1, "acme.record", {"id": "busy", "ms": 500}))
             await idle.write(call(1, "system.ping"))
             await answers(idle, 1)
-            records = tmp_path / "state" / "acme-records.txt"
-            await asyncio.to_thread(
-                wait_until, lambda: records.exists() and "busy" in records.read_text()
-            )
+            await asyncio.to_thread(wait_until, lambda: "busy" in records(tmp_path / "state"))
             proc.signal(15)
             (answer,) = await answers(busy, 1)
             assert output(answer) == {"recorded": "busy"}

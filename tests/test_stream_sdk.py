@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 
 import sdk
-from sdk import _auth, protocol
 from tests.conftest import TEST_ORGANS
-from tests.helpers import Process, start_sidecar, wait_until
+from tests.helpers import Process, evict_sessions, records, start_sidecar, wait_until
 
 Sidecar = tuple[Process, str]
 ORGANS = [*TEST_ORGANS, "tests.fixtures.organs:Keyring"]  # keyring.whoami needs a credential
@@ -214,31 +213,17 @@ async def test_closing_the_async_client_fails_waiting_calls_and_leaves_no_task(
     assert asyncio.all_tasks() - before - {waiting} == set()
 
 
-def evict_sessions(target: str) -> None:
-    """A channel keeps its newest 64 sessions: 64 more handshakes revoke every older one."""
-    path = protocol.socket_path(target)
-    assert path is not None
-    token = _auth.read_token_file(protocol.token_file_for(path))
-    for _ in range(64):
-        _auth.handshake(protocol.auth_socket_for(path), token, None)
-
-
 def test_a_stale_session_gets_one_new_session_and_nothing_runs_twice(
     served: tuple[str, Path],
 ) -> None:
     target, state = served
-    records = state / "acme-records.txt"
-
-    def recorded(call_id: str) -> int:
-        return records.read_text().split().count(call_id) if records.exists() else 0
-
     with sdk.Client(target) as client:
         client.describe()  # a session, and no stream yet
         evict_sessions(target)
         # The stream opens with the revoked session and is refused before anything runs:
         # one new session, and even a non-idempotent call is sent again, once.
         assert client.call("acme.record", {"id": "at-open", "ms": 0}) == {"recorded": "at-open"}
-        assert recorded("at-open") == 1
+        assert records(state).count("at-open") == 1
         # Revoked mid-stream: the call whose frame finds the session revoked is answered
         # "not run" (UNAUTHENTICATED), so even a non-idempotent one goes again, once, on a
         # new stream with a new session. (What was in flight: see the next test.)
@@ -248,7 +233,7 @@ def test_a_stale_session_gets_one_new_session_and_nothing_runs_twice(
         assert client.call("acme.record", {"id": "mid-stream", "ms": 0}) == {
             "recorded": "mid-stream"
         }
-        assert recorded("mid-stream") == 1
+        assert records(state).count("mid-stream") == 1
 
 
 def test_a_session_revoked_before_any_answer_resends_nothing_that_may_have_run(
@@ -259,11 +244,6 @@ def test_a_session_revoked_before_any_answer_resends_nothing_that_may_have_run(
     open (the sidecar accepted the stream), so the non-idempotent call raises rather than
     running a second time; an idempotent one goes again on a new stream."""
     target, state = served
-    records = state / "acme-records.txt"
-
-    def recorded(call_id: str) -> int:
-        return records.read_text().split().count(call_id) if records.exists() else 0
-
     with sdk.Client(target) as client:
         outcome: list[Any] = []
 
@@ -275,7 +255,7 @@ def test_a_session_revoked_before_any_answer_resends_nothing_that_may_have_run(
 
         thread = threading.Thread(target=cut)
         thread.start()
-        wait_until(lambda: recorded("unanswered") == 1, what="the first call to run")
+        wait_until(lambda: records(state).count("unanswered") == 1, what="the first call to run")
         stream = client._stream
         assert stream is not None and stream.accepted
         evict_sessions(target)
@@ -283,7 +263,7 @@ def test_a_session_revoked_before_any_answer_resends_nothing_that_may_have_run(
         assert client.call("system.echo", {"n": 1}) == {"n": 1}
         thread.join(10)
         assert len(outcome) == 1 and isinstance(outcome[0], sdk.Unavailable), outcome
-        assert recorded("unanswered") == 1
+        assert records(state).count("unanswered") == 1
 
 
 async def test_a_session_revoked_before_any_answer_resends_nothing_async(
@@ -291,15 +271,13 @@ async def test_a_session_revoked_before_any_answer_resends_nothing_async(
 ) -> None:
     """The same for `sdk.AsyncClient`."""
     target, state = served
-    records = state / "acme-records.txt"
-
-    def recorded(call_id: str) -> int:
-        return records.read_text().split().count(call_id) if records.exists() else 0
-
     async with sdk.AsyncClient(target) as client:
         cut = asyncio.create_task(client.call("acme.record", {"id": "unanswered-a", "ms": 3000}))
         await asyncio.to_thread(
-            wait_until, lambda: recorded("unanswered-a") == 1, 10, "the first call to run"
+            wait_until,
+            lambda: records(state).count("unanswered-a") == 1,
+            10,
+            "the first call to run",
         )
         stream = client._stream
         assert stream is not None and stream.accepted
@@ -307,4 +285,4 @@ async def test_a_session_revoked_before_any_answer_resends_nothing_async(
         assert await client.call("system.echo", {"n": 2}) == {"n": 2}
         with pytest.raises(sdk.Unavailable):
             await cut
-        assert recorded("unanswered-a") == 1
+        assert records(state).count("unanswered-a") == 1

@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from tests.helpers import SupervisorRun, read_report, wait_until
+from tests.helpers import SupervisorRun, read_report, records, wait_until
 
 KINDS = ("blocking", "asyncio")
 
@@ -24,11 +24,6 @@ allow = ["system.*", "acme.slow", "acme.record"]
 """
         for kind in kinds
     )
-
-
-def records(tmp_path: Path) -> list[str]:
-    path = tmp_path / "state" / "acme-records.txt"
-    return path.read_text().split() if path.exists() else []
 
 
 def merged(tmp_path: Path, kind: str) -> dict[str, object]:
@@ -52,7 +47,7 @@ def test_calls_in_flight_across_a_sidecar_restart(tmp_path: Path) -> None:
         # a frame still on its way would test a call not yet sent).
         wait_until(
             lambda: (
-                all(f"cut-{k}" in records(tmp_path) for k in KINDS)
+                all(f"cut-{k}" in records(tmp_path / "state") for k in KINDS)
                 and in_flight(run, "acme.slow") == len(KINDS)
                 and in_flight(run, "acme.record") == len(KINDS)
             ),
@@ -75,8 +70,8 @@ def test_calls_in_flight_across_a_sidecar_restart(tmp_path: Path) -> None:
             assert outcome["idempotent"] == {"ok": {"slept_ms": 3000}}, outcome
             assert outcome["cut"] == {"error": "Unavailable"}, outcome
             assert outcome["queued"] == {"ok": {"recorded": f"queued-{kind}"}}, outcome
-            assert records(tmp_path).count(f"cut-{kind}") == 1  # ran once, never again
-            assert records(tmp_path).count(f"queued-{kind}") == 1
+            assert records(tmp_path / "state").count(f"cut-{kind}") == 1  # ran once, never again
+            assert records(tmp_path / "state").count(f"queued-{kind}") == 1
     finally:
         assert run.stop() == 0, run.proc.output()
 
@@ -110,9 +105,9 @@ def test_calls_across_a_sidecar_that_stops_gracefully(tmp_path: Path) -> None:
                 {"ok": {"recorded": f"drain-{kind}"}},
                 {"error": "Unavailable"},
             ), outcome
-            assert records(tmp_path).count(f"drain-{kind}") <= 1
+            assert records(tmp_path / "state").count(f"drain-{kind}") <= 1
             if "ok" in outcome["record"]:
-                assert records(tmp_path).count(f"drain-{kind}") == 1
+                assert records(tmp_path / "state").count(f"drain-{kind}") == 1
         assert run.child("sidecar")["pid"] != old
     finally:
         assert run.stop() == 0, run.proc.output()
