@@ -78,6 +78,20 @@ class Channel:
         self.placeholder = placeholder
         self.sessions.clear()
 
+    def identify(
+        self, token: bytes, pid: int | None, pending: bool, placeholder: bytes | None
+    ) -> None:
+        """The identity a registration names: a new one replaces the old (`reset`); the same
+        one again (the supervisor resends a registration the sidecar was slow to answer)
+        keeps its sessions, since revoking them would refuse the runtime's calls for nothing."""
+        if (token, pid, pending, placeholder) != (
+            self.token,
+            self.pid,
+            self.pending,
+            self.placeholder,
+        ):
+            self.reset(token, pid, pending, placeholder)
+
     def token_matches(self, token: str) -> bool:
         if self.token is None or not well_formed(token):
             return False

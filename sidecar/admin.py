@@ -70,18 +70,12 @@ class Admin:
         channel.credentials = frozenset(request.credentials)
         channel.gateways = frozenset(request.gateways)
         placeholder = request.placeholder_sha256
-        identity = (
+        channel.identify(
             bytes.fromhex(request.token_sha256),
             request.pid,
-            request.pid is None,
-            bytes.fromhex(placeholder) if placeholder else None,
+            pending=request.pid is None,
+            placeholder=bytes.fromhex(placeholder) if placeholder else None,
         )
-        # The same identity again (the supervisor resends a registration the sidecar was slow
-        # to answer) keeps its sessions: revoking them would refuse the runtime's calls for
-        # nothing, and twice in one call is final for the SDK. A new one ends them all.
-        if identity != (channel.token, channel.pid, channel.pending, channel.placeholder):
-            token, pid, pending, placeholder_digest = identity
-            channel.reset(token, pid, pending=pending, placeholder=placeholder_digest)
         log.info("runtime_registered", runtime=request.runtime, pid=request.pid)
 
     def status(self) -> dict[str, object]:
