@@ -32,7 +32,10 @@ def test_standard_json_reads_as_usual() -> None:
     ("text", "reason"),
     [
         (b"\xff\xfe", "is not UTF-8 text"),
-        (b'{"a": 1,}', "is not valid JSON: Expecting property name .* at line 1 column 9"),
+        # The stdlib's own words, which 3.13 improved ("Illegal trailing comma ..."): the
+        # reason changes with the interpreter, the position is still given.
+        (b'{"a": 1,}', r"is not valid JSON: (Expecting property name|Illegal trailing comma) "),
+        (b'{"a": 1,}', r" at line 1 column [89]$"),
         (b"1" * 5000, "is not valid JSON: a number has too many digits"),
     ],
 )
