@@ -6,7 +6,7 @@ Python's json module also reads `NaN`, `Infinity` and `-Infinity`, and turns `1e
 `allow_nan=False`, so a value let in once would fail every later answer that contains it
 (a blob's metadata, a whole listing), long after the request that brought it. They are
 refused where they arrive, with the other ways a text can fail to be JSON. So are escaped
-lone surrogates (`"\ud800"`): they decode to a string that cannot be encoded as UTF-8, so
+lone surrogates (`"\\ud800"`): they decode to a string that cannot be encoded as UTF-8, so
 no answer that contains it could be sent.
 
 Texts are read by msgspec's parser first (about a tenth of the time): it refuses all of the

@@ -32,7 +32,10 @@ def test_standard_json_reads_as_usual() -> None:
     ("text", "reason"),
     [
         (b"\xff\xfe", "is not UTF-8 text"),
-        (b'{"a": 1,}', "is not valid JSON: Expecting property name .* at line 1 column 9"),
+        # The stdlib's own words, which 3.13 improved ("Illegal trailing comma ..."): the
+        # reason changes with the interpreter, the position is still given.
+        (b'{"a": 1,}', r"is not valid JSON: (Expecting property name|Illegal trailing comma) "),
+        (b'{"a": 1,}', r" at line 1 column [89]$"),
         (b"1" * 5000, "is not valid JSON: a number has too many digits"),
     ],
 )
@@ -160,6 +163,7 @@ def texts(draw: st.DrawFn) -> bytes:
     return data
 
 
+@pytest.mark.timeout(240)  # 3000 examples: about 15 s alone, four times that on a busy machine
 @settings(max_examples=3000, deadline=None, derandomize=True, database=None)
 @given(texts(), st.integers(1, 80))
 def test_the_fast_reader_agrees_with_the_stdlib_one(text: bytes, depth: int) -> None:
