@@ -67,6 +67,7 @@ CLAIMS = {
     "status_output": "NAME     KIND     STATE",
     "http_call": 'client.call("http.request"',
     "openai_client": "from openai import OpenAI",
+    "node_runtime": 'command = ["node", "examples/node/client.mjs"]',  # run: test_node_example
 }
 SHELL_BLOCK = "sh"
 
@@ -178,6 +179,7 @@ def test_the_organ_skeleton_is_the_contract() -> None:
     "phrases",
     [
         (CLAIMS["runtime_table"],),
+        (CLAIMS["node_runtime"],),
         (CLAIMS["vault_table"],),
         (CLAIMS["metrics_table"],),
         (CLAIMS["credential_tables"],),
