@@ -8,6 +8,7 @@ so a new block needs a check before it lands.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shlex
 import sys
@@ -22,7 +23,8 @@ import pytest
 from sidecar.loading import load_organs
 from soma_runtime import Executive, Stimulus
 from soma_runtime.config import parse_config
-from tests.helpers import REPO, SOMA, SupervisorRun, start_sidecar, wait_until
+from tests.fake_upstream import MODELS, FakeUpstream
+from tests.helpers import REPO, SOMA, SupervisorRun, set_secret, start_sidecar, wait_until
 
 README = REPO / "README.md"
 
@@ -211,10 +213,90 @@ def test_the_stdio_client_config_names_a_real_command() -> None:
     assert "--bridge" in result.stdout
 
 
-def test_snippets_that_need_the_network_or_other_packages_compile() -> None:
-    """`http.request` to a real API and the openai client cannot run here; they compile."""
-    for phrase in (CLAIMS["http_call"], CLAIMS["openai_client"]):
-        compile(the(phrase).body, "README", "exec")
+@pytest.fixture
+def model_api() -> Iterator[FakeUpstream]:
+    """A local stand-in of the API the README's snippets call."""
+    api = FakeUpstream()
+    yield api
+    api.close()
+
+
+SECRET = "sk-readme-0123456789abcdef"
+README_API = "https://api.openai.com"
+
+
+def tables_for(tmp_path: Path, model_api: FakeUpstream, *phrases: str) -> dict[str, Any]:
+    """The README's tables claimed by `phrases`, the credential bound to the stand-in."""
+    data = readme_config(tmp_path, *phrases)
+    for credential in data["credential"]:
+        credential["hosts"] = [model_api.url]
+    for gateway in data.get("gateway", []):
+        gateway["upstream"] = gateway["upstream"].replace(README_API, model_api.url)
+    return data
+
+
+def test_the_http_request_snippet_sends_the_credential_to_its_host(
+    tmp_path: Path, model_api: FakeUpstream
+) -> None:
+    """The README's `http.request` call and its `[[credential]]`, against a standalone sidecar,
+    with the API's origin moved to the stand-in."""
+    import tomli_w
+
+    import sdk
+
+    tables = tables_for(tmp_path, model_api, CLAIMS["credential_tables"])
+    extra = tomli_w.dumps({"credential": tables["credential"]})
+    proc, target = start_sidecar(tmp_path, ["system", "http"], extra=extra)
+    try:
+        set_secret(tmp_path / "soma.toml", "openai", SECRET)
+        snippet = the(CLAIMS["http_call"]).body.replace(README_API, model_api.url)
+        with sdk.Client(target) as client:
+            answer = eval(compile(snippet, "README", "eval"), {"client": client})
+    finally:
+        assert proc.stop() == 0, proc.output()
+    assert answer["status"] == 200 and json.loads(answer["body"]) == MODELS
+    assert [(r.path, r.headers["authorization"]) for r in model_api.requests] == [
+        ("/v1/models", f"Bearer {SECRET}")
+    ]
+
+
+OPENAI_CHECK = """
+import json
+print(json.dumps({
+    "placeholder": client.api_key.startswith("soma_pk_"),
+    "models": [model.id for model in client.models.list()],
+}), flush=True)
+"""
+
+
+def test_the_openai_snippet_talks_through_the_gateway_holding_only_a_placeholder(
+    tmp_path: Path, model_api: FakeUpstream
+) -> None:
+    """The README's openai snippet, unmodified, as the runtime of its `[[gateway]]` and
+    `[[credential]]` tables; the client lists the stand-in's models with the real key."""
+    import tomli_w
+
+    agent = tmp_path / "agent.py"
+    agent.write_text(the(CLAIMS["openai_client"]).body + OPENAI_CHECK)
+    tables = tables_for(tmp_path, model_api, CLAIMS["credential_tables"], CLAIMS["gateway_tables"])
+    (runtime,) = tables["runtime"]
+    runtime.update(command=["python", str(agent)], allow=["system.*"], restart="never")
+    config = SupervisorRun.write(tmp_path, tomli_w.dumps(tables))
+    set_secret(config, tables["gateway"][0]["credential"], SECRET)
+    run = SupervisorRun(tmp_path, tomli_w.dumps(tables))
+    try:
+        run.wait_ready()
+        line = wait_until(
+            lambda: next((e["line"] for e in run.events("output") if "models" in e["line"]), None),
+            timeout=30,
+            what="the agent's answer",
+        )
+    finally:
+        assert run.stop() == 0
+    assert json.loads(line) == {"placeholder": True, "models": ["example"]}
+    assert [(r.path, r.headers["authorization"]) for r in model_api.requests] == [
+        ("/v1/models", f"Bearer {SECRET}")
+    ]
 
 
 def test_the_status_sample_has_the_columns_soma_status_prints() -> None:
@@ -230,7 +312,7 @@ def shell_commands() -> Iterator[list[str]]:
     for block in blocks():
         if block.lang != SHELL_BLOCK:
             continue
-        for raw in block.body.splitlines():
+        for raw in block.body.replace("\\\n", " ").splitlines():  # continuation lines joined
             line = raw.split("  #")[0].strip()
             for part in line.split("|"):
                 words = shlex.split(part.replace("&&", "|").split("|")[0], comments=True)
