@@ -342,3 +342,86 @@ def test_every_soma_and_make_command_shown_exists() -> None:
                 [SOMA, *sub[:1], "--help"], capture_output=True, text=True, timeout=60, check=False
             )
         assert result.returncode == 0, (words, result.stderr)
+
+
+def command_paths() -> list[str]:
+    """Every command of the `soma` argparse tree that runs something, as `soma a b`."""
+    import argparse
+
+    from soma_cli.main import build_parser
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> Iterator[str]:
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not groups:
+            yield path
+        for group in groups:
+            for name, sub in group.choices.items():
+                yield from walk(sub, f"{path} {name}")
+
+    return list(walk(build_parser(), "soma"))
+
+
+def test_the_command_summary_lists_every_subcommand_and_no_other() -> None:
+    development = README.read_text().split("\n## Development\n")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `(soma [^`]*)` \|", development, re.M)
+    listed = [" ".join(w for w in row.split() if re.fullmatch(r"[a-z][a-z-]*", w)) for row in rows]
+    assert sorted(listed) == sorted(command_paths())
+
+
+def test_every_python_module_command_runs_from_a_fresh_shell() -> None:
+    """`python -m ...` written anywhere in the README runs from the repository root in a shell
+    that activated nothing: written with the venv's interpreter, the module importable."""
+    import subprocess
+
+    commands = re.findall(r"(\S*python\S*) -m ([\w.]+)", README.read_text())
+    assert ("`.venv/bin/python", "examples.gateway_demo") in commands
+    venv = REPO / ".venv" / "bin" / "python"
+    python = ".venv/bin/python" if venv.exists() else sys.executable  # another venv runs the tests
+    fresh = {"PATH": "/usr/bin:/bin", "HOME": str(REPO)}
+    for interpreter, module in commands:
+        assert interpreter.strip("`(") == ".venv/bin/python", (interpreter, module)
+        check = f"{python} -c 'import {module}'"
+        if module.startswith("examples."):  # the examples' commands: as written, with --help
+            check = f"{python} -m {module} --help"
+        result = subprocess.run(
+            ["bash", "--noprofile", "--norc", "-c", check],
+            cwd=REPO,
+            env=fresh,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, (module, result.stderr)
+
+
+def test_the_inspector_command_says_which_node_it_needs(tmp_path: Path) -> None:
+    """Where `make run` prints it and in the README: the Inspector's current release needs
+    Node >= 22.19 (its package's `engines`)."""
+    from examples.run import client_configs
+
+    key_file = tmp_path / "bridge-local.key"
+    key_file.write_text("soma_0_0\n")
+    config = parse_config({"soma": {"state_dir": "state"}}, source=tmp_path / "soma.toml")
+    printed = client_configs(config, "local", "http://127.0.0.1:1/mcp", key_file).splitlines()
+    inspector = printed.index("  MCP Inspector (needs Node >= 22.19):")
+    assert printed[inspector + 1].lstrip().startswith("npx @modelcontextprotocol/inspector ")
+    (bullet,) = [
+        line for line in README.read_text().splitlines() if "**the MCP Inspector**" in line
+    ]
+    assert "needs Node ≥ 22.19" in bullet
+
+
+def test_the_architecture_document_is_linked_and_holds_the_import_arrows() -> None:
+    """docs/architecture.md (the README's "how it is built") states the arrows
+    tests/test_layering.py holds."""
+    from tests.test_layering import ALLOWED
+
+    assert "[docs/architecture.md](docs/architecture.md)" in README.read_text()
+    text = (REPO / "docs" / "architecture.md").read_text()
+    layout = text.split("\n## Code layout and import arrows\n")[1].split("\n## ")[0]
+    arrows = {
+        row[0].strip("` "): tuple(re.findall(r"`([\w.]+)`", row[-1]))
+        for row in (line.split("|")[1:-1] for line in layout.splitlines() if line.startswith("| `"))
+    }
+    assert arrows == {package: tuple(allowed) for package, allowed in ALLOWED.items()}
