@@ -73,7 +73,7 @@ def client_configs(config: SomaConfig, bridge: str, url: str, key_file: Path) ->
             f"  API key (new this run, mode 0600): {key_file}",
             "  Claude Code over HTTP:",
             f"    claude mcp add --transport http {name} {url} {header}",
-            "  MCP Inspector:",
+            "  MCP Inspector (needs Node >= 22.19):",
             f"    npx @modelcontextprotocol/inspector --cli {url} --method tools/list {header}",
             "  Claude Desktop / any mcpServers config, HTTP:",
             "    " + json.dumps(http),

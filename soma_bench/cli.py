@@ -262,7 +262,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench(args: argparse.Namespace) -> int:
-    """The `soma bench` handler: measure, print the table and the targets, write what was asked."""
+    """The `soma bench` handler: measure, print the table, the targets and the verdict, write
+    what was asked; with `--fail-on-miss`, exit 1 when a measured target was missed."""
     for path in (args.json, args.plot):  # found out now, not after minutes of measuring
         if path is not None and not path.parent.is_dir():
             print(f"soma bench: no directory {path.parent} for {path}", file=sys.stderr)
@@ -278,14 +279,17 @@ def bench(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"soma bench: {exc}", file=sys.stderr)
         return 1
+    found, long = document["targets"], document["long"]
     print(report.table(document["results"]))
     print()
-    print(report.target_lines(document["targets"]))
-    if document["long"]:
+    print(report.target_lines(found))
+    if long:
         print()
-        print(report.long_lines(document["long"]))
+        print(report.long_lines(long))
+    print()
+    print(report.verdict(found, long))
     if args.json is not None:
         report.write_json(args.json, document)
     if args.plot is not None:
-        report.plot(args.plot, document["results"])
-    return 0
+        report.plot(args.plot, document["results"], found, long)
+    return 1 if args.fail_on_miss and report.missed(found, long) else 0

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PLOT_EXTRA = "pip install 'soma-runtime[bench]' (matplotlib)"
 
@@ -29,13 +33,15 @@ def ratios(results: list[dict[str, Any]]) -> None:
 
 @dataclass
 class Target:
-    """One target of the issue: `value` against `limit` (`at_most` or at least)."""
+    """One target of the issue: `value` against `limit` (`at_most` or at least); `case` is
+    the measured case it is about, when it is one case's ratio (the chart marks it there)."""
 
     name: str
     value: float | None
     limit: float
     at_most: bool = True
     unit: str = "x"
+    case: str | None = None
 
     @property
     def met(self) -> bool | None:
@@ -50,18 +56,24 @@ class Target:
             "limit": self.limit,
             "at_most": self.at_most,
             "unit": self.unit,
+            "case": self.case,
             "met": self.met,
         }
 
 
-def _against(
-    by: dict[str, dict[str, Any]], name: str, other: str, key: str = "p50_us"
-) -> float | None:
-    """`name`'s figure over `other`'s (both measured in the same group), None unless both
-    were measured."""
-    if name not in by or other not in by:
-        return None
-    return float(by[name][key] / by[other][key])
+def _ratio(
+    by: dict[str, dict[str, Any]],
+    title: str,
+    limit: float,
+    name: str,
+    other: str,
+    key: str = "p50_us",
+    at_most: bool = True,
+) -> Target:
+    """The target that `name`'s figure over `other`'s (both measured in the same group) is
+    within `limit`; not measured unless both were."""
+    value = float(by[name][key] / by[other][key]) if name in by and other in by else None
+    return Target(title, value, limit, at_most, case=name)
 
 
 # The issue's target is `system.echo` from a supervised runtime; `bench.echo` (a credential
@@ -74,36 +86,43 @@ def targets(results: list[dict[str, Any]]) -> list[Target]:
     """The issue's targets, from the cases this run measured (None: not measured)."""
     by = {r["name"]: r for r in results}
     return [
-        Target("supervised system.echo p50 vs bare", _against(by, *SUPERVISED), 1.15),
-        Target("supervised system.echo p99 vs bare", _against(by, *SUPERVISED, "p99_us"), 1.3),
-        Target(
-            "Client stream p50 vs bare unary (sync)",
-            _against(by, "Client stream", "bare unary (sync)"),
-            0.6,
+        _ratio(by, "supervised system.echo p50 vs bare", 1.15, *SUPERVISED),
+        _ratio(by, "supervised system.echo p99 vs bare", 1.3, *SUPERVISED, "p99_us"),
+        _ratio(
+            by, "Client stream p50 vs bare unary (sync)", 0.6, "Client stream", "bare unary (sync)"
         ),
-        Target(
+        _ratio(
+            by,
             "AsyncClient stream p50 vs bare unary (aio)",
-            _against(by, "AsyncClient stream", "bare unary (aio)"),
             0.6,
+            "AsyncClient stream",
+            "bare unary (aio)",
         ),
-        Target(
+        _ratio(
+            by,
             "AsyncClient stream p50 vs bare stream",
-            _against(by, "AsyncClient stream", "bare stream (aio)"),
             1.15,
+            "AsyncClient stream",
+            "bare stream (aio)",
         ),
-        Target(
+        _ratio(
+            by,
             "stream throughput @32 vs bare unary",
-            _against(by, "AsyncClient stream @32", "bare unary (aio) @32", "calls_per_s"),
             1.5,
+            "AsyncClient stream @32",
+            "bare unary (aio) @32",
+            "calls_per_s",
             at_most=False,
         ),
         *runtime_targets(by),
-        Target(
+        _ratio(
+            by,
             "bridge tools/call p50 vs bare mcp",
-            _against(by, "mcp: tools/call via bridge", "mcp: bare SDK server"),
             1.3,
+            "mcp: tools/call via bridge",
+            "mcp: bare SDK server",
         ),
-        Target("gateway p50 vs direct (total)", _against(by, GATEWAY, "gateway: direct"), 2.0),
+        _ratio(by, "gateway p50 vs direct (total)", 2.0, GATEWAY, "gateway: direct"),
     ]
 
 
@@ -124,8 +143,10 @@ def runtime_targets(by: dict[str, dict[str, Any]]) -> list[Target]:
     flat = high["ratio"]["p50"] / low["ratio"]["p50"]
     per_runtime = (high["rss_kb"] - low["rss_kb"]) / (counts[-1] - counts[0])
     return [
-        Target(f"p50 flat from {counts[0]} to {counts[-1]} runtimes", flat, 1.10),
-        Target("sidecar RSS per added runtime", per_runtime, 1024, unit="KiB"),
+        Target(
+            f"p50 flat from {counts[0]} to {counts[-1]} runtimes", flat, 1.10, case=high["name"]
+        ),
+        Target("sidecar RSS per added runtime", per_runtime, 1024, unit="KiB", case=high["name"]),
     ]
 
 
@@ -133,13 +154,22 @@ def _num(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+# What the ratio columns are: printed under the table and drawn on the chart.
+RATIO_LEGEND = (
+    "p50 x, p99 x: the case's latency over its baseline's (lower is better); thr x: its calls/s "
+    "over the baseline's (higher is better). Each row's baseline is named in its last column and "
+    "was measured in the same run, batch by batch with the case; '-': the row is a baseline."
+)
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """The results as a fixed-width table: latencies in µs, the p50 with its batch spread;
-    CPU per call of the server (sidecar or bare) and of the supervisor; the server's RSS."""
+    CPU per call of the server (sidecar or bare) and of the supervisor; the server's RSS; the
+    ratios to the baseline the last column names; the legend of the ratios under it."""
     header = (
         f"{'case':<34} {'p50 µs (spread)':>22} {'p90':>7} {'p99':>7} {'max':>8} "
         f"{'calls/s':>8} {'cpu µs':>7} {'sup µs':>7} {'RSS MB':>7} "
-        f"{'p50 x':>6} {'p99 x':>6} {'thr x':>6}"
+        f"{'p50 x':>6} {'p99 x':>6} {'thr x':>6}  baseline of the x columns"
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -153,21 +183,49 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['calls_per_s']:>8,.0f} {_num(r['cpu_us_per_call']):>7} "
             f"{_num(r['supervisor_cpu_us_per_call']):>7} {_num(rss, 1):>7} "
             f"{_num(ratio.get('p50'), 2):>6} {_num(ratio.get('p99'), 2):>6} "
-            f"{_num(ratio.get('throughput'), 2):>6}"
+            f"{_num(ratio.get('throughput'), 2):>6}  {r['baseline'] if ratio else '-'}"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", RATIO_LEGEND])
+
+
+def _target_text(t: dict[str, Any]) -> tuple[str, str, str]:
+    """A target's value, its limit and its verdict, as printed."""
+    verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+    sign = "<=" if t["at_most"] else ">="
+    value = "-" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
+    return value, f"target {sign} {t['limit']:g}{t['unit']}", verdict
 
 
 def target_lines(found: list[dict[str, Any]]) -> str:
     """The targets (as `Target.as_dict` gives them), met or missed, with the ratio."""
     lines = ["targets (ratios measured in this run):"]
-    for t in found:
-        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
-        sign = "<=" if t["at_most"] else ">="
-        value = "-" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
-        target = f"(target {sign} {t['limit']:g}{t['unit']})"
-        lines.append(f"  {t['name']:<42} {value:>12}  {target:<22} {verdict}")
+    for number, t in enumerate(found, 1):
+        value, target, verdict = _target_text(t)
+        lines.append(
+            f"  {f'[{number}]':>4} {t['name']:<42} {value:>12}  {'(' + target + ')':<22} {verdict}"
+        )
     return "\n".join(lines)
+
+
+def missed(found: list[dict[str, Any]], long: dict[str, Any] | None = None) -> list[str]:
+    """The names of the targets this run measured and missed (the long run's RSS included)."""
+    names = [t["name"] for t in found if t["met"] is False]
+    if long is not None and not long["met"]:
+        names.append("long run RSS growth")
+    return names
+
+
+def verdict(found: list[dict[str, Any]], long: dict[str, Any] | None = None) -> str:
+    """One line: how many targets were met, and which were missed."""
+    measured = [t for t in found if t["met"] is not None] + ([long] if long is not None else [])
+    failed = missed(found, long)
+    unmeasured = len(found) - len([t for t in found if t["met"] is not None])
+    line = f"verdict: {len(measured) - len(failed)} of {len(measured)} measured targets met"
+    if failed:
+        line += f"; MISSED: {', '.join(failed)}"
+    if unmeasured:
+        line += f" ({unmeasured} not measured in this run)"
+    return line
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
@@ -182,30 +240,85 @@ def check_plotting() -> None:
         raise ImportError(f"--plot needs matplotlib: {PLOT_EXTRA}") from None
 
 
-def plot(path: Path, results: list[dict[str, Any]]) -> None:
-    """A PNG: p50 of every in-flight-1 case with its batch spread, and throughput against
-    calls in flight."""
+def plot(
+    path: Path,
+    results: list[dict[str, Any]],
+    found: list[dict[str, Any]],
+    long: dict[str, Any] | None = None,
+) -> None:
+    """Draw `figure` into a PNG."""
+    import matplotlib.pyplot as plt
+
+    drawn = figure(results, found, long)
+    drawn.savefig(path, dpi=110)
+    plt.close(drawn)
+
+
+def figure(
+    results: list[dict[str, Any]],
+    found: list[dict[str, Any]],
+    long: dict[str, Any] | None = None,
+) -> Figure:
+    """The chart: p50 of every in-flight-1 case with its batch spread, each Soma case marked
+    with its ratio to its baseline and the targets about it; throughput against calls in
+    flight; under them every target with its verdict, and the run's verdict on top."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    single = [r for r in results if r["params"].get("inflight", 1) == 1]
+    single = [r for r in results if r["params"].get("inflight", 1) == 1][::-1]
     swept = [r for r in results if "@" in r["name"]]
-    figure, (left, right) = plt.subplots(
-        1, 2, figsize=(15, max(4.0, 0.32 * len(single) + 1.5)), width_ratios=(3, 2)
-    )
-    names = [r["name"] for r in single][::-1]
-    p50 = [r["p50_us"] for r in single][::-1]
+    bars_high = max(4.0, 0.32 * len(single))
+    notes_high = 0.16 * len(found) + 1.2
+    drawn = plt.figure(figsize=(18, bars_high + notes_high + 1.5))
+    grid = drawn.add_gridspec(2, 2, width_ratios=(5, 2), height_ratios=(bars_high, notes_high))
+    left, right = drawn.add_subplot(grid[0, 0]), drawn.add_subplot(grid[0, 1])
+    notes = drawn.add_subplot(grid[1, :])
+    names = [r["name"] for r in single]
     spread = [
-        [r["p50_us"] - r["p50_spread_us"][0] for r in single][::-1],
-        [r["p50_spread_us"][1] - r["p50_us"] for r in single][::-1],
+        [r["p50_us"] - r["p50_spread_us"][0] for r in single],
+        [r["p50_spread_us"][1] - r["p50_us"] for r in single],
     ]
-    colours = ["tab:gray" if r["params"]["bare"] else "tab:blue" for r in single][::-1]
-    left.barh(names, p50, xerr=spread, color=colours, capsize=2)
+    colours = ["tab:gray" if r["params"]["bare"] else "tab:blue" for r in single]
+    left.barh(names, [r["p50_us"] for r in single], xerr=spread, color=colours, capsize=2)
     left.set_xscale("log")
-    left.set_xlabel("p50 latency, µs (log; bars: min-max of batch medians; grey: baselines)")
+    # Room on the right of the longest bar for its marks.
+    low = min(r["p50_spread_us"][0] for r in single)
+    left.set_xlim(low / 2, max(r["p50_spread_us"][1] for r in single) * 3000)
+    left.set_xlabel("p50 latency, µs (log); whiskers: min-max of the batch medians")
     left.tick_params(axis="y", labelsize=8)
+    # Each target is marked on the case it is about, numbered as in the list under the chart.
+    about: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for number, t in enumerate(found, 1):
+        if t["case"] is not None:
+            about.setdefault(t["case"], []).append((number, t))
+    for row, r in enumerate(single):
+        marks = [f"{r['ratio']['p50']:.2f}x {r['baseline']}"] if r["ratio"] else []
+        for number, t in about.get(r["name"], []):
+            value, target, verdict_ = _target_text(t)
+            marks.append(f"[{number}] {value} ({target}) {verdict_}")
+        if marks:
+            left.annotate(
+                "   ".join(marks),
+                (r["p50_spread_us"][1], row),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+                color="tab:red"
+                if any(t["met"] is False for _, t in about.get(r["name"], []))
+                else "black",
+            )
+    left.legend(
+        handles=[
+            Patch(color="tab:blue", label="through Soma: p50 x its baseline; [n]: target n below"),
+            Patch(color="tab:gray", label="bare baseline, measured in the same run"),
+        ],
+        loc="lower right",
+        fontsize=8,
+    )
     series: dict[str, list[tuple[int, float]]] = {}
     for r in swept:
         series.setdefault(r["name"].split(" @")[0], []).append(
@@ -220,10 +333,15 @@ def plot(path: Path, results: list[dict[str, Any]]) -> None:
     if series:
         right.legend(fontsize=8)
     right.grid(alpha=0.3)
-    figure.suptitle("soma bench: 100-byte echo unless named; medians of interleaved batches")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    notes.axis("off")
+    notes.text(0, 1, target_lines(found), family="monospace", fontsize=8, va="top")
+    drawn.suptitle(
+        "soma bench: 100-byte echo unless named; medians of interleaved batches\n"
+        + textwrap.fill(verdict(found, long), 180),
+        color="tab:red" if missed(found, long) else "black",
+    )
+    drawn.tight_layout()
+    return drawn
 
 
 def long_lines(long: dict[str, Any]) -> str:

@@ -219,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CALLS",
         help="also check the sidecar's RSS stays flat over CALLS calls (default a million)",
     )
+    bench.add_argument(
+        "--fail-on-miss",
+        action="store_true",
+        help="exit 1 when a target this run measured is missed (after printing and writing)",
+    )
     # -- end soma bench ----------------------------------------------------------------------
     return parser
 

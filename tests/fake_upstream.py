@@ -24,6 +24,10 @@ def encodings(value: str) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
+# What `/v1/models` answers: a model API's list of models.
+MODELS = {"object": "list", "data": [{"id": "example", "object": "model", "created": 0}]}
+
+
 @dataclass
 class Seen:
     method: str
@@ -34,7 +38,8 @@ class Seen:
 
 
 class FakeUpstream:
-    """`/v1/echo` answers with the auth it saw; `/v1/redirect?to=URL` redirects (with
+    """`/v1/echo` answers with the auth it saw; `/v1/models` lists `MODELS`;
+    `/v1/redirect?to=URL` redirects (with
     `keep_query`, carrying the request's query string along);
     `/v1/chat/completions` answers like a model API, as server-sent events when asked to
     stream (0.3 s between events).
@@ -111,6 +116,8 @@ class FakeUpstream:
                     self.send_header("Location", location)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                elif parts.path.endswith("/models"):
+                    self._json(200, MODELS)
                 elif parts.path.endswith("/mirror"):
                     self._mirror(parts.query)
                 elif parts.path.endswith("/mirror-sse"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdk import _auth, protocol
@@ -374,3 +377,30 @@ def evict_sessions(target: str) -> None:
     token = _auth.read_token_file(protocol.token_file_for(path))
     for _ in range(MAX_SESSIONS):
         _auth.handshake(protocol.auth_socket_for(path), token, None)
+
+
+def npm_install(package: Path) -> Path:
+    """`package`'s npm dependencies (its package.json, and package-lock.json when it has one,
+    then installed with `npm ci`), installed once into .soma/npm/<digest of those files>: a new
+    pin installs afresh. The directory, with its node_modules; skips when node or npm is missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed for this client (not installed)")
+    manifests = [package / "package.json", package / "package-lock.json"]
+    manifests = [m for m in manifests if m.exists()]
+    digest = hashlib.sha256(b"".join(m.read_bytes() for m in manifests)).hexdigest()[:16]
+    directory = REPO / ".soma" / "npm" / digest
+    done = directory / ".installed"
+    if not done.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        for manifest in manifests:
+            shutil.copy(manifest, directory / manifest.name)
+        command = "ci" if len(manifests) == 2 else "install"
+        subprocess.run(
+            [npm, command, "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=directory,
+            check=True,
+            timeout=300,
+        )
+        done.touch()
+    return directory

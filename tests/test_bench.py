@@ -8,9 +8,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from soma_bench import report
 from tests.helpers import REPO, child_env, run_soma
 
 RESULT_FIELDS = {
@@ -37,11 +39,14 @@ def test_a_tiny_run_writes_every_field_as_json_and_a_png(tmp_path: Path) -> None
         "bench",
         *("--cases", "echo,gateway,bridge", "--batches", "1", "--calls", "4", "--warmup", "2"),
         *("--long", "400"),
-        *("--json", str(out), "--plot", str(png)),
+        *("--json", str(out), "--plot", str(png), "--fail-on-miss"),
         timeout=60,
     )
-    assert result.returncode == 0, result.stderr
     document = json.loads(out.read_text())
+    # Figures of four calls miss or meet the targets by chance: exit 1 exactly when one missed.
+    missed = report.missed(document["targets"], document["long"])
+    assert result.returncode == (1 if missed else 0), result.stderr
+    assert result.stdout.rstrip().endswith(report.verdict(document["targets"], document["long"]))
     results = {r["name"]: r for r in document["results"]}
     # The floor, both bare unary clients, the bare stream, the SDK's clients, the gateway
     # pair measured inside a supervised runtime, and the MCP pair.
@@ -83,6 +88,7 @@ def test_a_tiny_run_writes_every_field_as_json_and_a_png(tmp_path: Path) -> None
     assert targets["p50 flat from 1 to N runtimes"]["met"] is None  # not measured
     # stdout: the table and the verdicts; stderr: progress.
     assert "gateway: via the gateway" in result.stdout
+    assert report.table(document["results"]) in result.stdout
     assert "gateway p50 vs direct (total)" in result.stdout
     assert "batch 1/1" in result.stderr
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
@@ -137,3 +143,89 @@ def test_plot_without_matplotlib_names_the_extra_before_measuring(tmp_path: Path
     assert "soma-runtime[bench]" in result.stderr
     assert "batch" not in result.stderr  # nothing was measured
     assert not (tmp_path / "x.png").exists()
+
+
+def stub(name: str, baseline: str | None, p50: float, p99: float) -> dict[str, Any]:
+    """A result as a run records it, with made-up figures."""
+    return {
+        "name": name,
+        "baseline": baseline,
+        "params": {"bare": baseline is None},
+        "p50_us": p50,
+        "p50_spread_us": [p50 * 0.9, p50 * 1.1],
+        "p90_us": p99,
+        "p99_us": p99,
+        "max_us": p99,
+        "calls_per_s": 1e6 / p50,
+        "cpu_us_per_call": 10.0,
+        "supervisor_cpu_us_per_call": None,
+        "rss_kb": 1024,
+    }
+
+
+@pytest.fixture
+def stubbed() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Results where the stream meets its target and supervised system.echo misses its p50
+    target (1.3x against 1.15x) but meets its p99 one; the targets they give."""
+    supervised_bare = "supervised: bare unary (sync)"
+    results = [
+        stub("bare unary (sync)", None, 100, 200),
+        stub("Client stream", "bare unary (sync)", 50, 100),
+        stub(supervised_bare, None, 100, 200),
+        stub("supervised: Client unary, system.echo", supervised_bare, 130, 240),
+    ]
+    report.ratios(results)
+    return results, [t.as_dict() for t in report.targets(results)]
+
+
+def test_the_table_names_the_baseline_of_its_ratio_columns(
+    stubbed: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+) -> None:
+    results, _ = stubbed
+    lines = report.table(results).splitlines()
+    assert lines[0].endswith("p50 x  p99 x  thr x  baseline of the x columns")
+    rows = {line.split("  ")[0]: line for line in lines[2:6]}
+    assert rows["Client stream"].endswith("  0.50   0.50   2.00  bare unary (sync)")
+    assert rows["bare unary (sync)"].endswith("  -      -      -  -")
+    assert lines[-1] == report.RATIO_LEGEND
+
+
+def test_the_verdict_names_what_was_missed(
+    stubbed: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+) -> None:
+    _, found = stubbed
+    assert report.missed(found) == ["supervised system.echo p50 vs bare"]
+    assert report.verdict(found) == (
+        "verdict: 2 of 3 measured targets met; MISSED: supervised system.echo p50 vs bare"
+        f" ({len(found) - 3} not measured in this run)"
+    )
+    grown = {"met": False}
+    assert report.missed(found, grown)[-1] == "long run RSS growth"
+    met = [t for t in found if t["met"] is not False]
+    assert report.missed(met) == []
+    assert report.verdict(met).startswith("verdict: 2 of 2 measured targets met (")
+
+
+def test_the_chart_has_a_legend_each_case_s_ratio_and_target_and_the_verdict(
+    stubbed: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+) -> None:
+    results, found = stubbed
+    drawn = report.figure(results, found)
+    bars, _, notes = drawn.axes
+    legend = bars.get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "through Soma: p50 x its baseline; [n]: target n below",
+        "bare baseline, measured in the same run",
+    ]
+    marked = {t.get_text() for t in bars.texts}
+    assert (
+        "1.30x supervised: bare unary (sync)   [1] 1.30x (target <= 1.15x) MISSED   "
+        "[2] 1.20x (target <= 1.3x) met"
+    ) in marked
+    assert "0.50x bare unary (sync)   [3] 0.50x (target <= 0.6x) met" in marked
+    lines = report.target_lines(found).splitlines()
+    assert lines[1].startswith("   [1] supervised system.echo p50 vs bare ")
+    assert lines[3].startswith("   [3] Client stream p50 vs bare unary (sync) ")
+    assert " ".join(drawn.get_suptitle().split()).endswith(report.verdict(found))
+    assert [t.get_text() for t in notes.texts] == [report.target_lines(found)]

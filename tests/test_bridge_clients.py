@@ -5,7 +5,6 @@ launcher, and the TypeScript SDK from npm over Streamable HTTP."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import shutil
@@ -23,7 +22,16 @@ from mcp.shared.exceptions import MCPError
 
 from sidecar.bridge.published import url_file
 from sidecar.bridge.tools import IDEMPOTENCY_KEY
-from tests.helpers import REPO, SOMA, Process, child_env, run_soma, start_sidecar, wait_until
+from tests.helpers import (
+    REPO,
+    SOMA,
+    Process,
+    child_env,
+    npm_install,
+    run_soma,
+    start_sidecar,
+    wait_until,
+)
 
 BRIDGE = """
 [[bridge]]
@@ -224,22 +232,8 @@ TS_CLIENT = REPO / "tests" / "fixtures" / "ts_client"
 
 @pytest.fixture(scope="session")
 def ts_client() -> Path:
-    """The TypeScript client with `@modelcontextprotocol/sdk` from npm, installed once into
-    .soma/npm/<digest of package.json> (a new pin installs afresh)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are needed for the TypeScript SDK client (not installed)")
-    package = (TS_CLIENT / "package.json").read_bytes()
-    directory = REPO / ".soma" / "npm" / hashlib.sha256(package).hexdigest()[:16]
-    if not (directory / "node_modules" / "@modelcontextprotocol" / "sdk").is_dir():
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "package.json").write_bytes(package)
-        subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=directory,
-            check=True,
-            timeout=300,
-        )
+    """The TypeScript client, with `@modelcontextprotocol/sdk` installed from npm."""
+    directory = npm_install(TS_CLIENT)
     shutil.copy(TS_CLIENT / "client.mjs", directory / "client.mjs")
     return directory / "client.mjs"
 

@@ -8,6 +8,7 @@ so a new block needs a check before it lands.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shlex
 import sys
@@ -22,7 +23,8 @@ import pytest
 from sidecar.loading import load_organs
 from soma_runtime import Executive, Stimulus
 from soma_runtime.config import parse_config
-from tests.helpers import REPO, SOMA, SupervisorRun, start_sidecar, wait_until
+from tests.fake_upstream import MODELS, FakeUpstream
+from tests.helpers import REPO, SOMA, SupervisorRun, set_secret, start_sidecar, wait_until
 
 README = REPO / "README.md"
 
@@ -67,6 +69,7 @@ CLAIMS = {
     "status_output": "NAME     KIND     STATE",
     "http_call": 'client.call("http.request"',
     "openai_client": "from openai import OpenAI",
+    "node_runtime": 'command = ["node", "examples/node/client.mjs"]',  # run: test_node_example
 }
 SHELL_BLOCK = "sh"
 
@@ -178,6 +181,7 @@ def test_the_organ_skeleton_is_the_contract() -> None:
     "phrases",
     [
         (CLAIMS["runtime_table"],),
+        (CLAIMS["node_runtime"],),
         (CLAIMS["vault_table"],),
         (CLAIMS["metrics_table"],),
         (CLAIMS["credential_tables"],),
@@ -209,10 +213,90 @@ def test_the_stdio_client_config_names_a_real_command() -> None:
     assert "--bridge" in result.stdout
 
 
-def test_snippets_that_need_the_network_or_other_packages_compile() -> None:
-    """`http.request` to a real API and the openai client cannot run here; they compile."""
-    for phrase in (CLAIMS["http_call"], CLAIMS["openai_client"]):
-        compile(the(phrase).body, "README", "exec")
+@pytest.fixture
+def model_api() -> Iterator[FakeUpstream]:
+    """A local stand-in of the API the README's snippets call."""
+    api = FakeUpstream()
+    yield api
+    api.close()
+
+
+SECRET = "sk-readme-0123456789abcdef"
+README_API = "https://api.openai.com"
+
+
+def tables_for(tmp_path: Path, model_api: FakeUpstream, *phrases: str) -> dict[str, Any]:
+    """The README's tables claimed by `phrases`, the credential bound to the stand-in."""
+    data = readme_config(tmp_path, *phrases)
+    for credential in data["credential"]:
+        credential["hosts"] = [model_api.url]
+    for gateway in data.get("gateway", []):
+        gateway["upstream"] = gateway["upstream"].replace(README_API, model_api.url)
+    return data
+
+
+def test_the_http_request_snippet_sends_the_credential_to_its_host(
+    tmp_path: Path, model_api: FakeUpstream
+) -> None:
+    """The README's `http.request` call and its `[[credential]]`, against a standalone sidecar,
+    with the API's origin moved to the stand-in."""
+    import tomli_w
+
+    import sdk
+
+    tables = tables_for(tmp_path, model_api, CLAIMS["credential_tables"])
+    extra = tomli_w.dumps({"credential": tables["credential"]})
+    proc, target = start_sidecar(tmp_path, ["system", "http"], extra=extra)
+    try:
+        set_secret(tmp_path / "soma.toml", "openai", SECRET)
+        snippet = the(CLAIMS["http_call"]).body.replace(README_API, model_api.url)
+        with sdk.Client(target) as client:
+            answer = eval(compile(snippet, "README", "eval"), {"client": client})
+    finally:
+        assert proc.stop() == 0, proc.output()
+    assert answer["status"] == 200 and json.loads(answer["body"]) == MODELS
+    assert [(r.path, r.headers["authorization"]) for r in model_api.requests] == [
+        ("/v1/models", f"Bearer {SECRET}")
+    ]
+
+
+OPENAI_CHECK = """
+import json
+print(json.dumps({
+    "placeholder": client.api_key.startswith("soma_pk_"),
+    "models": [model.id for model in client.models.list()],
+}), flush=True)
+"""
+
+
+def test_the_openai_snippet_talks_through_the_gateway_holding_only_a_placeholder(
+    tmp_path: Path, model_api: FakeUpstream
+) -> None:
+    """The README's openai snippet, unmodified, as the runtime of its `[[gateway]]` and
+    `[[credential]]` tables; the client lists the stand-in's models with the real key."""
+    import tomli_w
+
+    agent = tmp_path / "agent.py"
+    agent.write_text(the(CLAIMS["openai_client"]).body + OPENAI_CHECK)
+    tables = tables_for(tmp_path, model_api, CLAIMS["credential_tables"], CLAIMS["gateway_tables"])
+    (runtime,) = tables["runtime"]
+    runtime.update(command=["python", str(agent)], allow=["system.*"], restart="never")
+    config = SupervisorRun.write(tmp_path, tomli_w.dumps(tables))
+    set_secret(config, tables["gateway"][0]["credential"], SECRET)
+    run = SupervisorRun(tmp_path, tomli_w.dumps(tables))
+    try:
+        run.wait_ready()
+        line = wait_until(
+            lambda: next((e["line"] for e in run.events("output") if "models" in e["line"]), None),
+            timeout=30,
+            what="the agent's answer",
+        )
+    finally:
+        assert run.stop() == 0
+    assert json.loads(line) == {"placeholder": True, "models": ["example"]}
+    assert [(r.path, r.headers["authorization"]) for r in model_api.requests] == [
+        ("/v1/models", f"Bearer {SECRET}")
+    ]
 
 
 def test_the_status_sample_has_the_columns_soma_status_prints() -> None:
@@ -228,7 +312,7 @@ def shell_commands() -> Iterator[list[str]]:
     for block in blocks():
         if block.lang != SHELL_BLOCK:
             continue
-        for raw in block.body.splitlines():
+        for raw in block.body.replace("\\\n", " ").splitlines():  # continuation lines joined
             line = raw.split("  #")[0].strip()
             for part in line.split("|"):
                 words = shlex.split(part.replace("&&", "|").split("|")[0], comments=True)
@@ -258,3 +342,86 @@ def test_every_soma_and_make_command_shown_exists() -> None:
                 [SOMA, *sub[:1], "--help"], capture_output=True, text=True, timeout=60, check=False
             )
         assert result.returncode == 0, (words, result.stderr)
+
+
+def command_paths() -> list[str]:
+    """Every command of the `soma` argparse tree that runs something, as `soma a b`."""
+    import argparse
+
+    from soma_cli.main import build_parser
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> Iterator[str]:
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not groups:
+            yield path
+        for group in groups:
+            for name, sub in group.choices.items():
+                yield from walk(sub, f"{path} {name}")
+
+    return list(walk(build_parser(), "soma"))
+
+
+def test_the_command_summary_lists_every_subcommand_and_no_other() -> None:
+    development = README.read_text().split("\n## Development\n")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `(soma [^`]*)` \|", development, re.M)
+    listed = [" ".join(w for w in row.split() if re.fullmatch(r"[a-z][a-z-]*", w)) for row in rows]
+    assert sorted(listed) == sorted(command_paths())
+
+
+def test_every_python_module_command_runs_from_a_fresh_shell() -> None:
+    """`python -m ...` written anywhere in the README runs from the repository root in a shell
+    that activated nothing: written with the venv's interpreter, the module importable."""
+    import subprocess
+
+    commands = re.findall(r"(\S*python\S*) -m ([\w.]+)", README.read_text())
+    assert ("`.venv/bin/python", "examples.gateway_demo") in commands
+    venv = REPO / ".venv" / "bin" / "python"
+    python = ".venv/bin/python" if venv.exists() else sys.executable  # another venv runs the tests
+    fresh = {"PATH": "/usr/bin:/bin", "HOME": str(REPO)}
+    for interpreter, module in commands:
+        assert interpreter.strip("`(") == ".venv/bin/python", (interpreter, module)
+        check = f"{python} -c 'import {module}'"
+        if module.startswith("examples."):  # the examples' commands: as written, with --help
+            check = f"{python} -m {module} --help"
+        result = subprocess.run(
+            ["bash", "--noprofile", "--norc", "-c", check],
+            cwd=REPO,
+            env=fresh,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, (module, result.stderr)
+
+
+def test_the_inspector_command_says_which_node_it_needs(tmp_path: Path) -> None:
+    """Where `make run` prints it and in the README: the Inspector's current release needs
+    Node >= 22.19 (its package's `engines`)."""
+    from examples.run import client_configs
+
+    key_file = tmp_path / "bridge-local.key"
+    key_file.write_text("soma_0_0\n")
+    config = parse_config({"soma": {"state_dir": "state"}}, source=tmp_path / "soma.toml")
+    printed = client_configs(config, "local", "http://127.0.0.1:1/mcp", key_file).splitlines()
+    inspector = printed.index("  MCP Inspector (needs Node >= 22.19):")
+    assert printed[inspector + 1].lstrip().startswith("npx @modelcontextprotocol/inspector ")
+    (bullet,) = [
+        line for line in README.read_text().splitlines() if "**the MCP Inspector**" in line
+    ]
+    assert "needs Node ≥ 22.19" in bullet
+
+
+def test_the_architecture_document_is_linked_and_holds_the_import_arrows() -> None:
+    """docs/architecture.md (the README's "how it is built") states the arrows
+    tests/test_layering.py holds."""
+    from tests.test_layering import ALLOWED
+
+    assert "[docs/architecture.md](docs/architecture.md)" in README.read_text()
+    text = (REPO / "docs" / "architecture.md").read_text()
+    layout = text.split("\n## Code layout and import arrows\n")[1].split("\n## ")[0]
+    arrows = {
+        row[0].strip("` "): tuple(re.findall(r"`([\w.]+)`", row[-1]))
+        for row in (line.split("|")[1:-1] for line in layout.splitlines() if line.startswith("| `"))
+    }
+    assert arrows == {package: tuple(allowed) for package, allowed in ALLOWED.items()}
