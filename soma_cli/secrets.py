@@ -71,6 +71,30 @@ def _read_value(args: argparse.Namespace) -> bytes:
     return value
 
 
+def warn_missing_secrets(config: SomaConfig) -> None:
+    """At the sidecar's start: a warning, with the command that fixes it, for each configured
+    credential whose secret is not in the vault (every use of it would fail until then)."""
+    import structlog
+
+    from sidecar import secret_admin
+
+    if not config.credential:
+        return
+    try:
+        stored = {s["name"] for s in secret_admin.list_secrets(config)}
+    except (*secret_admin.SETUP_ERRORS, *secret_admin.FAILURES):
+        return  # the sidecar reports a vault it cannot use where it uses it
+    log = structlog.get_logger(component="sidecar")
+    for credential in config.credential:
+        if credential.secret_name not in stored:
+            log.warning(
+                "credential_secret_missing",
+                credential=credential.name,
+                secret=credential.secret_name,
+                fix=f"soma secrets set {credential.secret_name} --config {config.source}",
+            )
+
+
 def set_secret(args: argparse.Namespace) -> int:
     from sidecar import secret_admin
 
