@@ -93,7 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
         "print a systemd unit for `soma supervise`",
         "soma_cli.status:systemd_unit",
     )
-    unit.add_argument("--user", action="store_true", help="a unit for the user's manager")
+    unit.add_argument(
+        "--user", action="store_true", help="a unit for your own user manager (systemctl --user)"
+    )
+    unit.add_argument(
+        "--service-user",
+        metavar="NAME",
+        help="the user a system unit runs the supervisor and agents as "
+        "(default: the owner of the configuration file; never root unless named)",
+    )
+    unit.add_argument(
+        "--service-group", metavar="NAME", help="its group (default: the user's own group)"
+    )
 
     secrets = commands.add_parser(
         "secrets", help="the vault's secrets: set, list, delete, rotate-kek, audit"
