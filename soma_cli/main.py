@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -91,7 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
         "print a systemd unit for `soma supervise`",
         "soma_cli.status:systemd_unit",
     )
-    unit.add_argument("--user", action="store_true", help="a unit for the user's manager")
+    unit.add_argument(
+        "--user", action="store_true", help="a unit for your own user manager (systemctl --user)"
+    )
+    unit.add_argument(
+        "--service-user",
+        metavar="NAME",
+        help="the user a system unit runs the supervisor and agents as "
+        "(default: the owner of the configuration file; never root unless named)",
+    )
+    unit.add_argument(
+        "--service-group", metavar="NAME", help="its group (default: the user's own group)"
+    )
 
     secrets = commands.add_parser(
         "secrets", help="the vault's secrets: set, list, delete, rotate-kek, audit"
@@ -230,13 +243,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from soma_cli.errors import CommandError  # after parsing: --help and --version stay light
+    # After parsing: --help and --version stay light.
+    from soma_cli.errors import RUNTIME_FAILURE, CommandError
 
     module, _, name = args.handler.partition(":")
     handler: Handler = getattr(importlib.import_module(module), name)
     try:
         code = handler(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left is handled below
     except CommandError as exc:
         print(f"soma {args.command}: {exc}", file=sys.stderr)
         code = exc.code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket: a real failure, with its traceback
+        # `soma status | head -1`: the reader took what it wanted. Stop without a traceback
+        # (the recipe of the `signal` module's docs): stdout now goes to /dev/null, so the
+        # interpreter's last flush of what is still buffered cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = RUNTIME_FAILURE
     sys.exit(code)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no usable stdout at all
+        return False

@@ -37,6 +37,7 @@ def sidecar(args: argparse.Namespace) -> int:
     from sidecar.app import serve
     from sidecar.vault.kek import KekError
     from sidecar.vault.open import VaultSetupError
+    from soma_cli.secrets import warn_missing_secrets
     from soma_runtime.config import ConfigError
     from soma_runtime.logs import configure_logging
     from soma_runtime.unix import UnsafePath
@@ -54,6 +55,7 @@ def sidecar(args: argparse.Namespace) -> int:
     try:
         if args.supervised:
             _check_allow_lists(config)
+        warn_missing_secrets(config)
         uvloop.run(serve(config, supervised=args.supervised))
     except (ConfigError, UnsafePath, KekError, VaultSetupError) as exc:
         raise CommandError(str(exc), SETUP_ERROR) from None

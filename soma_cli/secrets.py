@@ -35,9 +35,12 @@ def _run(args: argparse.Namespace, operation: Callable[[SomaConfig], Any]) -> An
 
 
 def _read_value(args: argparse.Namespace) -> bytes:
+    """The value, or exit 2 when there is none or too much: the operator's input is wrong,
+    and nothing was stored (the vault would refuse it too, but as a failure, exit 1)."""
     from sidecar.vault.store import MAX_SECRET_BYTES
 
     if args.file is not None:
+        source = str(args.file)
         try:
             raw: bytes = args.file.read_bytes()
         except OSError as exc:
@@ -45,13 +48,51 @@ def _read_value(args: argparse.Namespace) -> bytes:
     elif sys.stdin.isatty():
         import getpass
 
+        source = "the terminal"
         # Not echoed: a secret typed on a terminal must not stay on the screen or in scrollback.
-        typed: str = getpass.getpass(f"Value for {args.name}: ")
-        return typed.encode()
+        raw = getpass.getpass(f"Value for {args.name}: ").encode()
     else:
+        source = "standard input"
         raw = sys.stdin.buffer.read(MAX_SECRET_BYTES + 2)
     # One trailing newline is what `echo` and editors add, not part of the secret.
-    return raw.removesuffix(b"\n").removesuffix(b"\r")
+    value = raw.removesuffix(b"\n").removesuffix(b"\r")
+    if not value:
+        raise CommandError(
+            f"secret {args.name!r}: no value: {source} gave nothing "
+            "(type it at the prompt, pipe it in, or use --file PATH); nothing stored",
+            SETUP_ERROR,
+        )
+    if len(value) > MAX_SECRET_BYTES:
+        raise CommandError(
+            f"secret {args.name!r}: the value from {source} is over {MAX_SECRET_BYTES} bytes; "
+            "nothing stored",
+            SETUP_ERROR,
+        )
+    return value
+
+
+def warn_missing_secrets(config: SomaConfig) -> None:
+    """At the sidecar's start: a warning, with the command that fixes it, for each configured
+    credential whose secret is not in the vault (every use of it would fail until then)."""
+    import structlog
+
+    from sidecar import secret_admin
+
+    if not config.credential:
+        return
+    try:
+        stored = {s["name"] for s in secret_admin.list_secrets(config)}
+    except (*secret_admin.SETUP_ERRORS, *secret_admin.FAILURES):
+        return  # the sidecar reports a vault it cannot use where it uses it
+    log = structlog.get_logger(component="sidecar")
+    for credential in config.credential:
+        if credential.secret_name not in stored:
+            log.warning(
+                "credential_secret_missing",
+                credential=credential.name,
+                secret=credential.secret_name,
+                fix=f"soma secrets set {credential.secret_name} --config {config.source}",
+            )
 
 
 def set_secret(args: argparse.Namespace) -> int:

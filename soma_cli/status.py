@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
-from soma_cli.errors import RUNTIME_FAILURE, CommandError, load
+from soma_cli.errors import RUNTIME_FAILURE, SETUP_ERROR, CommandError, load
 
 
 def status(args: argparse.Namespace) -> int:
@@ -81,9 +82,24 @@ def _ms(value: float | None) -> str:
 
 
 def systemd_unit(args: argparse.Namespace) -> int:
-    from soma_runtime.systemd_unit import unit_file
+    from soma_runtime.systemd_unit import UnitError, access_warnings, service_account, unit_file
 
+    config = load(args.config)
+    if args.user and (args.service_user or args.service_group):
+        raise CommandError(
+            "--service-user and --service-group are for a system unit: a user's manager runs "
+            "its units as that user",
+            SETUP_ERROR,
+        )
     # Built in full before anything is printed: an error leaves no half (or empty) unit.
-    text = unit_file(load(args.config), user=args.user)
+    try:
+        account = (
+            None if args.user else service_account(config, args.service_user, args.service_group)
+        )
+        text = unit_file(config, account=account)
+    except UnitError as exc:
+        raise CommandError(str(exc), SETUP_ERROR) from None
+    for warning in [] if account is None else access_warnings(config, account):
+        print(f"soma systemd-unit: warning: {warning}", file=sys.stderr)
     print(text, end="")
     return 0

@@ -27,9 +27,11 @@ class Unmatched:
 def check_allow_lists(
     runtimes: Sequence[RuntimeSection], functions: Collection[str]
 ) -> list[Unmatched]:
-    """The globs that match no function today; `ConfigError` for the first that never can."""
+    """The globs that match no function today; `ConfigError` naming every glob that never
+    can (all of them at once: an operator fixes the file in one go, not one start per typo)."""
     organs = sorted({name.split(".", 1)[0] for name in functions})
     unmatched = []
+    refused = []
     for i, runtime in enumerate(runtimes):
         for j, pattern in enumerate(runtime.allow):
             if any(fnmatch.fnmatchcase(name, pattern) for name in functions):
@@ -40,10 +42,13 @@ def check_allow_lists(
                 close = difflib.get_close_matches(organ, organs, n=1)
                 hint = f"; did you mean {close[0] + dot + rest!r}?" if close else ""
                 known = ", ".join(organs) or "none"
-                raise ConfigError(
+                refused.append(
                     f"{key}: {pattern!r} can match no function: no loaded organ is named "
                     f"{organ!r} (loaded: {known}){hint}"
                 )
+                continue
             close = difflib.get_close_matches(pattern, functions, n=1)
             unmatched.append(Unmatched(key, pattern, close[0] if close else None))
+    if refused:
+        raise ConfigError("; ".join(refused))  # the separator of every config error's problems
     return unmatched

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,21 @@ def test_a_glob_naming_no_loaded_organ_is_refused_with_a_suggestion() -> None:
     message = str(raised.value)
     assert message.startswith("runtime[1].allow[1]: 'sytem.*' can match no function")
     assert message.endswith("did you mean 'system.*'?")
+
+
+def test_every_glob_that_can_never_match_is_refused_at_once() -> None:
+    """One start tells the operator about every typo, not one per start."""
+    allows = (["sytem.*", "system.ping", "similarty.search"], ["vualt.store", "system.pnig"])
+    with pytest.raises(ConfigError) as raised:
+        check_allow_lists(_runtimes(*allows), FUNCTIONS)
+    message = str(raised.value)
+    assert re.findall(r"(runtime\[\d\]\.allow\[\d\]): '", message) == [
+        "runtime[0].allow[0]",
+        "runtime[0].allow[2]",
+        "runtime[1].allow[0]",
+    ]
+    for hint in ("'system.*'", "'similarity.search'", "'vault.store'"):
+        assert f"did you mean {hint}?" in message
 
 
 def test_a_glob_matching_no_function_of_a_loaded_organ_is_reported() -> None:

@@ -193,3 +193,88 @@ def test_the_operator_reaches_the_service_without_its_environment(tmp_path: Path
         assert not (tmp_path / "svc-run").exists()
     finally:
         assert service.stop(30) == 0, service.output()
+
+
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [
+        (b"", "no value"),
+        (b"\n", "no value"),
+        (b"x" * (64 * 1024 + 1), "the value from standard input is over 65536 bytes"),
+    ],
+    ids=["empty", "only-a-newline", "too-large"],
+)
+def test_a_secret_value_that_cannot_be_stored_is_a_usage_error(
+    tmp_path: Path, given: bytes, why: str
+) -> None:
+    """`printf '' | soma secrets set x`: exit 2 (a usage error, as the README promises), a
+    message saying what to do, and nothing stored."""
+    config = write_config(tmp_path / "soma.toml", '[soma]\nstate_dir = "state"\n')
+    result = subprocess.run(
+        [SOMA, "secrets", "set", "x", "--config", str(config)],
+        input=given,
+        capture_output=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.decode()
+    assert message.startswith(f"soma secrets: secret 'x': {why}"), message
+    assert "standard input" in message and "nothing stored" in message
+    assert message.count("\n") == 1
+    listing = run_soma("secrets", "list", "--json", "--config", str(config))
+    assert json.loads(listing.stdout) == []
+
+
+def _reader_that_left() -> int:
+    """The write end of a real pipe whose reader, `head -1`, has read its line and exited:
+    what `soma ... | head -1` meets when head is done before soma has written everything."""
+    read_end, write_end = os.pipe()
+    head = subprocess.Popen(["head", "-1"], stdin=read_end, stdout=subprocess.DEVNULL)
+    os.close(read_end)
+    os.write(write_end, b"the line head wanted\n")
+    assert head.wait(timeout=30) == 0
+    return write_end
+
+
+def test_status_into_a_pipe_whose_reader_left_ends_quietly(tmp_path: Path) -> None:
+    """`soma status | head -1`: no BrokenPipeError traceback, just an exit."""
+    run = SupervisorRun(tmp_path, "")
+    try:
+        run.wait_ready()
+        for args in (["status"], ["status", "--json"]):
+            pipe = _reader_that_left()
+            try:
+                result = subprocess.run(
+                    [SOMA, *args, "--config", str(run.config)],
+                    stdout=pipe,
+                    stderr=subprocess.PIPE,
+                    env=child_env(),
+                    timeout=60,
+                    check=False,
+                )
+            finally:
+                os.close(pipe)
+            assert result.stderr == b"", result.stderr.decode()
+            assert result.returncode == 1
+    finally:
+        assert run.stop() == 0, run.proc.output()
+
+
+def test_every_command_ends_quietly_when_its_reader_left() -> None:
+    """The same for every command (handled once, in `main`): here one printing 18 kB."""
+    pipe = _reader_that_left()
+    try:
+        result = subprocess.run(
+            [SOMA, "cards", "search", "--json", "--dir", str(REPO / "cards"), ""],
+            stdout=pipe,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(pipe)
+    assert result.stderr == b"", result.stderr.decode()
+    assert result.returncode == 1

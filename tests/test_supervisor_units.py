@@ -1,4 +1,4 @@
-"""The supervisor's parts on their own: restart policy, notify, identities, unit file."""
+"""The supervisor's parts on their own: restart policy, notify, identities, status."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from soma_runtime.supervisor.notify import Notifier
 from soma_runtime.supervisor.policy import backoff_delay, wants_restart
 from soma_runtime.supervisor.reaper import describe_exit
 from soma_runtime.unix import is_descendant, loopback_peer_uid, parent_pid
-from tests.helpers import REPO, SOMA, Process, child_env, wait_until
+from tests.helpers import REPO, Process, wait_until
 
 
 @pytest.mark.parametrize(
@@ -187,69 +186,6 @@ def test_status_table() -> None:
         "SIGKILL",
     ]
     assert lines[2].split() == ["claims", "runtime", "fatal", "-", "-", "5", "exit", "3"]
-
-
-SYSTEMD_DIRS = '[soma]\nruntime_dir = "{run}/soma"\nstate_dir = "{state}/soma"\n'
-
-
-@pytest.mark.parametrize(
-    ("user", "managed"),
-    [(False, True), (False, False), (True, True), (True, False)],
-    ids=["system", "system-project-dirs", "user", "user-project-dirs"],
-)
-def test_systemd_unit_passes_systemd_analyze_verify(
-    tmp_path: Path, user: bool, managed: bool
-) -> None:
-    """The unit has systemd manage the configured directories when they lie under its bases;
-    otherwise it lets the system service write them (they are never swapped for others)."""
-    env = child_env(XDG_RUNTIME_DIR=str(tmp_path / "xdg"), XDG_STATE_HOME=str(tmp_path / "st"))
-    (tmp_path / "xdg").mkdir(mode=0o700)  # a user manager needs one to resolve %t
-    run, state = (tmp_path / "xdg", tmp_path / "st") if user else ("/run", "/var/lib")
-    config = tmp_path / "soma.toml"
-    config.write_text(SYSTEMD_DIRS.format(run=run, state=state) if managed else "")
-    args = ["systemd-unit", "--config", str(config), *(["--user"] if user else [])]
-    result = subprocess.run(
-        [SOMA, *args], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    unit = result.stdout
-    expected = [
-        "Type=notify",
-        "WatchdogSec=30s",
-        "Restart=on-failure",
-        "RestartPreventExitStatus=2",
-        "NoNewPrivileges=yes",
-        # TERM to the supervisor alone (it stops everything in order), then the cgroup's
-        # SIGKILL for anything left once it is gone, even after its own SIGKILL
-        "KillMode=mixed",
-    ]
-    if managed:
-        expected += ["RuntimeDirectory=soma", "StateDirectory=soma"]
-    elif not user:
-        expected += [
-            f"ReadWritePaths={tmp_path}/.soma/run",
-            f"ReadWritePaths={tmp_path}/.soma/state",
-        ]
-    if not user:
-        expected += ["ProtectSystem=strict", "PrivateTmp=yes"]
-    for line in expected:
-        assert line in unit.splitlines()
-    if not managed:
-        assert "RuntimeDirectory=" not in unit and "StateDirectory=" not in unit
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
-    path = tmp_path / "soma.service"
-    path.write_text(unit)
-    check = subprocess.run(
-        [analyze, *(["--user"] if user else []), "verify", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert check.returncode == 0, check.stderr
-    assert "soma.service" not in check.stderr, check.stderr  # no warnings about our unit
 
 
 def supervised_sidecar(tmp_path: Path) -> tuple[Process, Path]:

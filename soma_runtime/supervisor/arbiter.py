@@ -5,8 +5,9 @@ SIGINT): STOPPING=1, runtimes first (SIGTERM, grace, SIGKILL; each with every pr
 started), then the sidecar, then any orphan still adopted. If the sidecar is given up on
 (FATAL), the supervisor stops the runtimes and exits 1, so that systemd can restart the whole
 service; if the sidecar refused its setup (exit 2 before it served: a bad organ, key or path),
-at once and with 2, which the unit's `RestartPreventExitStatus=2` does not restart. Every wait
-of the stop is bounded.
+or a runtime's command cannot be executed at its first start (a typo, a missing file), at once
+and with 2, which the unit's `RestartPreventExitStatus=2` does not restart. Every wait of the
+stop is bounded.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ class Supervisor:
         return [self.sidecar, *self.runtimes]
 
     async def run(self) -> int:
-        """Supervise until a stop signal (exit 0) or until the sidecar is given up on (exit 1;
-        2 when it refused its setup)."""
+        """Supervise until a stop signal (exit 0), until the sidecar is given up on (exit 1;
+        2 when it refused its setup), or until a runtime's command cannot be executed at its
+        first start (exit 2: the configuration names it wrongly)."""
         began = time.monotonic()
         ensure_private_dir(self.config.state_dir)
         self.layout.prepare()
@@ -92,7 +94,11 @@ class Supervisor:
                     asyncio.gather(*(r.first_start.wait() for r in self.runtimes)),
                     tasks[self.sidecar],
                 )
-            if not self._stop.is_set() and self.sidecar.state != State.FATAL:
+            if (
+                not self._stop.is_set()
+                and self.sidecar.state != State.FATAL
+                and not self._refused()
+            ):
                 self._ready = True
                 log.info(
                     "ready", seconds=round(time.monotonic() - began, 3), runtimes=len(self.runtimes)
@@ -102,7 +108,11 @@ class Supervisor:
         finally:
             by_signal = self._stop.is_set()
             self.notifier.send("STOPPING=1", f"STATUS=stopping ({self.summary()})")
-            log.info("stopping", reason="signal" if by_signal else f"sidecar {self.sidecar.state}")
+            refused = self._refused()
+            reason = f"sidecar {self.sidecar.state}"
+            if by_signal or refused:
+                reason = "signal" if by_signal else f"setup error of {', '.join(refused)}"
+            log.info("stopping", reason=reason)
             # Runtimes first, and wait until each is unregistered, then the sidecar.
             await asyncio.gather(*(r.stop() for r in self.runtimes))
             await _settle([t for c, t in tasks.items() if c is not self.sidecar])
@@ -122,7 +132,7 @@ class Supervisor:
             log.info("stopped")
         if by_signal:
             return 0
-        return SETUP_ERROR if self.sidecar.setup_error else 1
+        return SETUP_ERROR if refused else 1
 
     async def _first(self, awaitable: Awaitable[Any], sidecar_task: asyncio.Task[None]) -> bool:
         """Wait for `awaitable`, a stop signal, or the sidecar task ending (fatal or stopped);
@@ -137,6 +147,10 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*losers, return_exceptions=True)
         return wanted in done
+
+    def _refused(self) -> list[str]:
+        """The children that refused their setup: nothing here can fix them."""
+        return [child.name for child in self.children if child.setup_error]
 
     def _grace(self) -> float:
         return max(child.policy.stop_timeout for child in self.children)

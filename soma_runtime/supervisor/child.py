@@ -13,6 +13,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -36,8 +37,24 @@ class State(StrEnum):
     STOPPED = "stopped"
 
 
+# Seconds the output of a process that refused its setup gets to reach its end, where the
+# reason is (it has exited; only a helper still holding its pipes could delay that).
+_LAST_WORDS = 2.0
+
+
 class StartFailed(Exception):
     """The process started but did not become ready; it is stopped and counted as a failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How one start ended."""
+
+    returncode: int
+    ran_for: float  # seconds
+    ready: bool
+    process: ChildProcess | None  # None: it could not be executed
+    refused: str | None = None  # why its setup cannot work: restarting is pointless
 
 
 class Supervised:
@@ -89,17 +106,27 @@ class Supervised:
         consecutive = 0
         while not self._stopping.is_set():
             self._set_state(State.STARTING)
-            returncode, ran_for, ready = await self._run_once()
-            if not self._stopping.is_set() and self._refused_setup(returncode, ready):
-                log.error("setup_error", child=self.name, exit=self.last_exit, restart=False)
+            outcome = await self._run_once()
+            # Decided at the spawn, before anyone could stop it, or else read from its output.
+            refused = outcome.refused
+            if refused is None and not self._stopping.is_set():
+                refused = await self._refusal(outcome)
+            if refused is not None:
+                log.error(
+                    "setup_error",
+                    child=self.name,
+                    exit=self.last_exit,
+                    cause=refused,
+                    restart=False,
+                )
                 self.setup_error = True
                 self._set_state(State.FATAL)
                 return
-            if self._stopping.is_set() or not wants_restart(self.policy, returncode):
+            if self._stopping.is_set() or not wants_restart(self.policy, outcome.returncode):
                 log.info("exited", child=self.name, exit=self.last_exit, restart=False)
                 self._set_state(State.STOPPED)
                 return
-            if ran_for >= self.policy.stable_after:
+            if outcome.ran_for >= self.policy.stable_after:
                 consecutive = 0
             if consecutive >= self.policy.max_restarts:
                 log.error("fatal", child=self.name, exit=self.last_exit, restarts=consecutive)
@@ -123,21 +150,38 @@ class Supervised:
                 pass
         self._set_state(State.STOPPED)
 
-    def _refused_setup(self, returncode: int, ready: bool) -> bool:
-        return self.final_setup_error and returncode == SETUP_ERROR and not ready
+    async def _refusal(self, outcome: _Outcome) -> str | None:
+        """Why the process refused its setup (exit 2 before it became ready, for our own
+        processes): the last line it wrote to stderr, once its output is read to the end."""
+        if not (self.final_setup_error and outcome.returncode == SETUP_ERROR):
+            return None
+        if outcome.ready or outcome.process is None:
+            return None
+        await self.drain(_LAST_WORDS)
+        return outcome.process.last_error_line or "exit 2 before it served, without a reason"
 
-    async def _run_once(self) -> tuple[int, float, bool]:
-        """One start; the exit code, how long the process ran, and whether it became ready."""
+    async def _run_once(self) -> _Outcome:
+        """One start, until the process is gone."""
         command = await self.prepare()
         started = time.monotonic()
         try:
             child = await ChildProcess.spawn(self.name, command)
         except OSError as exc:
-            log.error("spawn_failed", child=self.name, argv=command.argv, error=str(exc))
+            # The file named says which was missing: the command or its working directory.
+            missing = "" if exc.filename is None else f": {exc.filename}"
+            cause = f"cannot execute {command.argv[0]!r} in {command.cwd}: {exc.strerror}{missing}"
             self.last_exit = describe_exit(127)
-            self.first_start.set()
+            # At the first start, the configuration names a command that cannot run (a typo,
+            # a missing file): no restart will find it (`run` logs the setup error). Later it
+            # may be a moment of an upgrade, and counts as any failed start. Decided before
+            # `first_start` is set: whoever waits on that reads `setup_error` next.
+            refused = None if self.first_start.is_set() else cause
+            self.setup_error = refused is not None
+            if refused is None:
+                log.error("spawn_failed", child=self.name, argv=command.argv, error=cause)
             await self.exited()
-            return 127, 0.0, False
+            self.first_start.set()
+            return _Outcome(127, 0.0, False, None, refused)
         finally:
             for fd in command.close_after_spawn:  # the child has its own copies now
                 _close_quietly(fd)
@@ -171,7 +215,7 @@ class Supervised:
         drain = asyncio.create_task(child.close(), name=f"drain {self.name} {child.pid}")
         self._drains.add(drain)
         drain.add_done_callback(self._drains.discard)
-        return returncode, ran_for, ready
+        return _Outcome(returncode, ran_for, ready, child)
 
     async def stop(self) -> None:
         """Stop for good: no more restarts; SIGTERM to the process and every process that

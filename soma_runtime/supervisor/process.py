@@ -98,6 +98,9 @@ class ChildProcess:
         self._pipes: list[asyncio.ReadTransport] = []
         self._pumps: list[asyncio.Task[None]] = []
         self._stopping: asyncio.Future[None] | None = None
+        # The last line it wrote to stderr: why it refused its setup, if it did (`soma`
+        # prints its one-line reason there before exiting 2).
+        self.last_error_line: str | None = None
 
     @classmethod
     async def spawn(cls, name: str, command: Command) -> ChildProcess:
@@ -128,7 +131,7 @@ class ChildProcess:
             protocol = functools.partial(asyncio.StreamReaderProtocol, reader)
             transport, _ = await child._loop.connect_read_pipe(protocol, pipe)
             child._pipes.append(transport)
-            child._pumps.append(asyncio.create_task(_pump(name, stream_name, reader)))
+            child._pumps.append(asyncio.create_task(child._pump(stream_name, reader)))
         return child
 
     @property
@@ -185,6 +188,22 @@ class ChildProcess:
         except TimeoutError:
             log.error("not_reaped", child=self.name, pid=self.pid)
 
+    async def _pump(self, stream_name: str, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:  # longer than MAX_LINE: take what is buffered as one piece
+                line = await reader.read(MAX_LINE)
+            if not line:
+                return
+            text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+            if stream_name == "stderr" and text.strip():
+                self.last_error_line = text
+            try:
+                _log_line(self.name, stream_name, text)
+            except Exception:  # never stop reading: a full pipe would block the child
+                log.exception("output_unloggable", child=self.name, stream=stream_name)
+
     async def close(self) -> None:
         """Log the child's output until every process that holds its pipes is gone (EOF),
         then close them. Cancelled, close them at once: the end of the supervisor's stop
@@ -197,21 +216,6 @@ class ChildProcess:
             for pump in self._pumps:
                 pump.cancel()
             await asyncio.gather(*self._pumps, return_exceptions=True)
-
-
-async def _pump(name: str, stream_name: str, reader: asyncio.StreamReader) -> None:
-    while True:
-        try:
-            line = await reader.readline()
-        except ValueError:  # longer than MAX_LINE: take what is buffered as one piece
-            line = await reader.read(MAX_LINE)
-        if not line:
-            return
-        text = line.decode("utf-8", errors="replace").rstrip("\r\n")
-        try:
-            _log_line(name, stream_name, text)
-        except Exception:  # never stop reading: a full pipe would block the child
-            log.exception("output_unloggable", child=name, stream=stream_name)
 
 
 def _log_line(name: str, stream_name: str, text: str) -> None:
