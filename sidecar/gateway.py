@@ -14,8 +14,8 @@ HTTP is uvicorn's httptools protocol serving this module's own ASGI application,
 httpcore2's connection pool on plain asyncio connections sending upstream: the fastest
 well-kept pair measured that relays header bytes exactly as sent (see
 `benchmarks/gateway_http.py` and the pins in pyproject.toml).
-Each port has its own uvicorn server, capped in connections, so that one runtime cannot take
-the sidecar's descriptors through its port.
+Each port has its own uvicorn server, bounded in connections and request heads, so that one
+runtime cannot take the sidecar's descriptors or its event loop through its port.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from urllib.parse import parse_qsl, urlencode
 
 import httpcore2
@@ -36,22 +36,23 @@ import httpx2
 import structlog
 import uvicorn
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sidecar.access import Channel
 from sidecar.credentials import CredentialBroker, CredentialDenied
 from sidecar.gateway_transport import AsyncioBackend
+from sidecar.http_server import EmbeddedServer, HttpLimits, bounded_http
 from sidecar.scrub import Scrubber, content_codings, scrubbable
 from sidecar.vault.store import VaultError
 from soma_runtime.config import GatewaySection
 from soma_runtime.gateway_sockets import SOCKETS_ENV
-from soma_runtime.throttle import RepeatedWarnings
 from soma_runtime.unix import loopback_peer_uid
 
 log = structlog.get_logger(component="gateway")
 
-# Connections one runtime's port holds open at once; more are closed as they are accepted.
+# What one runtime's port holds (see sidecar.http_server): connections open at once, bytes of
+# a request's head, seconds for a head to arrive.
 MAX_CONNECTIONS_PER_PORT = 64
+LIMITS = HttpLimits("gateway", MAX_CONNECTIONS_PER_PORT, 64 * 1024, 10.0)
 
 # Answers of known length up to this size are relayed without watching for the client's
 # disconnect (a task per request): they arrive promptly once their headers have.
@@ -489,30 +490,6 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn inside the sidecar's loop: the sidecar, not uvicorn, owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class _CappedHttpTools(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol (httptools), closing a connection as soon as it is
-    accepted when its port already holds `MAX_CONNECTIONS_PER_PORT`. uvicorn's own
-    `limit_concurrency` is not enough: it answers requests with 503, while a connection that
-    sends none holds a descriptor of the sidecar for as long as the runtime keeps it open."""
-
-    refusals = RepeatedWarnings(log)
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if len(self.connections) > MAX_CONNECTIONS_PER_PORT:
-            port = self.server[1] if self.server else None
-            self.refusals.warning("gateway_connections_capped", port, port=port)
-            transport.close()
-
-
 class GatewayServer:
     """Serves `Gateway` on the inherited listening sockets: one uvicorn server per runtime's
     port, so that the cap on connections is each runtime's own."""
@@ -520,7 +497,8 @@ class GatewayServer:
     def __init__(self, app: Gateway, sockets: list[socket.socket], grace: float) -> None:
         config = uvicorn.Config(
             app,
-            http=_CappedHttpTools,
+            http=bounded_http(LIMITS),
+            ws="none",
             # The TCP peer is the client: no header may stand in for it (see `_admit`).
             proxy_headers=False,
             lifespan="off",
@@ -528,7 +506,7 @@ class GatewayServer:
             log_config=None,
             timeout_graceful_shutdown=math.ceil(grace),
         )
-        self._servers = [(_EmbeddedServer(config), sock) for sock in sockets]
+        self._servers = [(EmbeddedServer(config), sock) for sock in sockets]
         self._app = app
         self._tasks: list[asyncio.Task[None]] = []
 

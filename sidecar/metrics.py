@@ -6,8 +6,11 @@ stats, the channels' call and denial counts, the bridge keys' request counts);
 metric families and their text are built in a thread, so calls go on during a scrape.
 
 The endpoint is a small HTTP/1.1 server (h11 parses, one request per connection): at most
-`max_connections` scrapes at once, each with `timeout` seconds from connection to last byte,
-so a slow or hostile scraper holds a slot for that long and never stalls the event loop.
+`max_connections` connections at once, each with `timeout` seconds from connection to last
+byte, so a slow or hostile scraper never stalls the event loop. A connection beyond the cap
+closes the oldest one that has not sent its request yet (a scraper sends it at once), so
+idle connections, however many a local user opens, cannot keep a real scrape out; only when
+every connection is being answered is the newcomer closed.
 """
 
 from __future__ import annotations
@@ -190,6 +193,8 @@ class _Endpoint:
         self._process = ProcessCollector(registry=None)
         self._settings = settings
         self._open: set[asyncio.StreamWriter] = set()
+        # The open connections whose request has not arrived, oldest first.
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
         self._refusals = RepeatedWarnings(log)
 
     def abort_all(self) -> None:
@@ -202,7 +207,12 @@ class _Endpoint:
         try:
             if len(self._open) > self._settings.max_connections:
                 self._refusals.warning("metrics_connections_capped", None)
-                return
+                if not self._waiting:
+                    return  # every connection is being answered
+                oldest = next(iter(self._waiting))
+                del self._waiting[oldest]
+                oldest.transport.abort()
+            self._waiting[writer] = None
             async with asyncio.timeout(self._settings.timeout):
                 await self._exchange(reader, writer)
             done = True
@@ -210,6 +220,7 @@ class _Endpoint:
             pass  # the scraper went away or took too long: its slot is freed either way
         finally:
             self._open.discard(writer)
+            self._waiting.pop(writer, None)
             if done:
                 writer.close()
             else:
@@ -231,6 +242,7 @@ class _Endpoint:
             return
         if not isinstance(event, h11.Request):
             return  # closed before a request
+        self._waiting.pop(writer, None)  # being answered: no newcomer closes it
         status, body, content_type, extra = await self._respond(event)
         head_only = event.method == b"HEAD"
         writer.write(_answer(conn, status, body, content_type, head_only, extra))

@@ -97,6 +97,17 @@ class BridgeSection(_Section):
     # must name as their audience. Default: http://<listen>/mcp with the bound port.
     public_url: str | None = Field(default=None, pattern=r"^https?://[^/?#@\\]+(/[^?#]*)?$")
     max_request_bytes: int = Field(default=4 * MiB, ge=1024, le=64 * MiB)
+    # What a client may hold, authenticated or not (sidecar.http_server): connections open at
+    # once on the port (beyond it, the oldest one not being answered is closed), bytes of a
+    # request's line and headers, seconds for a request's head to arrive (from the connection
+    # or the previous answer) and then for its body.
+    max_connections: int = Field(default=64, ge=2, le=4096)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=MiB)
+    request_timeout: float = Field(default=10.0, gt=0.0, le=300.0)
+    # `subscriptions/listen` streams open at once, each holding a connection: on the
+    # instance, and per API key or token subject.
+    max_listen_streams: int = Field(default=32, ge=1, le=4095)
+    max_listen_streams_per_caller: int = Field(default=8, ge=1, le=4095)
     auth: BridgeAuthSection = Field(default_factory=BridgeAuthSection)
 
     @model_validator(mode="after")
@@ -105,6 +116,17 @@ class BridgeSection(_Section):
         # which a wildcard or LAN address does not give.
         if not ipaddress.ip_address(self.host).is_loopback and self.public_url is None:
             raise ValueError("public_url: required when listen is not a loopback address")
+        return self
+
+    @model_validator(mode="after")
+    def _streams_leave_connections(self) -> BridgeSection:
+        if self.max_listen_streams >= self.max_connections:
+            raise ValueError(
+                "max_listen_streams: must be below max_connections (each stream holds a "
+                "connection; calls need the others)"
+            )
+        if self.max_listen_streams_per_caller > self.max_listen_streams:
+            raise ValueError("max_listen_streams_per_caller: must not exceed max_listen_streams")
         return self
 
     @property

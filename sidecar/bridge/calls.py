@@ -15,7 +15,7 @@ from typing import Any
 import mcp.types as types
 import structlog
 
-from sidecar.bridge.replay import IdempotencyConflict, ReplayCache
+from sidecar.bridge.replay import IdempotencyBusy, IdempotencyConflict, ReplayCache
 from sidecar.bridge.tools import IDEMPOTENCY_KEY
 from sidecar.credentials import CredentialBroker, CredentialDenied
 from sidecar.injection import inject_credentials
@@ -93,12 +93,22 @@ class ToolCalls:
                 args = dict(arguments or {})
                 try:
                     result = await self._replay.run(
-                        (principal.id, card.name, key),
+                        principal.id,
+                        (card.name, key),
                         _fingerprint(args),
                         lambda: self._invoke(card, args, context),
                     )
                 except IdempotencyConflict as exc:
                     result = error_result(Response.failure("IdempotencyConflict", message=str(exc)))
+                except IdempotencyBusy as exc:  # like `queue_cap`: the same error, retry later
+                    result = error_result(
+                        Response.failure(
+                            ErrorKind.OVERLOADED,
+                            op=card.name,
+                            message=str(exc),
+                            retry_after_s=exc.retry_after_s,
+                        )
+                    )
             outcome = result_outcome(result)
             return result
         except asyncio.CancelledError:

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sidecar.bridge.calls import Principal
 from sidecar.bridge.keys import OAUTH, UNKNOWN_KEY, KeyCache
 from sidecar.bridge.oauth import InvalidToken, TokenVerifier
+from soma_runtime import strict_json
 from soma_runtime.bridge_config import BridgeSection
 from soma_runtime.cards import FunctionCard
 from soma_runtime.throttle import RepeatedWarnings, TokenBuckets
@@ -37,6 +38,9 @@ _API_KEY_PREFIX = "soma_"
 FAILURE_BURST = 10
 FAILURE_RATE = 2.0
 MAX_BACKOFF_S = 2.0
+# Levels of JSON-RPC around a tool's arguments: a batch, the message, its params.
+ENVELOPE_DEPTH = 3
+PARSE_ERROR = -32700  # JSON-RPC
 
 
 class _Refusal(Exception):
@@ -56,10 +60,13 @@ class Guard:
         keys: KeyCache | None,
         verifier: TokenVerifier | None,
         writes: Callable[[str, dict[str, Any]], FunctionCard | None],
+        max_input_depth: int,
     ) -> None:
         """`writes(tool, arguments)` is the card of the exposed function a call reaches when
-        it is not read-only, else None."""
+        it is not read-only, else None. Request bodies nest at most `max_input_depth` levels
+        beyond the JSON-RPC envelope, as inputs do on a runtime's channel."""
         self._app = app
+        self._max_depth = max_input_depth + ENVELOPE_DEPTH
         self._bridge = bridge
         self._resource = resource_url
         parts = urlsplit(resource_url)
@@ -92,8 +99,10 @@ class Guard:
             principal = await self._authenticate(headers)
             self._check_scopes(principal, self._scopes)
             self._check_rate(principal)
-            body = await _read_body(receive, self._bridge.max_request_bytes)
-            self._check_write_scopes(principal, body)
+            body = await _read_body(
+                receive, self._bridge.max_request_bytes, self._bridge.request_timeout
+            )
+            self._check_write_scopes(principal, self._parse(body))
         except _Refusal as refusal:
             if self._keys is not None and path == self._path:
                 self._keys.counts.rejection(self._bridge.name, _key_label(principal))
@@ -195,14 +204,28 @@ class Guard:
                 {"retry-after": str(math.ceil(wait))},
             )
 
-    def _check_write_scopes(self, principal: Principal, body: bytes) -> None:
+    def _parse(self, body: bytes) -> Any:
+        """The request's JSON, read once by the strict reader with its depth bound: a body
+        nested thousands deep is a parse error here, never a RecursionError further on."""
+        if not body:
+            return None  # a GET or DELETE: the SDK answers it
+        try:
+            return strict_json.loads(body, self._max_depth)
+        except strict_json.JsonError as exc:
+            raise _Refusal(
+                400,
+                {
+                    "jsonrpc": "2.0",
+                    "id": None,
+                    "error": {"code": PARSE_ERROR, "message": f"Parse error: the body {exc}"},
+                },
+                {},
+            ) from None
+
+    def _check_write_scopes(self, principal: Principal, message: Any) -> None:
         """A `tools/call` of a tool that is not read-only needs `write_scopes` too."""
         if not self._write_scopes or principal.scopes is None:
             return
-        try:
-            message = json.loads(body)
-        except ValueError:
-            return  # the SDK answers it with a parse error
         for item in message if isinstance(message, list) else [message]:
             if not isinstance(item, dict) or item.get("method") != "tools/call":
                 continue
@@ -234,20 +257,26 @@ def _headers(scope: Scope) -> dict[str, str]:
     return out
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+async def _read_body(receive: Receive, limit: int, timeout: float) -> bytes:
+    """The whole body, within `limit` bytes and `timeout` seconds (a body sent a byte at a
+    time would hold its connection as long as the client liked)."""
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Refusal(400, {"error": "disconnected"}, {})
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _Refusal(413, {"error": "request_too_large", "limit_bytes": limit}, {})
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _Refusal(400, {"error": "disconnected"}, {})
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _Refusal(413, {"error": "request_too_large", "limit_bytes": limit}, {})
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise _Refusal(408, {"error": "request_timeout", "timeout_s": timeout}, {}) from None
 
 
 async def _forward(app: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:

@@ -14,6 +14,7 @@ import ipaddress
 import math
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from sidecar.bridge.oauth import Jwks, TokenVerifier
 from sidecar.bridge.published import publish, withdraw
 from sidecar.bridge.tools import Exposure, effects, to_tool
 from sidecar.credentials import CredentialBroker
-from sidecar.gateway import _EmbeddedServer
+from sidecar.http_server import EmbeddedServer, HttpLimits, bounded_http
 from sidecar.wire import encode_output
 from soma_runtime import ErrorKind, Executive, FunctionCard, Response, __version__, tracing
 from soma_runtime.bridge_config import BridgeSection
@@ -204,6 +205,7 @@ def build_app(
     keys: KeyCache | None,
     resource_url: str,
     jwks_source: str | None,
+    max_input_depth: int,
 ) -> Guard:
     """The ASGI app of one instance: the guard in front of the SDK's Streamable HTTP app."""
     tools = BridgeTools(section, executive, broker)
@@ -226,7 +228,10 @@ def build_app(
         on_call_tool=tools.call_tool,
         on_list_resources=tools.list_resources,
         on_read_resource=tools.read_resource,
-        on_subscriptions_listen=ListenHandler(changes),
+        on_subscriptions_listen=CallerStreams(
+            ListenHandler(changes, max_subscriptions=section.max_listen_streams),
+            section.max_listen_streams_per_caller,
+        ),
     )
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
@@ -250,7 +255,38 @@ def build_app(
         keys=keys if section.auth.api_keys else None,
         verifier=verifier,
         writes=tools.write_card,
+        max_input_depth=max_input_depth,
     )
+
+
+class CallerStreams:
+    """`subscriptions/listen` with at most `per_caller` streams open per API key or token
+    subject (the SDK's handler bounds the instance's), so that one caller cannot hold every
+    stream, nor the connections they keep."""
+
+    def __init__(self, handler: ListenHandler, per_caller: int) -> None:
+        self._handler = handler
+        self._per_caller = per_caller
+        self._open: Counter[str] = Counter()
+
+    async def __call__(
+        self, ctx: Any, params: types.SubscriptionsListenRequestParams
+    ) -> types.SubscriptionsListenResult:
+        caller = ctx.request.scope["state"][PRINCIPAL].id
+        if self._open[caller] >= self._per_caller:
+            # The code the SDK's handler answers when the instance's streams are all taken.
+            raise MCPError(
+                types.INTERNAL_ERROR,
+                f"too many listen streams open for this caller (at most {self._per_caller}); "
+                "close one, or retry later",
+            )
+        self._open[caller] += 1
+        try:
+            return await self._handler(ctx, params)
+        finally:
+            self._open[caller] -= 1
+            if not self._open[caller]:
+                del self._open[caller]
 
 
 def _transport_security(section: BridgeSection, resource_url: str) -> TransportSecuritySettings:
@@ -269,7 +305,7 @@ def _transport_security(section: BridgeSection, resource_url: str) -> TransportS
     )
 
 
-class ReadyServer(_EmbeddedServer):
+class ReadyServer(EmbeddedServer):
     """uvicorn in the sidecar's loop, telling when it has started."""
 
     def __init__(self, config: uvicorn.Config) -> None:
@@ -331,10 +367,17 @@ async def serve_bridges(
                     if oauth.jwks.startswith("https://")
                     else str(config.resolve(Path(oauth.jwks)))
                 )
-            app = build_app(section, executive, broker, keys, url, jwks)
+            app = build_app(
+                section, executive, broker, keys, url, jwks, config.sidecar.max_input_depth
+            )
+            limits = HttpLimits(
+                "bridge", section.max_connections, section.max_header_bytes, section.request_timeout
+            )
             server = ReadyServer(
                 uvicorn.Config(
                     app,
+                    http=bounded_http(limits),
+                    ws="none",
                     lifespan="on",
                     access_log=False,
                     log_config=None,
