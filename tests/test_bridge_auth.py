@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from sidecar.bridge.guard import FAILURE_BURST, MAX_BACKOFF_S
 from sidecar.bridge.keys import KeyStore
 from sidecar.organs.system import SystemOrgan
 from tests.helpers import wait_until
@@ -280,3 +281,24 @@ def test_listen_must_be_ip_and_port(tmp_path: Path, listen: str) -> None:
 
     with pytest.raises(ConfigError, match="listen"):  # 0.0.0.0 without public_url too
         bridge_config(tmp_path, f'[[bridge]]\nname = "x"\nlisten = "{listen}"\n')
+
+
+async def test_wrong_keys_slow_down_whatever_address_the_request_claims(tmp_path: Path) -> None:
+    """The backoff after failed authentications keys on the connection's own address: an
+    `X-Forwarded-For` header, which any local process can write, buys no fresh allowance."""
+    config = bridge_config(tmp_path, '[[bridge]]\nname = "one"\nexpose = ["system.*"]\n')
+    wrong = "soma_" + "0" * 16 + "_" + "1" * 64
+
+    def attempt(url: str, i: int) -> tuple[int, float]:
+        began = time.monotonic()  # in the thread: time spent queued for one is not counted
+        reply = post(url, {"x-api-key": wrong, "x-forwarded-for": f"10.9.{i}.1"})
+        return reply.status_code, time.monotonic() - began
+
+    async with running(config, [SystemOrgan()]) as bridges:
+        url = bridges["one"].url
+        tries = [asyncio.to_thread(attempt, url, i) for i in range(2 * FAILURE_BURST + 4)]
+        results = await asyncio.gather(*tries)
+    assert {status for status, _ in results} == {401}
+    # Past the burst each failure waits longer, up to MAX_BACKOFF_S (a lower bound: load only
+    # adds to it).
+    assert max(took for _, took in results) >= MAX_BACKOFF_S * 0.95

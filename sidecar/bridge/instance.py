@@ -378,6 +378,9 @@ async def serve_bridges(
                     app,
                     http=bounded_http(limits),
                     ws="none",
+                    # The TCP peer is the client: an X-Forwarded-For, which any local process
+                    # can write, must not choose the address failed logins are counted under.
+                    proxy_headers=False,
                     lifespan="on",
                     access_log=False,
                     log_config=None,
