@@ -5,7 +5,6 @@ launcher, and the TypeScript SDK from npm over Streamable HTTP."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import shutil
@@ -219,31 +218,6 @@ async def test_make_run_prints_the_url_a_key_file_and_client_configs(tmp_path: P
         assert run.stop(timeout=30) == 0, run.output()
 
 
-TS_CLIENT = REPO / "tests" / "fixtures" / "ts_client"
-
-
-@pytest.fixture(scope="session")
-def ts_client() -> Path:
-    """The TypeScript client with `@modelcontextprotocol/sdk` from npm, installed once into
-    .soma/npm/<digest of package.json> (a new pin installs afresh)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are needed for the TypeScript SDK client (not installed)")
-    package = (TS_CLIENT / "package.json").read_bytes()
-    directory = REPO / ".soma" / "npm" / hashlib.sha256(package).hexdigest()[:16]
-    if not (directory / "node_modules" / "@modelcontextprotocol" / "sdk").is_dir():
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "package.json").write_bytes(package)
-        subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=directory,
-            check=True,
-            timeout=300,
-        )
-    shutil.copy(TS_CLIENT / "client.mjs", directory / "client.mjs")
-    return directory / "client.mjs"
-
-
 def run_node(script: Path, url: str, key: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["node", str(script), url],
@@ -255,16 +229,16 @@ def run_node(script: Path, url: str, key: str) -> subprocess.CompletedProcess[st
     )
 
 
-def test_typescript_sdk_client_over_http(sidecar: tuple[Path, str], ts_client: Path) -> None:
+def test_typescript_sdk_client_over_http(sidecar: tuple[Path, str], npm_clients: Path) -> None:
     config, url = sidecar
-    result = run_node(ts_client, url, create_key(config))
+    result = run_node(npm_clients / "client.mjs", url, create_key(config))
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["protocol"] == "2025-11-25"  # TypeScript SDK v1: the initialize handshake
     assert answer["tools"] == ["system_echo", "system_ping"]
     assert answer["result"]["structuredContent"] == {"from": "typescript"}
     assert not answer["result"].get("isError")
-    wrong = run_node(ts_client, url, "soma_" + "0" * 16 + "_" + "1" * 64)
+    wrong = run_node(npm_clients / "client.mjs", url, "soma_" + "0" * 16 + "_" + "1" * 64)
     assert wrong.returncode == 1 and "invalid_token" in wrong.stderr
 
 
