@@ -295,9 +295,19 @@ async def test_search_discovery_lists_two_tools_and_reaches_only_exposed_ones(
         await c.call_tool("call_tool", args, meta=meta)
         await c.call_tool("call_tool", args, meta=meta)
         assert ledger.appended == 1
-        for bad in ["ledger_wipe", "ledger.wipe", "system.echo"]:
-            with pytest.raises(MCPError):
-                await c.call_tool("call_tool", {"name": bad, "arguments": {}})
+        # A function the instance hides, other spellings, and one that exists nowhere: the
+        # same tool error naming what was asked, byte for byte, so the model can search again
+        # and nothing tells a hidden function from a missing one.
+        answers = set()
+        for bad in ["ledger_wipe", "ledger.wipe", "system.echo", "ghost_tool"]:
+            unknown = await c.call_tool("call_tool", {"name": bad, "arguments": {}})
+            assert error_of(unknown) == {
+                "error": "UnsupportedOperation",
+                "tool": bad,
+                "message": "no such tool here: find tools with search_tools",
+            }
+            answers.add(unknown.model_dump_json(by_alias=True).replace(bad, "NAME"))
+        assert len(answers) == 1
         with pytest.raises(MCPError):
             await c.call_tool("system_echo", {})  # only the two tools are callable directly
         malformed = await c.call_tool("call_tool", {"arguments": {}})

@@ -125,9 +125,19 @@ class BridgeTools:
             if params.name == SEARCH_TOOLS:
                 return self._search_tools(arguments, principal)
         found = self.target(params.name, arguments)
+        # The same answer for a tool that does not exist and one this instance does not
+        # expose, whatever the spelling: nothing reveals the other instances' tools.
+        if found is None and self._search and params.name == CALL_TOOL:
+            # `call_tool` itself exists: the function it names is what is unknown, and the
+            # model can search again.
+            return error_result(
+                Response.failure(
+                    ErrorKind.UNSUPPORTED_OPERATION,
+                    tool=arguments["name"],
+                    message=f"no such tool here: find tools with {SEARCH_TOOLS}",
+                )
+            )
         if found is None:
-            # The same answer for a tool that does not exist and one this instance does not
-            # expose, whatever the spelling: nothing reveals the other instances' tools.
             raise MCPError(types.INVALID_PARAMS, f"unknown tool: {params.name}")
         tool, card, arguments = found
         # The trace to join: `_meta.traceparent` (where the MCP SDK puts it, SEP-414), else
