@@ -75,6 +75,14 @@ class Guard:
         self._rate = TokenBuckets(rate.burst, rate.per_key) if rate else None
         self._warnings = RepeatedWarnings(log)
         self._failures = TokenBuckets(FAILURE_BURST, FAILURE_RATE)
+        self._how = _how_to_authenticate(keys is not None, oauth is not None)
+        # Without OAuth, a client that starts a sign-in after a 401 (mcp-remote, the
+        # Inspector) asks for metadata and client registration here and shows the answer.
+        self._not_found: dict[str, Any] = {"error": "not_found"}
+        if oauth is None:
+            self._not_found["error_description"] = (
+                f"the MCP endpoint is {self._path}, and this server does no OAuth: {self._how}"
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,7 +95,7 @@ class Guard:
                 await _json(send, 200, self._metadata(), {"cache-control": "max-age=300"})
                 return
             if path != self._path:
-                raise _Refusal(404, {"error": "not_found"}, {})
+                raise _Refusal(404, self._not_found, {})
             headers = _headers(scope)
             principal = await self._authenticate(headers)
             self._check_scopes(principal, self._scopes)
@@ -131,10 +139,15 @@ class Guard:
                 parts.append(f'scope="{" ".join(sorted(scopes))}"')
         return ", ".join(parts)
 
-    def _unauthorized(self, description: str, presented: bool) -> _Refusal:
+    def _unauthorized(self, reason: str, presented: bool) -> _Refusal:
+        """A 401 that says what was wrong and what to send instead. The challenge carries
+        the error only when a credential was presented (RFC 6750 §3.1); the body always
+        does: it is what clients without an OAuth flow show (the TypeScript SDK, the
+        Inspector with `--stored-auth-only`)."""
         self._warnings.warning(
-            "bridge_unauthorized", description, bridge=self._bridge.name, reason=description
+            "bridge_unauthorized", reason, bridge=self._bridge.name, reason=reason
         )
+        description = f"{reason}: {self._how}"
         header = self._challenge("invalid_token" if presented else None, description, self._scopes)
         return _Refusal(
             401,
@@ -156,7 +169,7 @@ class Guard:
             elif api_key is None:
                 return await self._token(credential)
         if api_key is None:
-            raise self._unauthorized("credentials required", False)
+            raise self._unauthorized("no credentials", False)
         found = self._keys.lookup(api_key) if self._keys is not None else None
         if found is None or found[1] != self._bridge.name:
             raise self._unauthorized("unknown, expired or revoked API key", True)
@@ -216,6 +229,16 @@ class Guard:
                 and self._writes(name, arguments)
             ):
                 self._check_scopes(principal, self._write_scopes)
+
+
+def _how_to_authenticate(api_keys: bool, oauth: bool) -> str:
+    """What a client must send, in words a person can act on (no quote or backslash: it goes
+    into a challenge's quoted string)."""
+    key = "an API key of this bridge as Authorization: Bearer <key> or x-api-key: <key>"
+    jwt = "an access token of its authorization server as Authorization: Bearer <token>"
+    if api_keys and oauth:
+        return f"send {key}, or {jwt}"
+    return f"send {key if api_keys else jwt}"
 
 
 def _key_label(principal: Principal | None) -> str:
