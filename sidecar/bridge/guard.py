@@ -1,6 +1,7 @@
 """The HTTP front of a bridge instance, before the MCP SDK sees a request: protected-resource
-metadata (RFC 9728), authentication (API keys, OAuth bearer JWTs), scopes, rate limits and
-the request body limit.
+metadata (RFC 9728), authentication (API keys, OAuth bearer JWTs), scopes, rate limits, the
+request body limit, and cancellation (a client that goes away, or a 2025-era client's posted
+`notifications/cancelled`, which only the guard can match to its caller).
 
 Written by hand because the SDK's auth middleware reads only `Authorization: Bearer`, has no
 API keys, no rate limits, serves metadata at the path-suffixed URI only and sends challenges
@@ -18,6 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+from mcp.shared.dispatcher import as_request_id
+from mcp.types import RequestId
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidecar.bridge.calls import Principal
@@ -37,6 +40,7 @@ _API_KEY_PREFIX = "soma_"
 FAILURE_BURST = 10
 FAILURE_RATE = 2.0
 MAX_BACKOFF_S = 2.0
+CANCELLED = "notifications/cancelled"
 
 
 class _Refusal(Exception):
@@ -56,9 +60,11 @@ class Guard:
         keys: KeyCache | None,
         verifier: TokenVerifier | None,
         writes: Callable[[str, dict[str, Any]], FunctionCard | None],
+        cancel: Callable[[str, RequestId], None],
     ) -> None:
         """`writes(tool, arguments)` is the card of the exposed function a call reaches when
-        it is not read-only, else None."""
+        it is not read-only, else None; `cancel(principal id, request id)` cancels that
+        caller's call in flight under that id, if there is one."""
         self._app = app
         self._bridge = bridge
         self._resource = resource_url
@@ -68,6 +74,7 @@ class Guard:
         self._keys = keys
         self._verifier = verifier
         self._writes = writes
+        self._cancel = cancel
         oauth = bridge.auth.oauth
         self._scopes = frozenset(oauth.scopes) if oauth else frozenset()
         self._write_scopes = frozenset(oauth.write_scopes) if oauth else frozenset()
@@ -115,6 +122,7 @@ class Guard:
         if self._keys is not None:
             self._keys.counts.call(self._bridge.name, _key_label(principal))
         scope.setdefault("state", {})[PRINCIPAL] = principal
+        self._cancels(principal, body)
         await _forward(self._app, scope, body, receive, send)
 
     def _metadata(self) -> dict[str, Any]:
@@ -212,12 +220,8 @@ class Guard:
         """A `tools/call` of a tool that is not read-only needs `write_scopes` too."""
         if not self._write_scopes or principal.scopes is None:
             return
-        try:
-            message = json.loads(body)
-        except ValueError:
-            return  # the SDK answers it with a parse error
-        for item in message if isinstance(message, list) else [message]:
-            if not isinstance(item, dict) or item.get("method") != "tools/call":
+        for item in _messages(body):
+            if item.get("method") != "tools/call":
                 continue
             params = item.get("params")
             if not isinstance(params, dict):
@@ -229,6 +233,30 @@ class Guard:
                 and self._writes(name, arguments)
             ):
                 self._check_scopes(principal, self._write_scopes)
+
+    def _cancels(self, principal: Principal, body: bytes) -> None:
+        """A `notifications/cancelled` cancels the caller's own call in flight (see
+        `sidecar.bridge.cancels`); the SDK then acknowledges it as usual. Only a body that
+        names the method is parsed here (the SDK parses every body anyway)."""
+        if CANCELLED.encode() not in body:
+            return
+        for item in _messages(body):
+            params = item.get("params")
+            if item.get("method") == CANCELLED and "id" not in item and isinstance(params, dict):
+                request_id = as_request_id(params.get("requestId"))
+                if request_id is not None:
+                    self._cancel(principal.id, request_id)
+
+
+def _messages(body: bytes) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of a request body (one, or a batch); none when it is not JSON,
+    which the SDK answers with a parse error."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return []
+    items = message if isinstance(message, list) else [message]
+    return [item for item in items if isinstance(item, dict)]
 
 
 def _how_to_authenticate(api_keys: bool, oauth: bool) -> str:
@@ -275,8 +303,8 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
 
 async def _forward(app: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
     """Run the app on the body already read. When the client disconnects first, the app is
-    cancelled, and the organ call with it: closing the stream is how a client cancels (a
-    `notifications/cancelled` cannot reach a request of another stateless HTTP exchange)."""
+    cancelled, and the organ call with it: closing the stream is how a 2026-07-28 client
+    cancels."""
     disconnected = asyncio.Event()
     sent = False
 

@@ -23,11 +23,13 @@ import mcp.types as types
 import structlog
 import uvicorn
 from mcp.server import Server
+from mcp.server.streamable_http import REQUEST_CANCELLED
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 
 from sidecar.bridge.calls import Principal, ToolCalls, audit, error_result
+from sidecar.bridge.cancels import InFlight
 from sidecar.bridge.discovery import (
     CALL_TOOL,
     CALL_TOOL_TOOL,
@@ -77,6 +79,7 @@ class BridgeTools:
         self._search = section.discovery == "search"
         self.exposure = Exposure(section)
         self._calls = ToolCalls(section.name, frozenset(section.credentials), executive, broker)
+        self.in_flight = InFlight()
         self._validators = {
             tool.name: InputValidator(tool.input_schema) for tool in (SEARCH_TOOL, CALL_TOOL_TOOL)
         }
@@ -146,7 +149,13 @@ class BridgeTools:
             (params.meta or {}).get(tracing.TRACEPARENT),
             ctx.request.headers.get(tracing.TRACEPARENT),
         )
-        return await self._calls.call(tool, card, arguments, params.meta, principal, parent)
+        call = self._calls.call(tool, card, arguments, params.meta, principal, parent)
+        result = await self.in_flight.run(principal.id, ctx.request_id, call)
+        if result is None:
+            # What the SDK answers a cancelled request on the 2025-era wire; the client has
+            # stopped waiting for it.
+            raise MCPError(REQUEST_CANCELLED, "Request cancelled")
+        return result
 
     async def list_resources(
         self, ctx: Any, params: types.PaginatedRequestParams | None
@@ -260,6 +269,7 @@ def build_app(
         keys=keys if section.auth.api_keys else None,
         verifier=verifier,
         writes=tools.write_card,
+        cancel=tools.in_flight.cancel,
     )
 
 
