@@ -19,6 +19,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from sidecar.bridge import RunningBridge, serve_bridges
+from sidecar.bridge.calls import ERROR
 from sidecar.bridge.keys import KeyStore
 from sidecar.bridge.names import function_name, tool_name
 from sidecar.bridge.tools import IDEMPOTENCY_KEY, META, to_tool
@@ -62,6 +63,18 @@ async def client(url: str, key: str, mode: str = "auto") -> AsyncIterator[Client
         Client(streamable_http_client(url, http_client=http), mode=mode) as c,  # type: ignore[arg-type]
     ):
         yield c
+
+
+def error_of(result: types.CallToolResult) -> dict[str, Any]:
+    """The error payload of a failed call, as the model reads it (the text content) and as a
+    program does (`_meta`); never as structuredContent, which must match the tool's
+    outputSchema."""
+    assert result.is_error and result.structured_content is None
+    assert isinstance(result.content[0], types.TextContent)
+    payload = json.loads(result.content[0].text)
+    assert result.meta is not None and result.meta[ERROR] == payload
+    assert isinstance(payload, dict) and isinstance(payload["error"], str)
+    return payload
 
 
 TWO = """
@@ -193,8 +206,7 @@ async def test_idempotency_key_replays_the_first_result(tmp_path: Path) -> None:
         assert first.structured_content == again.structured_content == {"count": 1}
         assert ledger.appended == 1
         other = await c.call_tool("ledger.append", {"n": 2}, meta=meta)
-        assert other.is_error and other.structured_content is not None
-        assert other.structured_content["error"] == "IdempotencyConflict"
+        assert error_of(other)["error"] == "IdempotencyConflict"
         fresh = await c.call_tool("ledger.append", {"n": 1}, meta={IDEMPOTENCY_KEY: "o-18"})
         assert fresh.structured_content == {"count": 2}
         await c.call_tool("ledger.append", {"n": 1})  # no key: runs every time
@@ -206,9 +218,11 @@ async def test_invalid_input_is_a_tool_error(tmp_path: Path) -> None:
     _, key = KeyStore(config.state_dir).create("two")
     async with running(config, [Ledger()]) as bridges, client(bridges["two"].url, key) as c:
         result = await c.call_tool("ledger.append", {"n": "one"})
-        assert result.is_error and result.structured_content is not None
-        assert result.structured_content["error"] == "InvalidInput"
-        assert result.structured_content["path"] == "$.n"
+        assert error_of(result) == {
+            "error": "InvalidInput",
+            "path": "$.n",
+            "message": 'must be of type "integer"',
+        }
 
 
 async def test_credentials_are_injected_only_where_the_bridge_allows(tmp_path: Path) -> None:
@@ -231,8 +245,7 @@ async def test_credentials_are_injected_only_where_the_bridge_allows(tmp_path: P
             assert "s3cret" not in result.model_dump_json()
         async with client(bridges["plain"].url, plain_key) as c:
             denied = await c.call_tool("keyring_whoami", {})
-            assert denied.is_error and denied.structured_content is not None
-            assert denied.structured_content["error"] == "PermissionDenied"
+            assert error_of(denied)["error"] == "PermissionDenied"
 
 
 async def test_deadline_cancels_the_organ_and_one_audit_event_per_call(tmp_path: Path) -> None:
@@ -242,8 +255,7 @@ async def test_deadline_cancels_the_organ_and_one_audit_event_per_call(tmp_path:
     with structlog.testing.capture_logs() as logs:
         async with running(config, [keyring]) as bridges, client(bridges["one"].url, key) as c:
             result = await c.call_tool("keyring_slow", {})
-    assert result.is_error and result.structured_content is not None
-    assert result.structured_content["error"] == "DeadlineExceeded"
+    assert error_of(result)["error"] == "DeadlineExceeded"
     assert keyring.cancelled.is_set()  # the organ's call was cancelled, not left running
     calls = [e for e in logs if e["event"] == "bridge_call"]
     assert len(calls) == 1
@@ -283,14 +295,23 @@ async def test_search_discovery_lists_two_tools_and_reaches_only_exposed_ones(
         await c.call_tool("call_tool", args, meta=meta)
         await c.call_tool("call_tool", args, meta=meta)
         assert ledger.appended == 1
-        for bad in ["ledger_wipe", "ledger.wipe", "system.echo"]:
-            with pytest.raises(MCPError):
-                await c.call_tool("call_tool", {"name": bad, "arguments": {}})
+        # A function the instance hides, other spellings, and one that exists nowhere: the
+        # same tool error naming what was asked, byte for byte, so the model can search again
+        # and nothing tells a hidden function from a missing one.
+        answers = set()
+        for bad in ["ledger_wipe", "ledger.wipe", "system.echo", "ghost_tool"]:
+            unknown = await c.call_tool("call_tool", {"name": bad, "arguments": {}})
+            assert error_of(unknown) == {
+                "error": "UnsupportedOperation",
+                "tool": bad,
+                "message": "no such tool here: find tools with search_tools",
+            }
+            answers.add(unknown.model_dump_json(by_alias=True).replace(bad, "NAME"))
+        assert len(answers) == 1
         with pytest.raises(MCPError):
             await c.call_tool("system_echo", {})  # only the two tools are callable directly
         malformed = await c.call_tool("call_tool", {"arguments": {}})
-        assert malformed.is_error and malformed.structured_content is not None
-        assert malformed.structured_content["error"] == "InvalidInput"
+        assert error_of(malformed)["error"] == "InvalidInput"
     assert ledger.appended == 1
 
 

@@ -141,6 +141,53 @@ async def test_api_keys_create_expire_revoke(tmp_path: Path) -> None:
         assert not store.revoke(info.id)
 
 
+async def test_refusals_say_what_to_send(tmp_path: Path) -> None:
+    """A 401 names what to send (the body always: clients without an OAuth flow show it; the
+    challenge once a credential was presented, RFC 6750 §3.1), and so does the 404 that
+    clients starting an OAuth sign-in meet at registration (mcp-remote, the Inspector show
+    it) on a bridge that does no OAuth."""
+    how = "send an API key of this bridge as Authorization: Bearer <key> or x-api-key: <key>"
+    config = bridge_config(tmp_path, '[[bridge]]\nname = "one"\nexpose = ["system.*"]\n')
+    async with running(config, [SystemOrgan()]) as bridges:
+        url = bridges["one"].url
+        none = await apost(url, {})
+        assert none.status_code == 401
+        assert none.headers["www-authenticate"] == 'Bearer realm="soma"'
+        assert none.json() == {
+            "error": "invalid_token",
+            "error_description": f"no credentials: {how}",
+        }
+        wrong = await apost(url, {"x-api-key": "soma_" + "0" * 16 + "_" + "0" * 64})
+        description = f"unknown, expired or revoked API key: {how}"
+        assert wrong.json() == {"error": "invalid_token", "error_description": description}
+        assert wrong.headers["www-authenticate"] == (
+            f'Bearer realm="soma", error="invalid_token", error_description="{description}"'
+        )
+        origin = url.removesuffix("/mcp")
+        for path in [
+            "/register",
+            "/.well-known/oauth-authorization-server",
+            "/.well-known/oauth-protected-resource/mcp",
+        ]:
+            missing = await asyncio.to_thread(httpx2.post, origin + path, json={})
+            assert missing.status_code == 404
+            no_oauth = f"the MCP endpoint is /mcp, and this server does no OAuth: {how}"
+            assert missing.json() == {"error": "not_found", "error_description": no_oauth}
+    Issuer(tmp_path / "jwks.json")
+    config = bridge_config(tmp_path, oauth_config(tmp_path))
+    async with running(config, [SystemOrgan()]) as bridges:
+        url = bridges["sso"].url
+        none = await apost(url, {})
+        assert none.json()["error_description"] == (
+            "no credentials: send an API key of this bridge as Authorization: Bearer <key> or"
+            " x-api-key: <key>, or an access token of its authorization server as"
+            " Authorization: Bearer <token>"
+        )
+        assert "error=" not in none.headers["www-authenticate"]
+        register = await asyncio.to_thread(httpx2.post, url.removesuffix("/mcp") + "/register")
+        assert register.json() == {"error": "not_found"}  # its issuer registers clients
+
+
 async def test_oauth_tokens(tmp_path: Path) -> None:
     issuer = Issuer(tmp_path / "jwks.json")
     config = bridge_config(tmp_path, oauth_config(tmp_path))

@@ -27,7 +27,6 @@ from tests.helpers import (
     SOMA,
     Process,
     child_env,
-    npm_install,
     run_soma,
     start_sidecar,
     wait_until,
@@ -227,17 +226,6 @@ async def test_make_run_prints_the_url_a_key_file_and_client_configs(tmp_path: P
         assert run.stop(timeout=30) == 0, run.output()
 
 
-TS_CLIENT = REPO / "tests" / "fixtures" / "ts_client"
-
-
-@pytest.fixture(scope="session")
-def ts_client() -> Path:
-    """The TypeScript client, with `@modelcontextprotocol/sdk` installed from npm."""
-    directory = npm_install(TS_CLIENT)
-    shutil.copy(TS_CLIENT / "client.mjs", directory / "client.mjs")
-    return directory / "client.mjs"
-
-
 def run_node(script: Path, url: str, key: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["node", str(script), url],
@@ -249,17 +237,63 @@ def run_node(script: Path, url: str, key: str) -> subprocess.CompletedProcess[st
     )
 
 
-def test_typescript_sdk_client_over_http(sidecar: tuple[Path, str], ts_client: Path) -> None:
+def test_typescript_sdk_client_over_http(sidecar: tuple[Path, str], npm_clients: Path) -> None:
     config, url = sidecar
-    result = run_node(ts_client, url, create_key(config))
+    result = run_node(npm_clients / "client.mjs", url, create_key(config))
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["protocol"] == "2025-11-25"  # TypeScript SDK v1: the initialize handshake
     assert answer["tools"] == ["system_echo", "system_ping"]
     assert answer["result"]["structuredContent"] == {"from": "typescript"}
     assert not answer["result"].get("isError")
-    wrong = run_node(ts_client, url, "soma_" + "0" * 16 + "_" + "1" * 64)
+    wrong = run_node(npm_clients / "client.mjs", url, "soma_" + "0" * 16 + "_" + "1" * 64)
     assert wrong.returncode == 1 and "invalid_token" in wrong.stderr
+    assert "unknown, expired or revoked API key: send an API key of this bridge" in wrong.stderr
+
+
+def mcp_remote(npm_clients: Path, url: str, key: str, home: Path) -> StdioServerParameters:
+    """`mcp-remote URL --header x-api-key:KEY` as the README gives it: a stdio server that
+    relays to the bridge over HTTP (what hosts without HTTP support run). Its OAuth state
+    goes under `home`."""
+    program = npm_clients / "node_modules" / ".bin" / "mcp-remote"
+    return StdioServerParameters(
+        command=str(program),
+        args=[url, "--header", f"x-api-key:{key}"],
+        env=child_env(HOME=str(home)),
+    )
+
+
+async def test_mcp_remote_with_the_documented_header(
+    sidecar: tuple[Path, str], npm_clients: Path, tmp_path: Path
+) -> None:
+    config, url = sidecar
+    params = mcp_remote(npm_clients, url, create_key(config), tmp_path)
+    async with Client(params, mode="legacy") as client:  # type: ignore[arg-type]
+        listed = await client.list_tools()
+        assert [t.name for t in listed.tools] == ["system_echo", "system_ping"]
+        result = await client.call_tool("system_echo", {"via": "mcp-remote"})
+        assert result.structured_content == {"via": "mcp-remote"}
+
+
+def test_mcp_remote_with_a_wrong_key_says_what_to_send(
+    sidecar: tuple[Path, str], npm_clients: Path, tmp_path: Path
+) -> None:
+    """mcp-remote answers any 401 with an OAuth sign-in, which ends at client registration
+    on a bridge without OAuth; it shows what the bridge answered there."""
+    _, url = sidecar
+    wrong = mcp_remote(npm_clients, url, "soma_" + "0" * 16 + "_" + "1" * 64, tmp_path)
+    refused = subprocess.run(
+        [wrong.command, *wrong.args],
+        env=wrong.env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 1
+    assert "RegistrationRejectedError" in refused.stderr
+    assert "this server does no OAuth: send an API key of this bridge" in refused.stderr
 
 
 async def test_stdio_after_the_key_is_revoked(sidecar: tuple[Path, str]) -> None:

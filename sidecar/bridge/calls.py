@@ -16,7 +16,7 @@ import mcp.types as types
 import structlog
 
 from sidecar.bridge.replay import IdempotencyBusy, IdempotencyConflict, ReplayCache
-from sidecar.bridge.tools import IDEMPOTENCY_KEY
+from sidecar.bridge.tools import IDEMPOTENCY_KEY, META
 from sidecar.credentials import CredentialBroker, CredentialDenied
 from sidecar.injection import inject_credentials
 from sidecar.wire import encode_output
@@ -29,6 +29,8 @@ log = structlog.get_logger(component="bridge")
 DEADLINE_FACTOR = 10.0
 MIN_DEADLINE_S = 1.0
 MAX_IDEMPOTENCY_KEY = 256
+# Where an error result carries its payload for programs (`_meta`, never structuredContent).
+ERROR = META + "error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,19 +188,24 @@ def audit(
 
 
 def error_result(response: Response) -> types.CallToolResult:
-    """A failed call as a tool result the model can read: isError, with the error payload."""
+    """A failed call as a tool result the model can read: `isError`, the error payload (kind,
+    message, path) as JSON text, and the same payload under `_meta` for programs.
+
+    Never `structuredContent`: where present it must match the tool's `outputSchema` (MCP),
+    clients check that on error results too (the TypeScript SDK answers -32602 instead of
+    the error), and an error payload is no output of the tool."""
     output = response.output if isinstance(response.output, dict) else {"error": "Failed"}
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=encode_output(output).decode())],
-        structured_content=output,
         is_error=True,
+        _meta={ERROR: output},
     )
 
 
 def result_outcome(result: types.CallToolResult) -> str:
     if not result.is_error:
         return "ok"
-    error = (result.structured_content or {}).get("error")
+    error = (result.meta or {}).get(ERROR, {}).get("error")
     return error if isinstance(error, str) else "Failed"
 
 

@@ -1,6 +1,7 @@
 """The HTTP front of a bridge instance, before the MCP SDK sees a request: protected-resource
-metadata (RFC 9728), authentication (API keys, OAuth bearer JWTs), scopes, rate limits and
-the request body limit.
+metadata (RFC 9728), authentication (API keys, OAuth bearer JWTs), scopes, rate limits, the
+request body limit, and cancellation (a client that goes away, or a 2025-era client's posted
+`notifications/cancelled`, which only the guard can match to its caller).
 
 Written by hand because the SDK's auth middleware reads only `Authorization: Bearer`, has no
 API keys, no rate limits, serves metadata at the path-suffixed URI only and sends challenges
@@ -18,6 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+from mcp.shared.dispatcher import as_request_id
+from mcp.types import RequestId
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidecar.bridge.calls import Principal
@@ -41,6 +44,7 @@ MAX_BACKOFF_S = 2.0
 # Levels of JSON-RPC around a tool's arguments: a batch, the message, its params.
 ENVELOPE_DEPTH = 3
 PARSE_ERROR = -32700  # JSON-RPC
+CANCELLED = "notifications/cancelled"
 
 
 class _Refusal(Exception):
@@ -61,10 +65,13 @@ class Guard:
         verifier: TokenVerifier | None,
         writes: Callable[[str, dict[str, Any]], FunctionCard | None],
         max_input_depth: int,
+        cancel: Callable[[str, RequestId], None],
     ) -> None:
         """`writes(tool, arguments)` is the card of the exposed function a call reaches when
-        it is not read-only, else None. Request bodies nest at most `max_input_depth` levels
-        beyond the JSON-RPC envelope, as inputs do on a runtime's channel."""
+        it is not read-only, else None; `cancel(principal id, request id)` cancels that
+        caller's call in flight under that id, if there is one. Request bodies nest at most
+        `max_input_depth` levels beyond the JSON-RPC envelope, as inputs do on a runtime's
+        channel."""
         self._app = app
         self._max_depth = max_input_depth + ENVELOPE_DEPTH
         self._bridge = bridge
@@ -75,6 +82,7 @@ class Guard:
         self._keys = keys
         self._verifier = verifier
         self._writes = writes
+        self._cancel = cancel
         oauth = bridge.auth.oauth
         self._scopes = frozenset(oauth.scopes) if oauth else frozenset()
         self._write_scopes = frozenset(oauth.write_scopes) if oauth else frozenset()
@@ -82,6 +90,14 @@ class Guard:
         self._rate = TokenBuckets(rate.burst, rate.per_key) if rate else None
         self._warnings = RepeatedWarnings(log)
         self._failures = TokenBuckets(FAILURE_BURST, FAILURE_RATE)
+        self._how = _how_to_authenticate(keys is not None, oauth is not None)
+        # Without OAuth, a client that starts a sign-in after a 401 (mcp-remote, the
+        # Inspector) asks for metadata and client registration here and shows the answer.
+        self._not_found: dict[str, Any] = {"error": "not_found"}
+        if oauth is None:
+            self._not_found["error_description"] = (
+                f"the MCP endpoint is {self._path}, and this server does no OAuth: {self._how}"
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,7 +110,7 @@ class Guard:
                 await _json(send, 200, self._metadata(), {"cache-control": "max-age=300"})
                 return
             if path != self._path:
-                raise _Refusal(404, {"error": "not_found"}, {})
+                raise _Refusal(404, self._not_found, {})
             headers = _headers(scope)
             principal = await self._authenticate(headers)
             self._check_scopes(principal, self._scopes)
@@ -102,7 +118,8 @@ class Guard:
             body = await _read_body(
                 receive, self._bridge.max_request_bytes, self._bridge.request_timeout
             )
-            self._check_write_scopes(principal, self._parse(body))
+            message = self._parse(body)
+            self._check_write_scopes(principal, message)
         except _Refusal as refusal:
             if self._keys is not None and path == self._path:
                 self._keys.counts.rejection(self._bridge.name, _key_label(principal))
@@ -116,6 +133,7 @@ class Guard:
         if self._keys is not None:
             self._keys.counts.call(self._bridge.name, _key_label(principal))
         scope.setdefault("state", {})[PRINCIPAL] = principal
+        self._cancels(principal, message)
         await _forward(self._app, scope, body, receive, send)
 
     def _metadata(self) -> dict[str, Any]:
@@ -140,10 +158,15 @@ class Guard:
                 parts.append(f'scope="{" ".join(sorted(scopes))}"')
         return ", ".join(parts)
 
-    def _unauthorized(self, description: str, presented: bool) -> _Refusal:
+    def _unauthorized(self, reason: str, presented: bool) -> _Refusal:
+        """A 401 that says what was wrong and what to send instead. The challenge carries
+        the error only when a credential was presented (RFC 6750 §3.1); the body always
+        does: it is what clients without an OAuth flow show (the TypeScript SDK, the
+        Inspector with `--stored-auth-only`)."""
         self._warnings.warning(
-            "bridge_unauthorized", description, bridge=self._bridge.name, reason=description
+            "bridge_unauthorized", reason, bridge=self._bridge.name, reason=reason
         )
+        description = f"{reason}: {self._how}"
         header = self._challenge("invalid_token" if presented else None, description, self._scopes)
         return _Refusal(
             401,
@@ -165,7 +188,7 @@ class Guard:
             elif api_key is None:
                 return await self._token(credential)
         if api_key is None:
-            raise self._unauthorized("credentials required", False)
+            raise self._unauthorized("no credentials", False)
         found = self._keys.lookup(api_key) if self._keys is not None else None
         if found is None or found[1] != self._bridge.name:
             raise self._unauthorized("unknown, expired or revoked API key", True)
@@ -226,8 +249,8 @@ class Guard:
         """A `tools/call` of a tool that is not read-only needs `write_scopes` too."""
         if not self._write_scopes or principal.scopes is None:
             return
-        for item in message if isinstance(message, list) else [message]:
-            if not isinstance(item, dict) or item.get("method") != "tools/call":
+        for item in _messages(message):
+            if item.get("method") != "tools/call":
                 continue
             params = item.get("params")
             if not isinstance(params, dict):
@@ -239,6 +262,32 @@ class Guard:
                 and self._writes(name, arguments)
             ):
                 self._check_scopes(principal, self._write_scopes)
+
+    def _cancels(self, principal: Principal, message: Any) -> None:
+        """A `notifications/cancelled` cancels the caller's own call in flight (see
+        `sidecar.bridge.cancels`); the SDK then acknowledges it as usual."""
+        for item in _messages(message):
+            params = item.get("params")
+            if item.get("method") == CANCELLED and "id" not in item and isinstance(params, dict):
+                request_id = as_request_id(params.get("requestId"))
+                if request_id is not None:
+                    self._cancel(principal.id, request_id)
+
+
+def _messages(message: Any) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of a parsed request body (one, or a batch)."""
+    items = message if isinstance(message, list) else [message]
+    return [item for item in items if isinstance(item, dict)]
+
+
+def _how_to_authenticate(api_keys: bool, oauth: bool) -> str:
+    """What a client must send, in words a person can act on (no quote or backslash: it goes
+    into a challenge's quoted string)."""
+    key = "an API key of this bridge as Authorization: Bearer <key> or x-api-key: <key>"
+    jwt = "an access token of its authorization server as Authorization: Bearer <token>"
+    if api_keys and oauth:
+        return f"send {key}, or {jwt}"
+    return f"send {key if api_keys else jwt}"
 
 
 def _key_label(principal: Principal | None) -> str:
@@ -281,8 +330,8 @@ async def _read_body(receive: Receive, limit: int, timeout: float) -> bytes:
 
 async def _forward(app: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
     """Run the app on the body already read. When the client disconnects first, the app is
-    cancelled, and the organ call with it: closing the stream is how a client cancels (a
-    `notifications/cancelled` cannot reach a request of another stateless HTTP exchange)."""
+    cancelled, and the organ call with it: closing the stream is how a 2026-07-28 client
+    cancels."""
     disconnected = asyncio.Event()
     sent = False
 

@@ -24,11 +24,13 @@ import mcp.types as types
 import structlog
 import uvicorn
 from mcp.server import Server
+from mcp.server.streamable_http import REQUEST_CANCELLED
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 
 from sidecar.bridge.calls import Principal, ToolCalls, audit, error_result
+from sidecar.bridge.cancels import InFlight
 from sidecar.bridge.discovery import (
     CALL_TOOL,
     CALL_TOOL_TOOL,
@@ -78,6 +80,7 @@ class BridgeTools:
         self._search = section.discovery == "search"
         self.exposure = Exposure(section)
         self._calls = ToolCalls(section.name, frozenset(section.credentials), executive, broker)
+        self.in_flight = InFlight()
         self._validators = {
             tool.name: InputValidator(tool.input_schema) for tool in (SEARCH_TOOL, CALL_TOOL_TOOL)
         }
@@ -126,9 +129,19 @@ class BridgeTools:
             if params.name == SEARCH_TOOLS:
                 return self._search_tools(arguments, principal)
         found = self.target(params.name, arguments)
+        # The same answer for a tool that does not exist and one this instance does not
+        # expose, whatever the spelling: nothing reveals the other instances' tools.
+        if found is None and self._search and params.name == CALL_TOOL:
+            # `call_tool` itself exists: the function it names is what is unknown, and the
+            # model can search again.
+            return error_result(
+                Response.failure(
+                    ErrorKind.UNSUPPORTED_OPERATION,
+                    tool=arguments["name"],
+                    message=f"no such tool here: find tools with {SEARCH_TOOLS}",
+                )
+            )
         if found is None:
-            # The same answer for a tool that does not exist and one this instance does not
-            # expose, whatever the spelling: nothing reveals the other instances' tools.
             raise MCPError(types.INVALID_PARAMS, f"unknown tool: {params.name}")
         tool, card, arguments = found
         # The trace to join: `_meta.traceparent` (where the MCP SDK puts it, SEP-414), else
@@ -137,7 +150,13 @@ class BridgeTools:
             (params.meta or {}).get(tracing.TRACEPARENT),
             ctx.request.headers.get(tracing.TRACEPARENT),
         )
-        return await self._calls.call(tool, card, arguments, params.meta, principal, parent)
+        call = self._calls.call(tool, card, arguments, params.meta, principal, parent)
+        result = await self.in_flight.run(principal.id, ctx.request_id, call)
+        if result is None:
+            # What the SDK answers a cancelled request on the 2025-era wire; the client has
+            # stopped waiting for it.
+            raise MCPError(REQUEST_CANCELLED, "Request cancelled")
+        return result
 
     async def list_resources(
         self, ctx: Any, params: types.PaginatedRequestParams | None
@@ -256,6 +275,7 @@ def build_app(
         verifier=verifier,
         writes=tools.write_card,
         max_input_depth=max_input_depth,
+        cancel=tools.in_flight.cancel,
     )
 
 
