@@ -13,6 +13,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sidecar.bridge.calls import ERROR
 from sidecar.bridge.oauth import Jwks
 from sidecar.bridge.published import url_file
 from sidecar.bridge.replay import IdempotencyBusy, IdempotencyConflict, ReplayCache
@@ -198,7 +199,10 @@ async def test_one_callers_flood_of_keys_never_evicts_anothers(tmp_path: Path) -
                         json={"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": params},
                     )
                     data = next(x for x in reply.text.splitlines() if x.startswith("data: "))
-                    return json.loads(data[len("data: ") :])["result"]["structuredContent"]  # type: ignore[no-any-return]
+                    result = json.loads(data[len("data: ") :])["result"]
+                    if result.get("isError"):  # errors travel in _meta, not structuredContent
+                        return result["_meta"][ERROR]  # type: ignore[no-any-return]
+                    return result["structuredContent"]  # type: ignore[no-any-return]
 
                 answers = await asyncio.gather(*(flood(i) for i in range(PER_CALLER + 76)))
             refused = [r for r in answers if r.get("error") == "Overloaded"]
