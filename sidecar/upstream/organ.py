@@ -43,7 +43,7 @@ from mcp.client.subscriptions import ListenNotSupportedError
 from mcp.types import RequestParamsMeta, Tool
 
 from sidecar.credentials import Credential, CredentialBroker
-from sidecar.upstream.answers import Scrub, response
+from sidecar.upstream.answers import Scrub, Unmaskable, response
 from sidecar.upstream.cards import declares_output, definition, function_card
 from sidecar.upstream.pins import PinStore
 from sidecar.upstream.session import (
@@ -56,7 +56,6 @@ from sidecar.upstream.session import (
     reason,
 )
 from sidecar.upstream.transport import ANSWER_TOO_LARGE, AnswerRefused, Budget, too_large
-from sidecar.wire import encode_output
 from soma_runtime import Executive, Organ, OrganEnvironment, tracing
 from soma_runtime.cards import FunctionCard, OrganCard
 from soma_runtime.contract import Response, Stimulus, unsupported
@@ -209,7 +208,12 @@ class UpstreamOrgan(Organ):
             raise UpstreamDown(f"tools/list failed: {type(exc).__name__}: {exc}") from None
         # Descriptions and schemas reach models and cards: no echoed credential in them.
         scrub = self._scrub(credential)
-        by_name = {t.name: scrub.tool(t) for t in tools}
+        by_name: dict[str, Tool] = {}
+        for tool in tools:
+            try:
+                by_name[tool.name] = scrub.tool(tool)
+            except Unmaskable:
+                log.warning("upstream_tool_unscrubbable", upstream=self.name, tool=tool.name)
         first_use = self.section.first_use == "approve"
         definitions = [definition(t) for t in by_name.values()]
         try:
@@ -323,11 +327,17 @@ class UpstreamOrgan(Organ):
                     op=stimulus.op,
                     message=f"the call carries no credential {self.section.credential!r}",
                 )
-        answer = await self._call(tool, stimulus, credential, started)
-        return self._handed_on(answer, self._scrub(credential), stimulus.op)
+        scrub = self._scrub(credential)
+        answer = await self._call(tool, stimulus, credential, scrub, started)
+        return self._handed_on(answer, scrub, stimulus.op)
 
     async def _call(
-        self, tool: Tool, stimulus: Stimulus, credential: Credential | None, started: float
+        self,
+        tool: Tool,
+        stimulus: Stimulus,
+        credential: Credential | None,
+        scrub: Scrub,
+        started: float,
     ) -> Response:
         op = stimulus.op
         try:
@@ -349,7 +359,7 @@ class UpstreamOrgan(Organ):
             )
         # The client has checked structured content against the tool's output schema
         # (a mismatch raised above: Unavailable).
-        return response(result, declares_output(tool), _elapsed_ms(started), op)
+        return response(result, declares_output(tool), scrub, _elapsed_ms(started), op)
 
     def _handed_on(self, answer: Response, scrub: Scrub, op: str) -> Response:
         """`answer` as it may leave the organ: scrubbed, JSON, within the output limit."""
@@ -357,16 +367,15 @@ class UpstreamOrgan(Organ):
         def refused(kind: str, message: str) -> Response:
             return Response.failure(kind, answer.latency_ms, op=op, message=message)
 
-        output = scrub.value(answer.output)
         try:
-            data = encode_output(output)
-        except ValueError:  # the client's parser takes NaN and Infinity; JSON has neither
-            return refused("UpstreamError", "the upstream's answer is not JSON (NaN, Infinity)")
-        if scrub.finds(data):
+            output, data = scrub.answer(answer.output)
+        except Unmaskable:
             return refused(
                 "UnscrubbableResponse",
                 "the upstream's answer holds the credential where it cannot be masked",
             )
+        except ValueError:  # the client's parser takes NaN and Infinity; JSON has neither
+            return refused("UpstreamError", "the upstream's answer is not JSON (NaN, Infinity)")
         if len(data) > self._max_output:
             return refused("ResponseTooLarge", f"the output exceeds {self._max_output} bytes")
         return Response(answer.ok, output, answer.latency_ms, answer.cost)
@@ -375,7 +384,7 @@ class UpstreamOrgan(Organ):
         """What masks the credential the upstream was given: the one sent with the operation
         over HTTP, the one its process was started with on stdio."""
         given = self._given if self._stdio is not None else sent
-        return Scrub([given.scrubber] if given is not None else [])
+        return Scrub([given.reveal()] if given is not None else [])
 
     @contextlib.asynccontextmanager
     async def _operation(self, credential: Credential | None) -> AsyncIterator[Client]:
