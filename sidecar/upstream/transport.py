@@ -259,12 +259,16 @@ async def stdio_transport(parameters: StdioServerParameters, limit: int) -> Asyn
 
 async def _stop(process: Process) -> None:
     """Close its stdin, give it a grace period to exit, then terminate its process group."""
-    assert process.stdin is not None and process.stdout is not None
+    assert process.stdin is not None
     with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
         await process.stdin.aclose()
     with anyio.move_on_after(_EXIT_GRACE_S):
         await process.wait()
     if process.returncode is None:
         await terminate_posix_process_tree(process, _EXIT_GRACE_S)
-    with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-        await process.stdout.aclose()
+    # Its pipes closed and the process reaped (a descendant holding a pipe: not waited for).
+    with (
+        anyio.move_on_after(_EXIT_GRACE_S),
+        contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError),
+    ):
+        await process.aclose()
