@@ -16,6 +16,7 @@ from typing import Any
 from sidecar.organs import BUILTIN_ORGANS
 from sidecar.upstream import UpstreamOrgan
 from soma_runtime import Organ, OrganEnvironment
+from soma_runtime.cards import OrganCard
 from soma_runtime.config import ConfigError, SomaConfig
 
 
@@ -68,11 +69,35 @@ def load_organs(
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"organ.{name}: {exc}") from None
         organs.append(organ)
+    # An upstream's functions are `<name>.<tool>`: no organ may have that namespace, now or
+    # once a built-in organ is added to the list.
+    builtins = [resolve_organ_class(spec)().describe() for spec in BUILTIN_ORGANS]
+    taken = _namespaces(builtins, "built-in organ") | _namespaces(
+        [organ.describe() for organ in organs], "organ"
+    )
     for index, upstream in enumerate(config.upstream):
-        if upstream.name in names:
-            raise ConfigError(f"upstream[{index}].name: organ {upstream.name!r} is already loaded")
-        organs.append(UpstreamOrgan(upstream, env))
+        holder = taken.get(upstream.name)
+        if holder is not None:
+            raise ConfigError(
+                f"upstream[{index}].name: {upstream.name!r} is taken by the {holder}; "
+                "give the upstream another name"
+            )
+        organs.append(UpstreamOrgan(upstream, env, config.sidecar.max_message_bytes))
     unused = sorted(set(config.organ) - {organ.describe().name for organ in organs})
     if unused:
         raise ConfigError(f"organ.{unused[0]}: no organ of that name is loaded")
     return organs
+
+
+def _namespaces(cards: list[OrganCard], kind: str) -> dict[str, str]:
+    """Each first segment of a function name the organs of `cards` use, or could use (their
+    names, their sub-organs' names), and what uses it."""
+    taken: dict[str, str] = {}
+    for card in cards:
+        organ = f"{kind} {card.name!r}"
+        taken.setdefault(card.name, organ)
+        for sub in card.sub_organs:
+            taken.setdefault(sub.name, f"sub-organ {sub.name!r} of {organ}")
+        for function in card.all_functions():
+            taken.setdefault(function.name.split(".")[0], f"function {function.name!r} of {organ}")
+    return taken

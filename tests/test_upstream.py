@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import jsonschema
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -39,10 +40,13 @@ TOKEN = "tickets-token"
 
 
 @contextlib.contextmanager
-def http_upstream(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """The fixture server over Streamable HTTP: its URL and its state directory."""
+def http_upstream(tmp_path: Path, *, json_response: bool = False) -> Iterator[tuple[str, Path]]:
+    """The fixture server over Streamable HTTP (answering JSON rather than event streams when
+    `json_response`): its URL and its state directory."""
     state = tmp_path / "upstream"
     state.mkdir(exist_ok=True)
+    if json_response:
+        (state / "json_response").touch()
     proc = Process([sys.executable, str(FIXTURE), "http", str(state)], tmp_path / "upstream.log")
     try:
         line = wait_until(
@@ -77,7 +81,12 @@ def origin(url: str) -> str:
 
 
 def write_config(
-    tmp_path: Path, upstream: str, *, secret: bool = True, host: str = "http://127.0.0.1:1"
+    tmp_path: Path,
+    upstream: str,
+    *,
+    secret: bool = True,
+    host: str = "http://127.0.0.1:1",
+    value: str = SECRET,
 ) -> SomaConfig:
     path = tmp_path / "soma.toml"
     path.write_text(
@@ -86,7 +95,7 @@ def write_config(
         f'[[credential]]\nname = "{TOKEN}"\nhosts = ["{host}"]\n' + upstream
     )
     if secret:
-        set_secret(path, TOKEN, SECRET)
+        set_secret(path, TOKEN, value)
     return load_config(path)
 
 
@@ -185,18 +194,20 @@ async def test_http_upstream_tools_are_carded_functions_with_the_credential_upst
             assert len(seen_credentials(state)) == before
 
 
+def stdio_table(state: Path) -> str:
+    command = json.dumps([sys.executable, str(FIXTURE), "stdio", str(state)])
+    return (
+        f'[[upstream]]\nname = "tickets"\ncommand = {command}\ncredential = "{TOKEN}"\n'
+        'credential_env = "TICKETS_TOKEN"\n'
+    )
+
+
 def stdio_upstream(tmp_path: Path) -> tuple[Path, SomaConfig]:
     """The fixture server as a stdio upstream with its credential: its state directory and
     the config that hosts it."""
     state = tmp_path / "upstream"
     state.mkdir()
-    command = json.dumps([sys.executable, str(FIXTURE), "stdio", str(state)])
-    config = write_config(
-        tmp_path,
-        f'[[upstream]]\nname = "tickets"\ncommand = {command}\ncredential = "{TOKEN}"\n'
-        'credential_env = "TICKETS_TOKEN"\n',
-    )
-    return state, config
+    return state, write_config(tmp_path, stdio_table(state))
 
 
 async def test_stdio_upstream_gets_its_credential_in_its_environment(tmp_path: Path) -> None:
@@ -346,6 +357,49 @@ async def test_upstream_tools_are_exposed_on_a_bridge_with_its_credential(tmp_pa
             assert result.structured_content == {"id": "3", "title": "ticket 3"}
         assert seen_credentials(state)[-1] == f"Bearer {SECRET}"
         assert key not in (state / "seen").read_text()  # the client's key is not forwarded
+
+
+@contextlib.asynccontextmanager
+async def bridge_client(config: SomaConfig, host: Host) -> AsyncIterator[Client]:
+    """The official MCP client on the bridge `desk` of `config`, with a fresh API key."""
+    _, key = KeyStore(config.state_dir).create("desk")
+    async with (
+        serve_bridges(config, host.executive, host.broker) as bridges,
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as http,
+        Client(streamable_http_client(bridges[0].url, http_client=http)) as client,  # type: ignore[arg-type]
+    ):
+        yield client
+
+
+DESK = f'[[bridge]]\nname = "desk"\nexpose = ["tickets.*"]\ncredentials = ["{TOKEN}"]\n'
+
+
+async def test_a_bridge_lists_the_output_schema_the_upstream_declared_and_its_results_agree(
+    tmp_path: Path,
+) -> None:
+    """`stats` declares no output schema yet answers structured content; `get_ticket`
+    declares one. The official client validates each result against what was listed."""
+    with http_upstream(tmp_path) as (url, _):
+        config = write_config(tmp_path, http_table(url) + DESK, host=origin(url))
+        async with hosting(config) as host, bridge_client(config, host) as client:
+            tools = {tool.title: tool for tool in (await client.list_tools()).tools}
+            assert tools["tickets.stats"].output_schema is None
+            assert tools["tickets.get_ticket"].output_schema == {
+                "type": "object",
+                "properties": {"id": {"type": "string"}, "title": {"type": "string"}},
+                "required": ["id", "title"],
+            }
+            stats = await client.call_tool(tools["tickets.stats"].name, {})
+            assert not stats.is_error and stats.content
+            ticket = await client.call_tool(tools["tickets.get_ticket"].name, {"id": "4"})
+            assert ticket.structured_content == {"id": "4", "title": "ticket 4"}
+
+            # A runtime gets the content blocks and the structured content, as its card says.
+            card = host.functions()["tickets.stats"]
+            output = (await host.call("tickets.stats", {})).output
+            assert output["structuredContent"] == {"open": 3, "closed": 1}
+            assert json.loads(output["content"][0]["text"]) == {"open": 3, "closed": 1}
+            jsonschema.validate(output, card.output_schema)
 
 
 def test_upstream_settings_are_checked(tmp_path: Path) -> None:

@@ -61,6 +61,8 @@ def to_tool(name: str, card: FunctionCard) -> types.Tool:
     if card.examples:
         description += "\n\nExamples:\n" + "\n".join(f"- {e}" for e in card.examples)
     # MCP requires an object at the root of outputSchema; other outputs go out as text only.
+    # An upstream tool that declared no output schema is listed without one too: its card
+    # declares no object (sidecar.upstream.cards.UNDECLARED_OUTPUT).
     output_schema = card.output_schema if card.output_schema.get("type") == "object" else None
     meta: dict[str, object] = {
         META + "function": card.name,

@@ -1,18 +1,14 @@
 """An upstream's MCP tool list turned into function cards.
 
-Tool names become function names `<upstream>.<name>`: lower-cased, every character outside
-`[a-z0-9_-]` replaced by `_`, `t_` prefixed when the name does not start with a letter, and
-`_<6 hex of its SHA-256>` appended when that makes two tools collide. The organ keeps the map
-back to the tool's real name. Annotations are mapped back to `idempotent` and `side_effects`
-in the vocabulary of `soma_runtime.side_effects` (with MCP's defaults for missing hints: not
+Each tool is the function its pinned name says (see `names`); the organ keeps the map back to
+the tool's real name. Annotations are mapped back to `idempotent` and `side_effects` in the
+vocabulary of `soma_runtime.side_effects` (with MCP's defaults for missing hints: not
 read-only, destructive, open world); they come from the upstream, whose definitions the
 operator pins (see `pins`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 from typing import Any
 
 from mcp.types import Tool
@@ -21,29 +17,23 @@ from pydantic import ValidationError
 from soma_runtime.cards import FunctionCard, ResidencyPolicy, SloConfig
 
 QUEUE_CAP = 16
-_OUTSIDE = re.compile(r"[^a-z0-9_-]")
-# Without an output schema a result is its MCP content blocks.
-CONTENT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"content": {"type": "array", "items": {"type": "object"}}},
+# The output of a tool that declared no output schema (see `answers`): its MCP content
+# blocks, and the structured content it may send all the same. Deliberately without
+# `"type": "object"` at the root: a card's output schema is listed to MCP clients only when it
+# declares an object (sidecar.bridge.tools), and a bridge lists what the upstream declared.
+UNDECLARED_OUTPUT: dict[str, Any] = {
+    "description": "What the upstream MCP server answered; it declared no output schema.",
+    "properties": {
+        "content": {"type": "array", "items": {"type": "object"}},
+        "structuredContent": {"type": "object"},
+    },
     "required": ["content"],
 }
 
 
-def function_names(upstream: str, tools: list[str]) -> dict[str, str]:
-    """`{function name: tool name}` for the tools of one upstream."""
-    mapped: dict[str, list[str]] = {}
-    for tool in tools:
-        base = _OUTSIDE.sub("_", tool.lower())
-        if not base[:1].isalpha():
-            base = f"t_{base}"
-        mapped.setdefault(base, []).append(tool)
-    names: dict[str, str] = {}
-    for base, owners in mapped.items():
-        for tool in owners:
-            suffix = "" if len(owners) == 1 else "_" + hashlib.sha256(tool.encode()).hexdigest()[:6]
-            names[f"{upstream}.{base}{suffix}"] = tool
-    return names
+def declares_output(tool: Tool) -> bool:
+    """Whether a call's output is the tool's structured content (else `UNDECLARED_OUTPUT`)."""
+    return bool(tool.output_schema)
 
 
 def definition(tool: Tool) -> dict[str, Any]:
@@ -85,7 +75,7 @@ def function_card(
             tags=["upstream", upstream],
             examples=[],
             input_schema=tool.input_schema,
-            output_schema=tool.output_schema or CONTENT_SCHEMA,
+            output_schema=tool.output_schema or UNDECLARED_OUTPUT,  # as declares_output says
             slo=SloConfig(
                 p95_latency_ms=int(timeout * 1000), max_error_rate=0.05, queue_cap=QUEUE_CAP
             ),

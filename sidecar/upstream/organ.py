@@ -14,7 +14,15 @@ The tool list is read at start, every `refresh_interval`, and whenever the upstr
 changed (a 2026-07-28 `subscriptions/listen` stream; older servers get the interval only); a
 change re-registers the organ's card with the executive. Tools whose definition is not the
 pinned one are quarantined (see `pins`); when the upstream cannot be reached at start, the
-pinned definitions stand in, so its functions exist and answer `Unavailable`.
+pinned definitions stand in, so its functions exist and answer `Unavailable`. A tool whose
+function name another organ already has is left out, with a warning (the configuration
+refuses an upstream named like another organ's functions, see `sidecar.loading`).
+
+Everything the upstream answers is scrubbed of the credential it was given (see `answers`)
+and bounded: what it sends for one operation is read up to twice `max_output` (a result
+commonly comes twice, as text and as structured content; see `transport`), and an output
+must fit in `max_output`, the sidecar's message limit, like any organ's
+(`ResponseTooLarge`).
 """
 
 from __future__ import annotations
@@ -25,17 +33,18 @@ import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import cast
 
 import httpx2
 import structlog
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ListenNotSupportedError
-from mcp.types import CallToolResult, RequestParamsMeta, Tool
+from mcp.types import RequestParamsMeta, Tool
 
 from sidecar.credentials import Credential, CredentialBroker
-from sidecar.upstream.cards import definition, function_card, function_names
+from sidecar.upstream.answers import Scrub, Unmaskable, response
+from sidecar.upstream.cards import declares_output, definition, function_card
 from sidecar.upstream.pins import PinStore
 from sidecar.upstream.session import (
     BACKOFF_MAX_S,
@@ -43,8 +52,10 @@ from sidecar.upstream.session import (
     StdioSession,
     UpstreamDown,
     connection_closed,
+    leaf,
     reason,
 )
+from sidecar.upstream.transport import ANSWER_TOO_LARGE, AnswerRefused, Budget, too_large
 from soma_runtime import Executive, Organ, OrganEnvironment, tracing
 from soma_runtime.cards import FunctionCard, OrganCard
 from soma_runtime.contract import Response, Stimulus, unsupported
@@ -53,23 +64,35 @@ from soma_runtime.upstream_config import UpstreamSection
 log = structlog.get_logger(component="upstream")
 
 MAX_PAGES = 100
+# What one operation may read, in outputs' worth: a result usually comes twice.
+ANSWER_FACTOR = 2
 
 
 class UpstreamOrgan(Organ):
-    """The organ `section.name`, whose functions are the upstream's approved tools."""
+    """The organ `section.name`, whose functions are the upstream's approved tools; an
+    output may take `max_output` bytes of JSON."""
 
-    def __init__(self, section: UpstreamSection, env: OrganEnvironment) -> None:
+    def __init__(self, section: UpstreamSection, env: OrganEnvironment, max_output: int) -> None:
         self.section = section
         self._pins = PinStore(env.state_dir)
         self._executive = env.service(Executive)
         self._broker = env.service(CredentialBroker) if section.credential else None
+        self._max_output = max_output
+        self._answer_limit = ANSWER_FACTOR * max_output
         self._functions: list[FunctionCard] = []
-        self._tools: dict[str, str] = {}  # function name -> tool name, approved tools
+        self._tools: dict[str, Tool] = {}  # function name -> tool, approved tools
         self._quarantined: dict[str, str] = {}  # function name -> tool name
+        self._clashing: dict[str, str] = {}  # function name -> the organ that has it
         self._backoff = 0.0
         self._down_until = 0.0
         self._tasks: list[asyncio.Task[None]] = []
-        self._stdio = StdioSession(self.name, self._stdio_parameters) if section.command else None
+        # The credential the stdio subprocess was started with: what it can echo.
+        self._given: Credential | None = None
+        self._stdio = (
+            StdioSession(self.name, self._stdio_parameters, self._answer_limit)
+            if section.command
+            else None
+        )
 
     @property
     def name(self) -> str:
@@ -97,7 +120,7 @@ class UpstreamOrgan(Organ):
             await self.refresh()
         except UpstreamDown as exc:
             log.warning("upstream_down_at_start", upstream=self.name, error=str(exc))
-            self._adopt([Tool.model_validate(d) for d in await self._pinned()], None)
+            self._adopt(await self._pinned(), None)
         self._tasks = [
             asyncio.create_task(self._refresh_forever()),
             asyncio.create_task(self._listen_forever()),
@@ -137,6 +160,7 @@ class UpstreamOrgan(Organ):
                 log.info("upstream_sends_no_list_changes", upstream=self.name)
                 return
             except Exception as exc:
+                _raise_if_cancelled()
                 log.info("upstream_listen_ended", upstream=self.name, error=reason(exc))
             await asyncio.sleep(self.section.refresh_interval)
 
@@ -149,15 +173,20 @@ class UpstreamOrgan(Organ):
             return
         credential = await self._own_credential()
         async with contextlib.AsyncExitStack() as stack:
-            yield await stack.enter_async_context(self._http_client(credential, stack, stream=True))
+            yield await stack.enter_async_context(self._http_client(credential, stack, None))
 
-    async def _pinned(self) -> list[dict[str, Any]]:
+    async def _pinned(self) -> dict[str, Tool]:
+        """`{function name: tool}` as approved."""
         try:
             states = await asyncio.to_thread(self._pins.states, self.name)
         except sqlite3.Error as exc:
             log.error("upstream_pins_unreadable", upstream=self.name, error=str(exc))
-            return []
-        return [json.loads(s.pinned) for s in states if s.pinned is not None]
+            return {}
+        return {
+            s.function: Tool.model_validate(json.loads(s.pinned))
+            for s in states
+            if s.pinned is not None and s.function is not None
+        }
 
     # -- the tool list ------------------------------------------------------------------
 
@@ -175,52 +204,81 @@ class UpstreamOrgan(Organ):
                     cursor = page.next_cursor
                     if cursor is None:
                         break
-        except (MCPError, TimeoutError) as exc:
+        except (MCPError, TimeoutError, AnswerRefused) as exc:
             raise UpstreamDown(f"tools/list failed: {type(exc).__name__}: {exc}") from None
+        # Descriptions and schemas reach models and cards: no echoed credential in them.
+        scrub = self._scrub(credential)
+        by_name: dict[str, Tool] = {}
+        for tool in tools:
+            try:
+                by_name[tool.name] = scrub.tool(tool)
+            except Unmaskable:
+                log.warning("upstream_tool_unscrubbable", upstream=self.name, tool=tool.name)
         first_use = self.section.first_use == "approve"
+        definitions = [definition(t) for t in by_name.values()]
         try:
-            approved, pinned_now = await asyncio.to_thread(
-                self._pins.record, self.name, [definition(t) for t in tools], first_use=first_use
+            recorded = await asyncio.to_thread(
+                self._pins.record, self.name, definitions, first_use=first_use
             )
         except sqlite3.Error as exc:
             # Without the pins no tool can be told approved: keep serving what was.
             raise UpstreamDown(f"the pin database cannot be used: {exc}") from None
-        if pinned_now:
-            log.warning("upstream_tools_pinned_first_use", upstream=self.name, tools=pinned_now)
-        self._adopt(tools, approved)
+        if recorded.pinned_now:
+            log.warning(
+                "upstream_tools_pinned_first_use", upstream=self.name, tools=recorded.pinned_now
+            )
+        named = {function: by_name[tool] for function, tool in recorded.names.items()}
+        if unnamed := sorted(set(by_name) - set(recorded.names.values())):
+            log.warning("upstream_tools_unnamed", upstream=self.name, tools=unnamed)
+        self._adopt(named, recorded.approved)
 
-    def _adopt(self, tools: list[Tool], approved: set[str] | None) -> None:
-        """Make `tools` (those in `approved`; all when None) the organ's functions."""
-        by_name = {t.name: t for t in tools}
-        names = function_names(self.name, sorted(by_name))
+    def _adopt(self, named: dict[str, Tool], approved: set[str] | None) -> None:
+        """Make the tools of `named` (`{function name: tool}`; those in `approved`, all when
+        None) the organ's functions."""
+        elsewhere = {f.name: o for o, f in self._executive.list_functions() if o != self.name}
         functions: list[FunctionCard] = []
-        routes: dict[str, str] = {}
+        routes: dict[str, Tool] = {}
         quarantined: dict[str, str] = {}
-        for function, tool_name in names.items():
-            if approved is not None and tool_name not in approved:
-                quarantined[function] = tool_name
+        clashing: dict[str, str] = {}
+        for function, tool in sorted(named.items()):
+            if approved is not None and tool.name not in approved:
+                quarantined[function] = tool.name
+                continue
+            if function in elsewhere:
+                clashing[function] = elsewhere[function]
                 continue
             card = function_card(
                 function,
                 self.name,
-                by_name[tool_name],
+                tool,
                 self.section.credential,
                 self.section.timeout,
                 local=self.section.command is not None,
             )
             if card is None:
-                log.warning("upstream_tool_unusable", upstream=self.name, tool=tool_name)
+                log.warning("upstream_tool_unusable", upstream=self.name, tool=tool.name)
                 continue
             functions.append(card)
-            routes[function] = tool_name
+            routes[function] = tool
         if sorted(quarantined.values()) != sorted(self._quarantined.values()):
             log.warning(
                 "upstream_tools_quarantined",
                 upstream=self.name,
                 tools=sorted(quarantined.values()),
+                functions=sorted(quarantined),  # the names they get once approved
                 hint=f"soma upstream diff {self.name}; soma upstream approve {self.name}",
             )
+        for function, organ in clashing.items():
+            if function not in self._clashing:
+                log.warning(
+                    "upstream_tool_name_taken",
+                    upstream=self.name,
+                    function=function,
+                    organ=organ,
+                    hint="the tool is left out; rename the [[upstream]]",
+                )
         self._quarantined = quarantined
+        self._clashing = clashing
         self._tools = routes
         if functions != self._functions:
             self._functions = functions
@@ -269,55 +327,100 @@ class UpstreamOrgan(Organ):
                     op=stimulus.op,
                     message=f"the call carries no credential {self.section.credential!r}",
                 )
+        scrub = self._scrub(credential)
+        answer = await self._call(tool, stimulus, credential, scrub, started)
+        return self._handed_on(answer, scrub, stimulus.op)
+
+    async def _call(
+        self,
+        tool: Tool,
+        stimulus: Stimulus,
+        credential: Credential | None,
+        scrub: Scrub,
+        started: float,
+    ) -> Response:
+        op = stimulus.op
         try:
             async with self._operation(credential) as client:
-                result = await client.call_tool(tool, stimulus.input, meta=_trace_meta(stimulus))
+                result = await client.call_tool(
+                    tool.name, stimulus.input, meta=_trace_meta(stimulus)
+                )
+        except AnswerRefused as exc:
+            return Response.failure(exc.kind, _elapsed_ms(started), op=op, message=exc.message)
         except UpstreamDown as exc:
-            return Response.failure(
-                "Unavailable", _elapsed_ms(started), op=stimulus.op, message=str(exc)
-            )
+            return Response.failure("Unavailable", _elapsed_ms(started), op=op, message=str(exc))
         except MCPError as exc:
             return Response.failure(
-                "UpstreamError", _elapsed_ms(started), op=stimulus.op, message=exc.error.message
+                "UpstreamError", _elapsed_ms(started), op=op, message=exc.error.message
             )
         except TimeoutError:
             return Response.failure(
-                "DeadlineExceeded",
-                _elapsed_ms(started),
-                op=stimulus.op,
-                deadline_s=self.section.timeout,
+                "DeadlineExceeded", _elapsed_ms(started), op=op, deadline_s=self.section.timeout
             )
         # The client has checked structured content against the tool's output schema
         # (a mismatch raised above: Unavailable).
-        return _response(result, _elapsed_ms(started), stimulus.op)
+        return response(result, declares_output(tool), scrub, _elapsed_ms(started), op)
+
+    def _handed_on(self, answer: Response, scrub: Scrub, op: str) -> Response:
+        """`answer` as it may leave the organ: scrubbed, JSON, within the output limit."""
+
+        def refused(kind: str, message: str) -> Response:
+            return Response.failure(kind, answer.latency_ms, op=op, message=message)
+
+        try:
+            output, data = scrub.answer(answer.output)
+        except Unmaskable:
+            return refused(
+                "UnscrubbableResponse",
+                "the upstream's answer holds the credential where it cannot be masked",
+            )
+        except ValueError:  # the client's parser takes NaN and Infinity; JSON has neither
+            return refused("UpstreamError", "the upstream's answer is not JSON (NaN, Infinity)")
+        if len(data) > self._max_output:
+            return refused("ResponseTooLarge", f"the output exceeds {self._max_output} bytes")
+        return Response(answer.ok, output, answer.latency_ms, answer.cost)
+
+    def _scrub(self, sent: Credential | None) -> Scrub:
+        """What masks the credential the upstream was given: the one sent with the operation
+        over HTTP, the one its process was started with on stdio."""
+        given = self._given if self._stdio is not None else sent
+        return Scrub([given.reveal()] if given is not None else [])
 
     @contextlib.asynccontextmanager
     async def _operation(self, credential: Credential | None) -> AsyncIterator[Client]:
         """A connected client for one operation within the timeout; `UpstreamDown` when the
         upstream cannot be reached or answers what MCP does not allow, `TimeoutError` when
-        the deadline passes."""
+        the deadline passes, `AnswerRefused` when it answers what is not read."""
         now = time.monotonic()
         if now < self._down_until:
             raise UpstreamDown(f"upstream down; retried in {self._down_until - now:.1f} s")
+        budget = Budget(self._answer_limit)
         try:
             async with asyncio.timeout(self.section.timeout), contextlib.AsyncExitStack() as stack:
                 if self._stdio is not None:
                     client = await stack.enter_async_context(self._stdio.operation())
                 else:
-                    client = await stack.enter_async_context(self._http_client(credential, stack))
+                    http = self._http_client(credential, stack, budget)
+                    client = await stack.enter_async_context(http)
                 yield client
-        except UpstreamDown:
-            raise
-        except MCPError as exc:
-            if connection_closed(exc):
-                self._failed()
-                raise UpstreamDown("the upstream closed the connection") from None
-            raise  # the upstream answered, with an error: it is up
-        except TimeoutError:
-            self._failed()
+        except (UpstreamDown, AnswerRefused):
             raise
         except Exception as exc:
+            _raise_if_cancelled()
+            # The client reports a refused read in many ways (a parse error, a stream
+            # that ended, a failed task group): the budget knows what happened.
+            if budget.refused is not None:
+                raise budget.refused from None
+            cause = leaf(exc)  # over HTTP, the client's task group wraps its errors
+            if isinstance(cause, MCPError) and cause.error.code == ANSWER_TOO_LARGE:
+                raise too_large(self._answer_limit) from None  # from the stdio transport
+            if isinstance(cause, MCPError) and not connection_closed(cause):
+                raise cause from None  # the upstream answered, with an error: it is up
             self._failed()
+            if isinstance(exc, TimeoutError):
+                raise
+            if isinstance(cause, MCPError):
+                raise UpstreamDown("the upstream closed the connection") from None
             raise UpstreamDown(f"{type(exc).__name__}: {reason(exc)}") from None
         self._backoff = 0.0
 
@@ -328,21 +431,23 @@ class UpstreamOrgan(Organ):
         self._down_until = time.monotonic() + self._backoff
 
     def _http_client(
-        self,
-        credential: Credential | None,
-        stack: contextlib.AsyncExitStack,
-        *,
-        stream: bool = False,
+        self, credential: Credential | None, stack: contextlib.AsyncExitStack, budget: Budget | None
     ) -> Client:
-        """A client for the HTTP upstream; reads time out after `timeout` except on a
-        `stream` (a listen stream waits for events without end)."""
+        """A client for the HTTP upstream whose answers are read within `budget`, with reads
+        timing out after `timeout`; without a budget, a listen stream, which waits for events
+        without end (each event bounded)."""
         assert self.section.url is not None
         url, headers = credential.attach(self.section.url) if credential else (self.section.url, {})
         timeout = self.section.timeout
-        limits = httpx2.Timeout(timeout, read=None if stream else timeout)
-        http = httpx2.AsyncClient(headers=headers, timeout=limits)
+        if budget is None:
+            http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(timeout, read=None))
+        else:
+            http = budget.client(headers, httpx2.Timeout(timeout))
         stack.push_async_callback(http.aclose)
-        return Client(streamable_http_client(url, http_client=http), cache=None)
+        transport = streamable_http_client(
+            url, http_client=http, max_sse_event_size=self._answer_limit
+        )
+        return Client(transport, cache=None)
 
     async def _stdio_parameters(self) -> StdioServerParameters:
         """How to start the subprocess; run at each (re)start, so a rotated credential is
@@ -352,20 +457,18 @@ class UpstreamOrgan(Organ):
         env = None
         if credential is not None and self.section.credential_env is not None:
             env = {self.section.credential_env: credential.reveal()}
+            self._given = credential
         command, *args = self.section.command
         return StdioServerParameters(command=command, args=args, env=env)
 
 
-def _response(result: CallToolResult, latency_ms: float, op: str) -> Response:
-    content = [
-        block.model_dump(mode="json", by_alias=True, exclude_none=True) for block in result.content
-    ]
-    if result.is_error:
-        text = " ".join(b.get("text", "") for b in content if b.get("type") == "text")
-        return Response.failure("UpstreamError", latency_ms, op=op, message=text, content=content)
-    if result.structured_content is not None:
-        return Response(ok=True, output=result.structured_content, latency_ms=latency_ms)
-    return Response(ok=True, output={"content": content}, latency_ms=latency_ms)
+def _raise_if_cancelled() -> None:
+    """Cancel again when this task is being cancelled: the MCP client's task groups may turn
+    the cancellation into another error (BrokenResourceError), which must not be taken for
+    the upstream's (a stop would then wait out a refresh interval)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _elapsed_ms(started: float) -> float:

@@ -2,10 +2,11 @@
 backoff when it dies.
 
 A background task owns the subprocess and its `mcp.Client` (anyio requires a task group to be
-left by the task that entered it); calls borrow the connected client. A call that finds the
-connection closed marks the session broken: the task lets the process go and starts another
-after a backoff of 0.5 s doubling to 30 s (reset once a call succeeds), and calls meanwhile
-answer `UpstreamDown` at once instead of waiting.
+left by the task that entered it); calls borrow the connected client. The subprocess is
+spoken to through `transport.stdio_transport`, which reads no line longer than the limit. A
+call that finds the connection closed marks the session broken: the task lets the process go
+and starts another after a backoff of 0.5 s doubling to 30 s (reset once a call succeeds),
+and calls meanwhile answer `UpstreamDown` at once instead of waiting.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.types import CONNECTION_CLOSED
+
+from sidecar.upstream.transport import stdio_transport
 
 log = structlog.get_logger(component="upstream")
 
@@ -34,13 +37,18 @@ def connection_closed(exc: MCPError) -> bool:
 
 
 class StdioSession:
-    """The subprocess of one stdio upstream and its MCP client."""
+    """The subprocess of one stdio upstream and its MCP client; a message from it may take
+    `limit` bytes."""
 
     def __init__(
-        self, upstream: str, parameters: Callable[[], Awaitable[StdioServerParameters]]
+        self,
+        upstream: str,
+        parameters: Callable[[], Awaitable[StdioServerParameters]],
+        limit: int,
     ) -> None:
         self._upstream = upstream
         self._parameters = parameters
+        self._limit = limit
         self._client: Client | None = None
         self._settled = asyncio.Event()  # set when a start has succeeded or failed
         self._broken = asyncio.Event()
@@ -82,7 +90,8 @@ class StdioSession:
         while True:
             self._settled.clear()
             try:
-                async with Client(await self._parameters(), cache=None) as client:
+                transport = stdio_transport(await self._parameters(), self._limit)
+                async with Client(transport, cache=None) as client:
                     self._client = client
                     self._broken.clear()
                     self._settled.set()
@@ -104,8 +113,14 @@ class StdioSession:
             self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
 
 
-def reason(exc: BaseException) -> str:
-    """The first leaf of an exception group (anyio task groups wrap transport failures)."""
+def leaf(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (anyio task groups wrap what fails inside them,
+    the MCP client's errors included)."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
+    return exc
+
+
+def reason(exc: BaseException) -> str:
+    exc = leaf(exc)
     return str(exc) or type(exc).__name__
