@@ -92,7 +92,8 @@ CALLS: dict[str, list[Call]] = {
     "tickets.hide": [({"id": "no-such-tool"}, None)],
     "tickets.wait": [({"seconds": 0}, None)],
     "tickets.close-ticket": [({"id": "1"}, None)],
-    "tickets.count": [({}, None)],
+    "tickets.stats": [({}, None)],  # no output schema, structured content all the same
+    "tickets.offer": [({"id": "none-such"}, None)],
     "search_tools": [({"query": "echo"}, None), ({"query": 5}, None)],
     "call_tool": [
         ({"name": "system_echo", "arguments": {"a": 1}}, None),
