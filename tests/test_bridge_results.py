@@ -88,7 +88,7 @@ CALLS: dict[str, list[Call]] = {
     "composite.double": [({"a": 2}, None)],
     "counter.add": [({"a": 1, "b": 2}, None)],
     "manual.upper": [({"text": "hi"}, None)],
-    "tickets.get_ticket": [({"id": "1"}, None), ({"id": 7}, None)],
+    "tickets.get_ticket": [({"id": "1"}, None), ({"id": 7}, None), ({"id": "garbage"}, None)],
     "tickets.hide": [({"id": "no-such-tool"}, None)],
     "tickets.wait": [({"seconds": 0}, None)],
     "tickets.close-ticket": [({"id": "1"}, None)],

@@ -179,9 +179,12 @@ async def test_http_upstream_tools_are_carded_functions_with_the_credential_upst
             bad = await host.call("tickets.get_ticket", {"id": 7})
             assert bad.error == "InvalidInput"
             garbage = await host.call("tickets.get_ticket", {"id": "garbage"})
-            assert (
-                garbage.error == "Unavailable" and "Invalid structured" in garbage.output["message"]
+            assert garbage.error == "UpstreamError", garbage.output
+            assert garbage.output["message"] == (
+                "the upstream's answer does not match the tool's output schema"
             )
+            # One bad answer fails its own call only: the upstream is not taken for down.
+            assert (await host.call("tickets.get_ticket", {"id": "8"})).ok
             assert seen_credentials(state)[-1] == f"Bearer {SECRET}"
             assert None not in seen_credentials(state)  # the tool list was read with it too
             # The channel's allow-list applies: a runtime without the credential cannot call.

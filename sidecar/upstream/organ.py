@@ -1,8 +1,9 @@
 """An upstream MCP server hosted as an organ: its approved tools are the organ's functions.
 
 Every operation (the tool list, a call) is bounded by the upstream's `timeout`: an upstream
-that is down, slow or answers garbage fails its own calls (`Unavailable`, `DeadlineExceeded`)
-and nothing else. Over HTTP each operation opens its own stateless MCP connection with the
+that is down, slow or answers garbage fails its own calls (`Unavailable`, `DeadlineExceeded`,
+`UpstreamError` for an answer that breaks the tool's own output schema, which fails only that
+call) and nothing else. Over HTTP each operation opens its own stateless MCP connection with the
 official client, sending the credential the call was given; after a failure further
 operations wait out a backoff (0.5 s doubling to 30 s) and answer `Unavailable` at once
 meanwhile, so a dead upstream is not hammered. A stdio upstream is one long-lived subprocess
@@ -342,9 +343,21 @@ class UpstreamOrgan(Organ):
         op = stimulus.op
         try:
             async with self._operation(credential) as client:
-                result = await client.call_tool(
-                    tool.name, stimulus.input, meta=_trace_meta(stimulus)
-                )
+                try:
+                    result = await client.call_tool(
+                        tool.name, stimulus.input, meta=_trace_meta(stimulus)
+                    )
+                except RuntimeError as exc:
+                    if type(exc) is not RuntimeError:
+                        raise
+                    # The client checked the answer against the tool's output schema (its
+                    # only plain RuntimeError): a bad answer to this call, not an upstream
+                    # that is down, so no backoff for every caller. The message is ours: the
+                    # client's quotes the value.
+                    raise AnswerRefused(
+                        "UpstreamError",
+                        "the upstream's answer does not match the tool's output schema",
+                    ) from None
         except AnswerRefused as exc:
             return Response.failure(exc.kind, _elapsed_ms(started), op=op, message=exc.message)
         except UpstreamDown as exc:
@@ -358,7 +371,7 @@ class UpstreamOrgan(Organ):
                 "DeadlineExceeded", _elapsed_ms(started), op=op, deadline_s=self.section.timeout
             )
         # The client has checked structured content against the tool's output schema
-        # (a mismatch raised above: Unavailable).
+        # (a mismatch raised above: UpstreamError).
         return response(result, declares_output(tool), scrub, _elapsed_ms(started), op)
 
     def _handed_on(self, answer: Response, scrub: Scrub, op: str) -> Response:
@@ -412,6 +425,8 @@ class UpstreamOrgan(Organ):
             if budget.refused is not None:
                 raise budget.refused from None
             cause = leaf(exc)  # over HTTP, the client's task group wraps its errors
+            if isinstance(cause, AnswerRefused):
+                raise cause from None  # refused by the operation itself: the upstream is up
             if isinstance(cause, MCPError) and cause.error.code == ANSWER_TOO_LARGE:
                 raise too_large(self._answer_limit) from None  # from the stdio transport
             if isinstance(cause, MCPError) and not connection_closed(cause):
