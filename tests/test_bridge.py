@@ -30,7 +30,7 @@ from sidecar.vault.open import open_vault
 from soma_runtime import Executive
 from soma_runtime.card_files import functions_of, load_cards
 from soma_runtime.config import ConfigError, SomaConfig, load_config, parse_config
-from tests.fixtures.organs import Keyring, Ledger, Shifting
+from tests.fixtures.organs import Acme, Keyring, Ledger, Shifting
 from tests.helpers import set_secret
 
 MODES = ["auto", "legacy"]  # 2026-07-28 (server/discover) and 2025-11-25 (initialize)
@@ -223,6 +223,26 @@ async def test_invalid_input_is_a_tool_error(tmp_path: Path) -> None:
             "path": "$.n",
             "message": 'must be of type "integer"',
         }
+
+
+async def test_an_output_that_breaks_the_card_is_an_error_not_a_bad_result(
+    tmp_path: Path,
+) -> None:
+    """A client checks structured results against the listed outputSchema (the TypeScript
+    SDK answers its own -32602 for the whole call): the bridge checks first and says what
+    went wrong, without the value."""
+    config = bridge_config(tmp_path, '[[bridge]]\nname = "one"\nexpose = ["acme.*"]\n')
+    _, key = KeyStore(config.state_dir).create("one")
+    async with running(config, [Acme()]) as bridges, client(bridges["one"].url, key) as c:
+        broken = await c.call_tool("acme_broken__promise", {})
+        assert error_of(broken) == {
+            "error": "Internal",
+            "op": "acme.broken_promise",
+            "path": "$.total",
+            "message": "the output does not match the function's output schema",
+        }
+        assert "many" not in broken.content[0].text  # type: ignore[union-attr]
+        assert not (await c.call_tool("acme_greet", {"name": "Ada"})).is_error
 
 
 async def test_credentials_are_injected_only_where_the_bridge_allows(tmp_path: Path) -> None:

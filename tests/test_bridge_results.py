@@ -82,6 +82,7 @@ CALLS: dict[str, list[Call]] = {
     "acme.blob": [({"size": 3}, None)],
     "acme.blobs": [({}, None)],
     "acme.bad_output": [({}, None)],  # Internal: its output is not JSON
+    "acme.broken_promise": [({}, None)],  # Internal: its output breaks its card
     "ledger.append": [({"n": 1}, None), ({"n": "one"}, None)],
     "ledger.wipe": [({}, None)],
     "ledger.fetch_all": [({}, None)],

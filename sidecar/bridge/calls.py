@@ -16,11 +16,12 @@ import mcp.types as types
 import structlog
 
 from sidecar.bridge.replay import IdempotencyBusy, IdempotencyConflict, ReplayCache
-from sidecar.bridge.tools import IDEMPOTENCY_KEY, META
+from sidecar.bridge.tools import IDEMPOTENCY_KEY, META, listed_output_schema
 from sidecar.credentials import CredentialBroker, CredentialDenied
 from sidecar.injection import inject_credentials
 from sidecar.wire import encode_output
 from soma_runtime import ErrorKind, Executive, FunctionCard, Response, Stimulus, tracing
+from soma_runtime.validation import InputError, InputValidator
 
 log = structlog.get_logger(component="bridge")
 
@@ -62,6 +63,7 @@ class ToolCalls:
         self._executive = executive
         self._broker = broker
         self._replay: ReplayCache[types.CallToolResult] = ReplayCache(_result_size)
+        self._outputs: dict[str, tuple[dict[str, Any], InputValidator]] = {}
 
     async def call(
         self,
@@ -150,10 +152,40 @@ class ToolCalls:
             return error_result(
                 Response.failure(ErrorKind.INTERNAL, op=card.name, message="output is not JSON")
             )
+        broken = self._output_error(card, response.output)
+        if broken is not None:
+            # A client checks structured results against the listed schema and would answer
+            # its own -32602 for the whole call: say what went wrong instead, and log it.
+            log.error(
+                "output_breaks_card",
+                op=card.name,
+                path=broken.path,
+                reason=broken.message,
+                trace_id=trace_id,
+            )
+            return error_result(
+                Response.failure(
+                    ErrorKind.INTERNAL,
+                    op=card.name,
+                    message="the output does not match the function's output schema",
+                    path=broken.path,
+                )
+            )
         structured = response.output if isinstance(response.output, dict) else None
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=text)], structured_content=structured
         )
+
+    def _output_error(self, card: FunctionCard, output: Any) -> InputError | None:
+        """Where `output` breaks the output schema the tool lists, if it lists one; the
+        validator is compiled once per schema (an upstream's may change)."""
+        schema = listed_output_schema(card)
+        if schema is None:
+            return None
+        known = self._outputs.get(card.name)
+        if known is None or known[0] is not schema:
+            known = self._outputs[card.name] = (schema, InputValidator(schema))
+        return known[1].first_error(output)
 
     async def _inject(
         self, organ: str, card: FunctionCard, stimulus: Stimulus

@@ -8,6 +8,7 @@ the schemas, the annotations (from `idempotent` and the `side_effects` vocabular
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import mcp.types as types
 
@@ -55,15 +56,21 @@ def effects(card: FunctionCard) -> Effects:
     return classify(card.side_effects)
 
 
+def listed_output_schema(card: FunctionCard) -> dict[str, Any] | None:
+    """The `outputSchema` a tool lists, which its structured results must then match.
+
+    MCP requires an object at the root of outputSchema; other outputs go out as text only.
+    An upstream tool that declared no output schema is listed without one too: its card
+    declares no object (sidecar.upstream.cards.UNDECLARED_OUTPUT)."""
+    return card.output_schema if card.output_schema.get("type") == "object" else None
+
+
 def to_tool(name: str, card: FunctionCard) -> types.Tool:
     found = effects(card)
     description = card.description
     if card.examples:
         description += "\n\nExamples:\n" + "\n".join(f"- {e}" for e in card.examples)
-    # MCP requires an object at the root of outputSchema; other outputs go out as text only.
-    # An upstream tool that declared no output schema is listed without one too: its card
-    # declares no object (sidecar.upstream.cards.UNDECLARED_OUTPUT).
-    output_schema = card.output_schema if card.output_schema.get("type") == "object" else None
+    output_schema = listed_output_schema(card)
     meta: dict[str, object] = {
         META + "function": card.name,
         META + "slo": card.slo.model_dump(exclude_none=True),
