@@ -42,7 +42,7 @@ from sidecar.bridge.guard import PRINCIPAL, Guard
 from sidecar.bridge.keys import KeyCache, KeyCounts, KeyStore
 from sidecar.bridge.names import tool_name
 from sidecar.bridge.oauth import Jwks, TokenVerifier
-from sidecar.bridge.published import publish, withdraw
+from sidecar.bridge.published import publish
 from sidecar.bridge.tools import Exposure, effects, to_tool
 from sidecar.credentials import CredentialBroker
 from sidecar.http_server import EmbeddedServer, HttpLimits, bounded_http
@@ -416,7 +416,7 @@ async def serve_bridges(
             if task.done():
                 raise ConfigError(f"bridge {section.name!r}: the server failed to start")
             running.append(RunningBridge(section.name, url, port))
-            stack.callback(withdraw, publish(config.runtime_dir, section.name, url))
+            stack.callback(publish(config.runtime_dir, section.name, url).remove)
             log.info("bridge_serving", bridge=section.name, url=url)
         yield running
 

@@ -19,6 +19,7 @@ from soma_runtime.gateway_sockets import SOCKETS_ENV
 from soma_runtime.layout import RuntimeLayout
 from soma_runtime.listeners import tcp_listener
 from soma_runtime.logs import DIRECT_FD_ENV, DIRECT_NAME_ENV
+from soma_runtime.runtime_lock import LOCK_FD_ENV
 from soma_runtime.supervisor import keeper
 from soma_runtime.supervisor.child import StartFailed, Supervised
 from soma_runtime.supervisor.identity import Identity, mint_identity
@@ -61,11 +62,19 @@ class SidecarChild(Supervised):
     final_setup_error = True  # `soma sidecar` exits 2 on a bad organ, key or path
 
     def __init__(
-        self, config: SomaConfig, link: SidecarLink, gateway_sockets: dict[str, socket.socket]
+        self,
+        config: SomaConfig,
+        link: SidecarLink,
+        lock_fd: int,
+        gateway_sockets: dict[str, socket.socket],
     ) -> None:
+        """`lock_fd` is the runtime directory's lock and the sockets are listening sockets,
+        all held by the supervisor and handed to each start (see `soma_runtime.runtime_lock`
+        and `soma_runtime.gateway_sockets`)."""
         super().__init__("sidecar", config.sidecar)
         self._config = config
         self._link = link
+        self._lock_fd = lock_fd
         self._gateway_sockets = gateway_sockets
         self.ready = asyncio.Event()  # set while the sidecar serves
         self._liveness: asyncio.Task[None] | None = None
@@ -87,7 +96,8 @@ class SidecarChild(Supervised):
         ]
         env = child_env(_SYSTEMD_ONLY)
         env[SOCKETS_ENV] = ",".join(f"{r}={s.fileno()}" for r, s in self._gateway_sockets.items())
-        fds: tuple[int, ...] = tuple(s.fileno() for s in self._gateway_sockets.values())
+        env[LOCK_FD_ENV] = str(self._lock_fd)
+        fds = (self._lock_fd, *(s.fileno() for s in self._gateway_sockets.values()))
         # The sidecar is trusted: it writes its events straight to our log stream (see
         # soma_runtime.supervisor.process), on a copy of it that is this start's alone. With
         # no stream to copy (stderr closed), its events come through its pipe like any child's.
