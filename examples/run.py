@@ -5,9 +5,10 @@ its bridge instances, printed once they serve.
 
 For each `[[bridge]]` with API keys, a fresh key is written to `.soma/bridge-<name>.key`
 (mode 0600, beside the configuration) and the key of the previous run is revoked, so a key
-printed on a terminal lives only until the next run. Instances listen on port 0, so the URL
-is read from what the sidecar publishes (`<runtime_dir>/bridges/<name>.url`) when they serve.
-When another supervisor or sidecar serves the configuration's runtime directory,
+printed on a terminal lives only until the next run. Instances listen on port 0 (the
+supervisor picks a free port at start and keeps it until it stops, across sidecar restarts),
+so the URL is read from what the sidecar publishes (`<runtime_dir>/bridges/<name>.url`) when
+they serve. When another supervisor or sidecar serves the configuration's runtime directory,
 nothing is touched (its keys and URL files stay valid) and the exit status is 2.
 Ctrl-C (or SIGTERM) stops the supervisor, which stops everything.
 """

@@ -14,6 +14,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 from pathlib import Path
 
 import structlog
@@ -34,7 +35,7 @@ from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import kek_provider, open_vault
 from soma_runtime import Executive, jsonline, runtime_lock, tracing
 from soma_runtime.config import ConfigError, SomaConfig
-from soma_runtime.gateway_sockets import SOCKETS_ENV
+from soma_runtime.gateway_sockets import BRIDGE_SOCKETS_ENV, SOCKETS_ENV
 from soma_runtime.layout import RuntimeLayout
 from soma_runtime.owned_files import OwnedFile
 from soma_runtime.unix import remove_socket
@@ -44,8 +45,8 @@ log = structlog.get_logger(component="sidecar")
 LOCAL_CHANNEL = "local"
 
 
-class GatewayUnavailable(RuntimeError):
-    """The gateway sockets the supervisor passed cannot be served."""
+class HandedSocketsUnusable(RuntimeError):
+    """The listening sockets the supervisor passed cannot be served."""
 
 
 async def serve(config: SomaConfig, *, supervised: bool) -> None:
@@ -88,7 +89,9 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
         parts.push_async_callback(executive.stop)
         parts.push_async_callback(_cancel, asyncio.create_task(registry.watch()))
         parts.push_async_callback(registry.close_all, settings.grace_period)
+        bridge_sockets = None
         if supervised:
+            bridge_sockets = _handed_sockets(BRIDGE_SOCKETS_ENV, "bridge")
             layout = RuntimeLayout(config.runtime_dir)
             layout.prepare()
             admin = Admin(registry, executive, layout.channel_dir)
@@ -103,7 +106,9 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
             token_file = await _open_local_channel(config, registry)
             parts.callback(token_file.remove)
         key_counts = KeyCounts()
-        await parts.enter_async_context(serve_bridges(config, executive, broker, key_counts))
+        await parts.enter_async_context(
+            serve_bridges(config, executive, broker, key_counts, bridge_sockets)
+        )
         if config.metrics.listen is not None:
             collector = SomaCollector(executive, registry, key_counts)
             await parts.enter_async_context(serve_metrics(config, collector))
@@ -132,12 +137,7 @@ async def _start_gateway(
     config: SomaConfig, broker: CredentialBroker, registry: ChannelRegistry
 ) -> GatewayServer | None:
     """Serve the gateway on the listening sockets the supervisor passed, if it passed any."""
-    try:
-        sockets = sockets_from_env()
-    except (OSError, ValueError) as exc:
-        raise GatewayUnavailable(
-            f"{SOCKETS_ENV}: the gateway sockets passed cannot be used: {exc}"
-        ) from None
+    sockets = _handed_sockets(SOCKETS_ENV, "gateway")
     if not sockets:
         return None
     ports = {sock.getsockname()[1]: runtime for runtime, sock in sockets.items()}
@@ -146,6 +146,15 @@ async def _start_gateway(
     await server.start()
     log.info("gateway_serving", ports={runtime: port for port, runtime in ports.items()})
     return server
+
+
+def _handed_sockets(variable: str, what: str) -> dict[str, socket.socket]:
+    try:
+        return sockets_from_env(variable)
+    except (OSError, ValueError) as exc:
+        raise HandedSocketsUnusable(
+            f"{variable}: the {what} sockets passed cannot be used: {exc}"
+        ) from None
 
 
 async def _open_local_channel(config: SomaConfig, registry: ChannelRegistry) -> OwnedFile:

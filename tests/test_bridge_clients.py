@@ -1,18 +1,21 @@
 """The bridge as real MCP clients reach it: API keys made with the `soma` CLI against a running
 `soma sidecar`, `soma mcp stdio` spawned by the official Python client, the `make run`
-launcher, and the TypeScript SDK from npm over Streamable HTTP."""
+launcher (across a sidecar restart too), and the TypeScript SDK from npm over Streamable HTTP."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -27,6 +30,7 @@ from tests.helpers import (
     SOMA,
     Process,
     child_env,
+    pid_alive,
     run_soma,
     start_sidecar,
     wait_until,
@@ -190,6 +194,40 @@ def test_stdio_without_a_sidecar(tmp_path: Path) -> None:
     assert result.returncode == 1 and "no sidecar answers for bridge 'desk'" in result.stderr
 
 
+def logged(output: str, event: str) -> list[dict[str, Any]]:
+    """The JSON events named `event` in a supervisor's log (its own and its sidecar's)."""
+    lines = (json.loads(line) for line in output.splitlines() if line.startswith("{"))
+    return [record for record in lines if record.get("event") == event]
+
+
+def kill_sidecar(output: Callable[[], str]) -> int:
+    """SIGKILL the sidecar of the supervisor whose log `output` reads, and wait until it is
+    gone (its connections closed by the kernel); how many times bridges had served before."""
+    output_now = output()
+    started = [
+        e
+        for e in logged(output_now, "started")
+        if e["component"] == "supervisor" and e["child"] == "sidecar"
+    ]
+    os.kill(started[-1]["pid"], signal.SIGKILL)
+    wait_until(lambda: not pid_alive(started[-1]["pid"]), what="the sidecar to die")
+    return len(logged(output_now, "bridge_serving"))
+
+
+def wait_served(output: Callable[[], str], served: int) -> None:
+    """Until a bridge serves again after the `served` times counted by `kill_sidecar`."""
+    wait_until(
+        lambda: len(logged(output(), "bridge_serving")) > served,
+        timeout=30,
+        what="the restarted sidecar's bridge to serve",
+    )
+
+
+async def echoes(client: Client, n: int) -> bool:
+    result = await client.call_tool("system_echo", {"n": n})
+    return not result.is_error and result.structured_content == {"n": n}
+
+
 async def test_make_run_prints_the_url_a_key_file_and_client_configs(tmp_path: Path) -> None:
     """What `make run` runs, on a copy of the repository's soma.toml."""
     config = tmp_path / "soma.toml"
@@ -222,6 +260,12 @@ async def test_make_run_prints_the_url_a_key_file_and_client_configs(tmp_path: P
         async with Client(params) as client:  # type: ignore[arg-type]
             result = await client.call_tool("system_echo", {"via": "stdio"})
         assert result.structured_content == {"via": "stdio"}
+
+        # The sidecar SIGKILLed: the restarted one serves the printed URL, with the same key.
+        wait_served(run.output, kill_sidecar(run.output))
+        async with http_client(url, key) as http:
+            assert await echoes(http, 4)
+        assert url_file(tmp_path / ".soma" / "run", "local").read_text() == url + "\n"
     finally:
         assert run.stop(timeout=30) == 0, run.output()
 

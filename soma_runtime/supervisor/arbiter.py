@@ -26,6 +26,7 @@ import structlog
 from soma_runtime import jsonline, runtime_lock
 from soma_runtime.config import SomaConfig
 from soma_runtime.exit_status import SETUP_ERROR
+from soma_runtime.gateway_sockets import bridge_listener
 from soma_runtime.layout import RuntimeLayout
 from soma_runtime.supervisor import keeper
 from soma_runtime.supervisor.child import State, Supervised
@@ -58,9 +59,10 @@ class Supervisor:
             self.gateway_sockets = {
                 r.name: held.enter_context(gateway_socket()) for r in config.runtime if r.gateways
             }
+            bridges = {b.name: held.enter_context(bridge_listener(b)) for b in config.bridge}
             # The lock and the listening sockets end with the supervisor, not with a sidecar.
             self._held = held.pop_all()
-        self.sidecar = SidecarChild(config, link, lock.fd, self.gateway_sockets)
+        self.sidecar = SidecarChild(config, link, lock.fd, self.gateway_sockets, bridges)
         self.runtimes = [
             RuntimeChild(config, spec, link, self.layout, self._port(spec.name))
             for spec in config.runtime
