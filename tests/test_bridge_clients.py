@@ -430,3 +430,22 @@ async def test_stdio_passes_the_idempotency_key_on(tmp_path: Path) -> None:
         assert (tmp_path / "state" / "acme-records.txt").read_text() == "a\nb\n"
     finally:
         assert proc.stop() == 0, proc.output()
+
+
+async def test_stdio_waits_for_a_long_call(tmp_path: Path) -> None:
+    """A call longer than httpx's default 5 s timeout is answered through `soma mcp stdio`
+    (its HTTP client once gave up at 5 s, which ended the relay: the call never returned)."""
+    proc, _ = start_sidecar(
+        tmp_path,
+        ["tests.fixtures.organs:Acme"],
+        extra='[[bridge]]\nname = "desk"\nexpose = ["acme.slow"]\n',
+    )
+    try:
+        wait_until(url_file(tmp_path / "run", "desk").exists, what="the bridge URL file")
+        config = tmp_path / "soma.toml"
+        params = stdio_params(config, create_key(config))
+        async with Client(params, read_timeout_seconds=30) as client:  # type: ignore[arg-type]
+            result = await client.call_tool("acme_slow", {"ms": 6000})
+        assert not result.is_error and result.structured_content == {"slept_ms": 6000}
+    finally:
+        assert proc.stop() == 0, proc.output()
