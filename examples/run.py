@@ -5,8 +5,11 @@ its bridge instances, printed once they serve.
 
 For each `[[bridge]]` with API keys, a fresh key is written to `.soma/bridge-<name>.key`
 (mode 0600, beside the configuration) and the key of the previous run is revoked, so a key
-printed on a terminal lives only until the next run. Instances listen on port 0, so the URL
-is read from what the sidecar publishes (`<runtime_dir>/bridges/<name>.url`) when they serve.
+printed on a terminal lives only until the next run. Instances listen on port 0 (the
+supervisor picks a free port at start and keeps it until it stops, across sidecar restarts),
+so the URL is read from what the sidecar publishes (`<runtime_dir>/bridges/<name>.url`) when
+they serve. When another supervisor or sidecar serves the configuration's runtime directory,
+nothing is touched (its keys and URL files stay valid) and the exit status is 2.
 Ctrl-C (or SIGTERM) stops the supervisor, which stops everything.
 """
 
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,9 +24,11 @@ import time
 from pathlib import Path
 
 from sidecar.bridge.keys import KeyStore
-from sidecar.bridge.published import published_url, url_file, withdraw
+from sidecar.bridge.published import published_url, url_file
 from soma_runtime.config import SomaConfig, load_config
-from soma_runtime.unix import private_umask
+from soma_runtime.exit_status import SETUP_ERROR
+from soma_runtime.owned_files import OwnedFile
+from soma_runtime.runtime_lock import RuntimeDirBusy, ensure_free
 
 SOMA = str(Path(sys.executable).parent / "soma")
 LABEL = "make run"
@@ -41,10 +45,7 @@ def fresh_key(config: SomaConfig, bridge: str) -> Path:
             store.revoke(previous.split("_")[1])
     path.parent.mkdir(parents=True, exist_ok=True)
     _, key = store.create(bridge, LABEL)
-    fresh = path.with_name(f".{path.name}.{os.getpid()}")
-    with private_umask():
-        fresh.write_text(key + "\n")
-    os.replace(fresh, path)
+    OwnedFile.write(path, key + "\n")
     return path
 
 
@@ -102,9 +103,14 @@ def main() -> int:
     path = parser.parse_args().config
     config = load_config(path)
     bridges = [b.name for b in config.bridge if b.auth.api_keys]
+    try:  # before a key is revoked or a URL file removed: they may be another run's
+        ensure_free(config.runtime_dir)
+    except RuntimeDirBusy as exc:
+        print(f"make run: {exc}", file=sys.stderr)
+        return SETUP_ERROR
     keys = {bridge: fresh_key(config, bridge) for bridge in bridges}
-    for bridge in bridges:  # a file left by a sidecar that was killed is not this run's URL
-        withdraw(url_file(config.runtime_dir, bridge))
+    for bridge in bridges:  # nothing serves the directory: a file there is a killed sidecar's
+        url_file(config.runtime_dir, bridge).unlink(missing_ok=True)
     supervisor = subprocess.Popen([SOMA, "supervise", "--config", str(path)])
     signal.signal(signal.SIGTERM, lambda *_: supervisor.terminate())
     try:

@@ -3,15 +3,18 @@
 Run on its own (`soma sidecar`), it serves one channel, "local", on `[sidecar].socket`, with a
 fresh token written beside the socket (mode 0600) for whoever may read it. Run by the
 supervisor, it serves an admin socket instead, through which the supervisor opens one channel
-per runtime.
+per runtime. Either way it holds the runtime directory's lock (`soma_runtime.runtime_lock`)
+while it serves: under the supervisor, the supervisor's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import signal
+import socket
 from pathlib import Path
 
 import structlog
@@ -30,19 +33,20 @@ from sidecar.loading import load_organs
 from sidecar.metrics import SomaCollector, serve_metrics
 from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import kek_provider, open_vault
-from soma_runtime import Executive, jsonline, tracing
+from soma_runtime import Executive, jsonline, runtime_lock, tracing
 from soma_runtime.config import ConfigError, SomaConfig
-from soma_runtime.gateway_sockets import SOCKETS_ENV
+from soma_runtime.gateway_sockets import BRIDGE_SOCKETS_ENV, SOCKETS_ENV
 from soma_runtime.layout import RuntimeLayout
-from soma_runtime.unix import private_umask, remove_socket
+from soma_runtime.owned_files import OwnedFile
+from soma_runtime.unix import remove_socket
 
 log = structlog.get_logger(component="sidecar")
 
 LOCAL_CHANNEL = "local"
 
 
-class GatewayUnavailable(RuntimeError):
-    """The gateway sockets the supervisor passed cannot be served."""
+class HandedSocketsUnusable(RuntimeError):
+    """The listening sockets the supervisor passed cannot be served."""
 
 
 async def serve(config: SomaConfig, *, supervised: bool) -> None:
@@ -59,6 +63,12 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
     if config.tracing.opentelemetry:
         tracing.enable_opentelemetry()
     async with contextlib.AsyncExitStack() as parts:
+        # Before anything is bound or written in the runtime directory; released last.
+        if supervised:
+            lock = runtime_lock.inherit(config.runtime_dir, "soma sidecar --supervised", os.environ)
+        else:
+            lock = runtime_lock.acquire(config.runtime_dir, "soma sidecar")
+        parts.callback(lock.release)
         # The one vault of this process: the credential broker and the vault organ share it.
         vault = AsyncVault(lambda: open_vault(config, durable=False))
         parts.push_async_callback(vault.close)
@@ -79,7 +89,9 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
         parts.push_async_callback(executive.stop)
         parts.push_async_callback(_cancel, asyncio.create_task(registry.watch()))
         parts.push_async_callback(registry.close_all, settings.grace_period)
+        bridge_sockets = None
         if supervised:
+            bridge_sockets = _handed_sockets(BRIDGE_SOCKETS_ENV, "bridge")
             layout = RuntimeLayout(config.runtime_dir)
             layout.prepare()
             admin = Admin(registry, executive, layout.channel_dir)
@@ -92,9 +104,11 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
             log.info("serving", admin=str(layout.admin_socket), organs=executive.organ_names())
         else:
             token_file = await _open_local_channel(config, registry)
-            parts.callback(token_file.unlink, missing_ok=True)
+            parts.callback(token_file.remove)
         key_counts = KeyCounts()
-        await parts.enter_async_context(serve_bridges(config, executive, broker, key_counts))
+        await parts.enter_async_context(
+            serve_bridges(config, executive, broker, key_counts, bridge_sockets)
+        )
         if config.metrics.listen is not None:
             collector = SomaCollector(executive, registry, key_counts)
             await parts.enter_async_context(serve_metrics(config, collector))
@@ -123,12 +137,7 @@ async def _start_gateway(
     config: SomaConfig, broker: CredentialBroker, registry: ChannelRegistry
 ) -> GatewayServer | None:
     """Serve the gateway on the listening sockets the supervisor passed, if it passed any."""
-    try:
-        sockets = sockets_from_env()
-    except (OSError, ValueError) as exc:
-        raise GatewayUnavailable(
-            f"{SOCKETS_ENV}: the gateway sockets passed cannot be used: {exc}"
-        ) from None
+    sockets = _handed_sockets(SOCKETS_ENV, "gateway")
     if not sockets:
         return None
     ports = {sock.getsockname()[1]: runtime for runtime, sock in sockets.items()}
@@ -139,7 +148,16 @@ async def _start_gateway(
     return server
 
 
-async def _open_local_channel(config: SomaConfig, registry: ChannelRegistry) -> Path:
+def _handed_sockets(variable: str, what: str) -> dict[str, socket.socket]:
+    try:
+        return sockets_from_env(variable)
+    except (OSError, ValueError) as exc:
+        raise HandedSocketsUnusable(
+            f"{variable}: the {what} sockets passed cannot be used: {exc}"
+        ) from None
+
+
+async def _open_local_channel(config: SomaConfig, registry: ChannelRegistry) -> OwnedFile:
     """Serve the "local" channel on `[sidecar].socket`; returns the token file it wrote."""
     assert config.sidecar.socket is not None
     grpc_path = config.resolve(config.sidecar.socket)
@@ -147,11 +165,9 @@ async def _open_local_channel(config: SomaConfig, registry: ChannelRegistry) -> 
     token_path = Path(protocol.token_file_for(str(grpc_path)))
     channel = await registry.open(LOCAL_CHANNEL, grpc_path, auth_path, AllowList(["*"]))
     token = secrets.token_hex(32)
-    with private_umask():
-        token_path.write_text(token + "\n")
-    token_path.chmod(0o600)
+    token_file = OwnedFile.write(token_path, token + "\n")
     channel.reset(token_digest(token), pid=None, pending=False)
     # The operator's own channel: every configured credential may be used through it.
     channel.credentials = frozenset(c.name for c in config.credential)
     log.info("serving", socket=str(grpc_path), token_file=str(token_path))
-    return token_path
+    return token_file

@@ -83,9 +83,12 @@ class GatewayRefusal(Exception):
         self.message = message
 
 
-def sockets_from_env(environ: MutableMapping[str, str] | None = None) -> dict[str, socket.socket]:
-    """The listening sockets the supervisor passed, by runtime (`claims=7,triage=8`)."""
-    raw = (os.environ if environ is None else environ).get(SOCKETS_ENV, "")
+def sockets_from_env(
+    variable: str = SOCKETS_ENV, environ: MutableMapping[str, str] | None = None
+) -> dict[str, socket.socket]:
+    """The listening sockets the supervisor passed in `variable`, by runtime or bridge
+    (`claims=7,triage=8`)."""
+    raw = (os.environ if environ is None else environ).get(variable, "")
     sockets = {}
     for item in filter(None, raw.split(",")):
         runtime, _, fd = item.partition("=")

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 def supervise(args: argparse.Namespace) -> int:
     import asyncio
 
+    from soma_runtime.config import ConfigError
     from soma_runtime.logs import configure_logging
     from soma_runtime.supervisor.arbiter import Supervisor
     from soma_runtime.unix import UnsafePath
@@ -23,7 +24,9 @@ def supervise(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     try:
         return asyncio.run(Supervisor(config).run())
-    except UnsafePath as exc:  # a runtime or state directory others could redirect
+    # A runtime or state directory others could redirect, or another process serves; a
+    # bridge's port that cannot be bound.
+    except (UnsafePath, ConfigError) as exc:
         raise CommandError(str(exc), SETUP_ERROR) from None
 
 

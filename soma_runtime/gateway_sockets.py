@@ -1,4 +1,33 @@
-"""How the supervisor hands the gateway's listening sockets to the sidecar: inherited
-descriptors, named in this environment variable as `runtime=fd,runtime=fd`."""
+"""The listening sockets the supervisor holds for its whole life and hands to each sidecar it
+starts, so that their ports never change across sidecar restarts and nothing else can take
+them meanwhile: the gateway's (one per runtime) and the MCP bridge instances' (one each).
+They are inherited descriptors, named in an environment variable as `name=fd,name=fd`."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+
+from soma_runtime.bridge_config import BridgeSection
+from soma_runtime.config import ConfigError
+from soma_runtime.listeners import tcp_listener
 
 SOCKETS_ENV = "SOMA_GATEWAY_SOCKETS"
+BRIDGE_SOCKETS_ENV = "SOMA_BRIDGE_SOCKETS"
+
+
+def handed(sockets: Mapping[str, socket.socket]) -> str:
+    """The environment variable's value naming `sockets` (their descriptors are passed too)."""
+    return ",".join(f"{name}={sock.fileno()}" for name, sock in sockets.items())
+
+
+def bridge_listener(section: BridgeSection) -> socket.socket:
+    """The listening socket of a bridge instance; `ConfigError` when it cannot be bound."""
+    try:
+        sock = tcp_listener(section.host, section.port)
+    except OSError as exc:
+        raise ConfigError(
+            f"bridge {section.name!r}: cannot listen on {section.listen}: {exc.strerror}"
+        ) from None
+    sock.setblocking(False)
+    return sock

@@ -1,11 +1,14 @@
 """Where the supervisor and the sidecar put their sockets inside the runtime directory.
 
 <runtime_dir>/               0700
+    soma.lock                held by the one supervisor or sidecar serving it (`runtime_lock`)
     supervisor.sock          `soma status` asks the supervisor here
     admin.sock               the supervisor drives the sidecar here
     rt/                      0700
         <runtime>.sock       the runtime's gRPC channel
         <runtime>.auth.sock  its handshake (token → session, peer credentials checked)
+    bridges/                 0700
+        <bridge>.url         where a bridge instance serves (`sidecar.bridge.published`)
 """
 
 from __future__ import annotations

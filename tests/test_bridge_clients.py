@@ -1,32 +1,40 @@
 """The bridge as real MCP clients reach it: API keys made with the `soma` CLI against a running
-`soma sidecar`, `soma mcp stdio` spawned by the official Python client, the `make run`
-launcher, and the TypeScript SDK from npm over Streamable HTTP."""
+`soma sidecar`, `soma mcp stdio` spawned by the official Python client (across sidecar
+restarts too), the `make run` launcher, and the TypeScript SDK from npm over Streamable HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from sidecar.bridge.published import url_file
 from sidecar.bridge.tools import IDEMPOTENCY_KEY
+from tests.fixtures.waiter import STARTED
 from tests.helpers import (
     REPO,
     SOMA,
     Process,
+    SupervisorRun,
     child_env,
+    pid_alive,
     run_soma,
     start_sidecar,
     wait_until,
@@ -190,6 +198,78 @@ def test_stdio_without_a_sidecar(tmp_path: Path) -> None:
     assert result.returncode == 1 and "no sidecar answers for bridge 'desk'" in result.stderr
 
 
+def logged(output: str, event: str) -> list[dict[str, Any]]:
+    """The JSON events named `event` in a supervisor's log (its own and its sidecar's)."""
+    lines = (json.loads(line) for line in output.splitlines() if line.startswith("{"))
+    return [record for record in lines if record.get("event") == event]
+
+
+def kill_sidecar(output: Callable[[], str]) -> int:
+    """SIGKILL the sidecar of the supervisor whose log `output` reads, and wait until it is
+    gone (its connections closed by the kernel); how many times bridges had served before."""
+    output_now = output()
+    started = [
+        e
+        for e in logged(output_now, "started")
+        if e["component"] == "supervisor" and e["child"] == "sidecar"
+    ]
+    os.kill(started[-1]["pid"], signal.SIGKILL)
+    wait_until(lambda: not pid_alive(started[-1]["pid"]), what="the sidecar to die")
+    return len(logged(output_now, "bridge_serving"))
+
+
+def wait_served(output: Callable[[], str], served: int) -> None:
+    """Until a bridge serves again after the `served` times counted by `kill_sidecar`."""
+    wait_until(
+        lambda: len(logged(output(), "bridge_serving")) > served,
+        timeout=30,
+        what="the restarted sidecar's bridge to serve",
+    )
+
+
+async def echoes(client: Client, n: int) -> bool:
+    result = await client.call_tool("system_echo", {"n": n})
+    return not result.is_error and result.structured_content == {"n": n}
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_stdio_survives_sidecar_restarts(tmp_path: Path, mode: str) -> None:
+    """`soma mcp stdio` under `soma supervise`, whose sidecar is SIGKILLed during a call: that
+    call fails at once saying why (not at the client's timeout), the next one, sent while the
+    sidecar is down, is answered once it is back, and the relay neither dies nor prints a
+    traceback."""
+    run = SupervisorRun(
+        tmp_path,
+        '[[bridge]]\nname = "desk"\nexpose = ["system.*", "waiter.*"]\n',
+        organs=("system", "tests.fixtures.waiter:Waiter"),
+    )
+    errors = tmp_path / "relay.stderr"
+    try:
+        run.wait_ready()
+        wait_until(url_file(run.run_dir, "desk").exists, what="the bridge URL file")
+        params = stdio_params(run.config, create_key(run.config))
+        with errors.open("w") as errlog:
+            # As a host would: a call unanswered for 30 s fails.
+            transport = stdio_client(params, errlog=errlog)
+            async with Client(transport, mode=mode, read_timeout_seconds=30) as client:  # type: ignore[arg-type]
+                assert await echoes(client, 1)  # leaves an idle connection to the sidecar
+                call = asyncio.create_task(client.call_tool("waiter_wait", {"id": "w1"}))
+                started = tmp_path / "state" / STARTED
+                await asyncio.to_thread(
+                    wait_until, lambda: started.exists() and started.read_text() == "w1\n"
+                )
+                killed = time.monotonic()
+                await asyncio.to_thread(kill_sidecar, run.proc.output)
+                gone = "the sidecar serving bridge 'desk' went away before answering"
+                with pytest.raises(MCPError, match=gone):
+                    await call
+                assert time.monotonic() - killed < 10  # at once, not at the client's 30 s
+                assert await echoes(client, 2)
+        assert "Traceback" not in errors.read_text()
+    finally:
+        assert run.stop() == 0, run.proc.output()
+
+
 async def test_make_run_prints_the_url_a_key_file_and_client_configs(tmp_path: Path) -> None:
     """What `make run` runs, on a copy of the repository's soma.toml."""
     config = tmp_path / "soma.toml"
@@ -221,7 +301,16 @@ async def test_make_run_prints_the_url_a_key_file_and_client_configs(tmp_path: P
         )
         async with Client(params) as client:  # type: ignore[arg-type]
             result = await client.call_tool("system_echo", {"via": "stdio"})
-        assert result.structured_content == {"via": "stdio"}
+            assert result.structured_content == {"via": "stdio"}
+
+            # The sidecar SIGKILLed between two calls: the restarted one serves the printed
+            # URL, with the same key, and the stdio relay's next call too.
+            served = await asyncio.to_thread(kill_sidecar, run.output)
+            await asyncio.to_thread(wait_served, run.output, served)
+            async with http_client(url, key) as http:
+                assert await echoes(http, 4)
+            assert await echoes(client, 5)
+        assert url_file(tmp_path / ".soma" / "run", "local").read_text() == url + "\n"
     finally:
         assert run.stop(timeout=30) == 0, run.output()
 
@@ -339,5 +428,24 @@ async def test_stdio_passes_the_idempotency_key_on(tmp_path: Path) -> None:
         assert not first.is_error and again.structured_content == first.structured_content
         assert not other.is_error
         assert (tmp_path / "state" / "acme-records.txt").read_text() == "a\nb\n"
+    finally:
+        assert proc.stop() == 0, proc.output()
+
+
+async def test_stdio_waits_for_a_long_call(tmp_path: Path) -> None:
+    """A call longer than httpx's default 5 s timeout is answered through `soma mcp stdio`
+    (its HTTP client once gave up at 5 s, which ended the relay: the call never returned)."""
+    proc, _ = start_sidecar(
+        tmp_path,
+        ["tests.fixtures.organs:Acme"],
+        extra='[[bridge]]\nname = "desk"\nexpose = ["acme.slow"]\n',
+    )
+    try:
+        wait_until(url_file(tmp_path / "run", "desk").exists, what="the bridge URL file")
+        config = tmp_path / "soma.toml"
+        params = stdio_params(config, create_key(config))
+        async with Client(params, read_timeout_seconds=30) as client:  # type: ignore[arg-type]
+            result = await client.call_tool("acme_slow", {"ms": 6000})
+        assert not result.is_error and result.structured_content == {"slept_ms": 6000}
     finally:
         assert proc.stop() == 0, proc.output()

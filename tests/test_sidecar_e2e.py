@@ -24,6 +24,7 @@ from tests.helpers import (
     session_metadata,
     start_sidecar,
     wait_until,
+    write_config,
 )
 
 Sidecar = tuple[Process, str]
@@ -271,7 +272,8 @@ def test_sigterm_lets_in_flight_calls_finish_then_removes_the_socket(tmp_path: P
         code = proc.wait()
     assert results == [{"slept_ms": 800}] * 2
     assert code == 0, proc.output()
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # sockets and token gone
+    # Sockets and token gone; the lock file stays, unlocked (see soma_runtime.runtime_lock).
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["soma.lock"]
     assert '"event": "stopped"' in proc.output()
 
 
@@ -290,9 +292,12 @@ def test_a_stale_socket_is_replaced_and_a_live_one_is_not_stolen(tmp_path: Path)
     stale.close()  # the file stays, nobody listens
     proc, target = start_sidecar(tmp_path, ["system"])
     try:
-        other = Process(
-            [SOMA, "sidecar", "--config", str(tmp_path / "soma.toml")], tmp_path / "second.log"
+        # Another runtime directory (the same one is refused sooner: runtime_lock), same socket.
+        config = (tmp_path / "soma.toml").read_text()
+        second = write_config(
+            tmp_path / "second.toml", config.replace('runtime_dir = "run"', 'runtime_dir = "run2"')
         )
+        other = Process([SOMA, "sidecar", "--config", str(second)], tmp_path / "second.log")
         assert other.wait() == 2
         assert "in use by a running process" in other.output()
         assert health_status(target) == "SERVING"

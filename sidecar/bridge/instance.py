@@ -15,7 +15,7 @@ import math
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from sidecar.bridge.guard import PRINCIPAL, Guard
 from sidecar.bridge.keys import KeyCache, KeyCounts, KeyStore
 from sidecar.bridge.names import tool_name
 from sidecar.bridge.oauth import Jwks, TokenVerifier
-from sidecar.bridge.published import publish, withdraw
+from sidecar.bridge.published import publish
 from sidecar.bridge.tools import Exposure, effects, to_tool
 from sidecar.credentials import CredentialBroker
 from sidecar.http_server import EmbeddedServer, HttpLimits, bounded_http
@@ -51,7 +51,7 @@ from soma_runtime import ErrorKind, Executive, FunctionCard, Response, __version
 from soma_runtime.bridge_config import BridgeSection
 from soma_runtime.card_files import function_to_json
 from soma_runtime.config import ConfigError, SomaConfig
-from soma_runtime.listeners import tcp_listener
+from soma_runtime.gateway_sockets import bridge_listener
 from soma_runtime.tracing import CallSpan, new_trace
 from soma_runtime.validation import InputValidator
 
@@ -337,17 +337,6 @@ class ReadyServer(EmbeddedServer):
         self.ready.set()
 
 
-def _bind(section: BridgeSection) -> socket.socket:
-    try:
-        sock = tcp_listener(section.host, section.port)
-    except OSError as exc:
-        raise ConfigError(
-            f"bridge {section.name!r}: cannot listen on {section.listen}: {exc.strerror}"
-        ) from None
-    sock.setblocking(False)
-    return sock
-
-
 def _check(config: SomaConfig, section: BridgeSection) -> None:
     known = {c.name for c in config.credential}
     for name in section.credentials:
@@ -361,9 +350,12 @@ async def serve_bridges(
     executive: Executive,
     broker: CredentialBroker,
     key_counts: KeyCounts | None = None,
+    sockets: Mapping[str, socket.socket] | None = None,
 ) -> AsyncIterator[list[RunningBridge]]:
     """Serve every `[[bridge]]` of `config` while the block runs; yields where each listens.
-    Requests per API key are counted in `key_counts` (for the metrics endpoint)."""
+    Requests per API key are counted in `key_counts` (for the metrics endpoint). An instance
+    serves on its listening socket in `sockets` (the supervisor's, kept across sidecar
+    restarts) if there is one, else on one bound here."""
     for section in config.bridge:
         _check(config, section)
     running: list[RunningBridge] = []
@@ -374,7 +366,8 @@ async def serve_bridges(
             stack.callback(store.close)
             keys = KeyCache(store, counts=key_counts)
         for section in config.bridge:
-            sock = _bind(section)
+            handed = (sockets or {}).get(section.name)
+            sock = handed if handed is not None else bridge_listener(section)
             stack.callback(sock.close)
             port = sock.getsockname()[1]
             host = f"[{section.host}]" if ":" in section.host else section.host
@@ -416,7 +409,7 @@ async def serve_bridges(
             if task.done():
                 raise ConfigError(f"bridge {section.name!r}: the server failed to start")
             running.append(RunningBridge(section.name, url, port))
-            stack.callback(withdraw, publish(config.runtime_dir, section.name, url))
+            stack.callback(publish(config.runtime_dir, section.name, url).remove)
             log.info("bridge_serving", bridge=section.name, url=url)
         yield running
 

@@ -2,17 +2,17 @@
 
 An instance may listen on port 0 (a free port picked at start), so its URL is only known once
 it serves. The sidecar writes the URL here when the instance serves and removes it when it
-stops; `soma mcp stdio` and the `make run` launcher read it. The directory is private (0700)
-like the rest of the runtime directory; the file holds no secret.
+stops, unless another sidecar has replaced it meanwhile; `soma mcp stdio` and the `make run`
+launcher read it. The directory is private (0700) like the rest of the runtime directory; the
+file holds no secret.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
-from soma_runtime.unix import ensure_private_dir, private_umask
+from soma_runtime.owned_files import OwnedFile
+from soma_runtime.unix import ensure_private_dir
 
 BRIDGES_DIR = "bridges"
 
@@ -21,20 +21,11 @@ def url_file(runtime_dir: Path, bridge: str) -> Path:
     return runtime_dir / BRIDGES_DIR / f"{bridge}.url"
 
 
-def publish(runtime_dir: Path, bridge: str, url: str) -> Path:
-    """Write the URL atomically (a reader sees the old file or the whole new one)."""
+def publish(runtime_dir: Path, bridge: str, url: str) -> OwnedFile:
+    """Write the URL; the file written, for its removal at stop."""
     path = url_file(runtime_dir, bridge)
     ensure_private_dir(path.parent)
-    fresh = path.with_name(f".{path.name}.{os.getpid()}")
-    with private_umask():
-        fresh.write_text(url + "\n")
-    os.replace(fresh, path)
-    return path
-
-
-def withdraw(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+    return OwnedFile.write(path, url + "\n")
 
 
 def published_url(runtime_dir: Path, bridge: str) -> str | None:

@@ -1,18 +1,20 @@
 """The supervisor's main loop: start everything in order, keep it alive, stop it in order.
 
-Start: the sidecar, then (once it serves) every runtime; then READY=1. Stop (SIGTERM or
-SIGINT): STOPPING=1, runtimes first (SIGTERM, grace, SIGKILL; each with every process it
-started), then the sidecar, then any orphan still adopted. If the sidecar is given up on
-(FATAL), the supervisor stops the runtimes and exits 1, so that systemd can restart the whole
-service; if the sidecar refused its setup (exit 2 before it served: a bad organ, key or path),
-or a runtime's command cannot be executed at its first start (a typo, a missing file), at once
-and with 2, which the unit's `RestartPreventExitStatus=2` does not restart. Every wait of the
-stop is bounded.
+Start: the runtime directory's lock and the listening sockets (held for the supervisor's
+whole life and handed to each sidecar it starts), the sidecar, then (once it serves) every
+runtime; then READY=1. Stop (SIGTERM or SIGINT): STOPPING=1, runtimes first (SIGTERM, grace,
+SIGKILL; each with every process it started), then the sidecar, then any orphan still
+adopted. If the sidecar is given up on (FATAL), the supervisor stops the runtimes and exits 1,
+so that systemd can restart the whole service; if the sidecar refused its setup (exit 2 before
+it served: a bad organ, key or path), or a runtime's command cannot be executed at its first
+start (a typo, a missing file), at once and with 2, which the unit's
+`RestartPreventExitStatus=2` does not restart. Every wait of the stop is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import time
@@ -21,9 +23,10 @@ from typing import Any
 
 import structlog
 
-from soma_runtime import jsonline
+from soma_runtime import jsonline, runtime_lock
 from soma_runtime.config import SomaConfig
 from soma_runtime.exit_status import SETUP_ERROR
+from soma_runtime.gateway_sockets import bridge_listener
 from soma_runtime.layout import RuntimeLayout
 from soma_runtime.supervisor import keeper
 from soma_runtime.supervisor.child import State, Supervised
@@ -49,8 +52,17 @@ class Supervisor:
         self.layout = RuntimeLayout(config.runtime_dir)
         self.notifier = notifier or Notifier()
         self.link = link = SidecarLink(self.layout.admin_socket)
-        self.gateway_sockets = {r.name: gateway_socket() for r in config.runtime if r.gateways}
-        self.sidecar = SidecarChild(config, link, self.gateway_sockets)
+        with contextlib.ExitStack() as held:
+            # Before any port is bound: a second supervisor is refused, not met with "in use".
+            lock = runtime_lock.acquire(config.runtime_dir, "soma supervise")
+            held.callback(lock.release)
+            self.gateway_sockets = {
+                r.name: held.enter_context(gateway_socket()) for r in config.runtime if r.gateways
+            }
+            bridges = {b.name: held.enter_context(bridge_listener(b)) for b in config.bridge}
+            # The lock and the listening sockets end with the supervisor, not with a sidecar.
+            self._held = held.pop_all()
+        self.sidecar = SidecarChild(config, link, lock.fd, self.gateway_sockets, bridges)
         self.runtimes = [
             RuntimeChild(config, spec, link, self.layout, self._port(spec.name))
             for spec in config.runtime
@@ -125,8 +137,7 @@ class Supervisor:
             REAPER.uninstall()
             await asyncio.gather(*(c.drain(_DRAIN) for c in self.children))
             watchdog.cancel()
-            for sock in self.gateway_sockets.values():
-                sock.close()
+            self._held.close()
             control.close()
             remove_socket(self.layout.supervisor_socket)
             log.info("stopped")

@@ -15,10 +15,11 @@ import structlog
 from sdk import protocol
 from soma_runtime.admin_protocol import Register
 from soma_runtime.config import RuntimeSection, SidecarSection, SomaConfig
-from soma_runtime.gateway_sockets import SOCKETS_ENV
+from soma_runtime.gateway_sockets import BRIDGE_SOCKETS_ENV, SOCKETS_ENV, handed
 from soma_runtime.layout import RuntimeLayout
 from soma_runtime.listeners import tcp_listener
 from soma_runtime.logs import DIRECT_FD_ENV, DIRECT_NAME_ENV
+from soma_runtime.runtime_lock import LOCK_FD_ENV
 from soma_runtime.supervisor import keeper
 from soma_runtime.supervisor.child import StartFailed, Supervised
 from soma_runtime.supervisor.identity import Identity, mint_identity
@@ -61,12 +62,22 @@ class SidecarChild(Supervised):
     final_setup_error = True  # `soma sidecar` exits 2 on a bad organ, key or path
 
     def __init__(
-        self, config: SomaConfig, link: SidecarLink, gateway_sockets: dict[str, socket.socket]
+        self,
+        config: SomaConfig,
+        link: SidecarLink,
+        lock_fd: int,
+        gateway_sockets: dict[str, socket.socket],
+        bridge_sockets: dict[str, socket.socket],
     ) -> None:
+        """`lock_fd` is the runtime directory's lock and the sockets are listening sockets,
+        all held by the supervisor and handed to each start (see `soma_runtime.runtime_lock`
+        and `soma_runtime.gateway_sockets`)."""
         super().__init__("sidecar", config.sidecar)
         self._config = config
         self._link = link
+        self._lock_fd = lock_fd
         self._gateway_sockets = gateway_sockets
+        self._bridge_sockets = bridge_sockets
         self.ready = asyncio.Event()  # set while the sidecar serves
         self._liveness: asyncio.Task[None] | None = None
 
@@ -86,8 +97,11 @@ class SidecarChild(Supervised):
             str(self._config.source),
         ]
         env = child_env(_SYSTEMD_ONLY)
-        env[SOCKETS_ENV] = ",".join(f"{r}={s.fileno()}" for r, s in self._gateway_sockets.items())
-        fds: tuple[int, ...] = tuple(s.fileno() for s in self._gateway_sockets.values())
+        env[SOCKETS_ENV] = handed(self._gateway_sockets)
+        env[BRIDGE_SOCKETS_ENV] = handed(self._bridge_sockets)
+        env[LOCK_FD_ENV] = str(self._lock_fd)
+        sockets = [*self._gateway_sockets.values(), *self._bridge_sockets.values()]
+        fds = (self._lock_fd, *(s.fileno() for s in sockets))
         # The sidecar is trusted: it writes its events straight to our log stream (see
         # soma_runtime.supervisor.process), on a copy of it that is this start's alone. With
         # no stream to copy (stderr closed), its events come through its pipe like any child's.
