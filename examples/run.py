@@ -76,6 +76,8 @@ def client_configs(config: SomaConfig, bridge: str, url: str, key_file: Path) ->
             f"    claude mcp add --transport http {name} {url} {header}",
             "  MCP Inspector (needs Node >= 22.19):",
             f"    npx @modelcontextprotocol/inspector --cli {url} --method tools/list {header}",
+            "  A host that speaks only stdio, through mcp-remote (npm):",
+            f'    npx -y mcp-remote@0.15.1 {url} --header "x-api-key:$(cat {key_file})"',
             "  Claude Desktop / any mcpServers config, HTTP:",
             "    " + json.dumps(http),
             "  ... or stdio (the client launches `soma mcp stdio`):",
