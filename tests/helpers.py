@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,14 +11,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdk import _auth, protocol
+
+if TYPE_CHECKING:
+    from sidecar.channels import ChannelRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 SOMA = str(Path(sys.executable).parent / "soma")
@@ -374,3 +378,27 @@ def evict_sessions(target: str) -> None:
     token = _auth.read_token_file(protocol.token_file_for(path))
     for _ in range(MAX_SESSIONS):
         _auth.handshake(protocol.auth_socket_for(path), token, None)
+
+
+@contextlib.asynccontextmanager
+async def channel_registry(tmp: Path) -> AsyncIterator[ChannelRegistry]:
+    """A sidecar's channel registry in this process (the system organ, a vault under `tmp`)
+    for tests that open channels themselves; every channel is closed at the end."""
+    from sidecar.channels import ChannelRegistry
+    from sidecar.credentials import CredentialBroker
+    from sidecar.organs.system import SystemOrgan
+    from sidecar.vault.async_vault import AsyncVault
+    from sidecar.vault.open import open_vault
+    from soma_runtime import Executive
+    from soma_runtime.config import parse_config
+
+    config = parse_config({"soma": {"state_dir": str(tmp / "state")}}, tmp / "x.toml")
+    vault = AsyncVault(lambda: open_vault(config, durable=False))
+    registry = ChannelRegistry(
+        Executive([SystemOrgan()]), config.sidecar, CredentialBroker([], vault), None
+    )
+    try:
+        yield registry
+    finally:
+        await registry.close_all(0)
+        await vault.close()

@@ -19,18 +19,13 @@ from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.access import AllowList
-from sidecar.channels import ChannelRegistry, socket_paths
-from sidecar.credentials import CredentialBroker
-from sidecar.organs.system import SystemOrgan
-from sidecar.vault.async_vault import AsyncVault
-from sidecar.vault.open import open_vault
-from soma_runtime import Executive
-from soma_runtime.config import parse_config
+from sidecar.channels import socket_paths
 from soma_runtime.jsonline import HANDSHAKE_MAX_CONNECTIONS
 from tests.attack import h2
 from tests.helpers import (
     Process,
     SupervisorRun,
+    channel_registry,
     health_status,
     read_report,
     session_metadata,
@@ -263,15 +258,11 @@ def connections_to(path: Path) -> set[str]:
 async def test_the_liveness_probe_keeps_its_connection_and_still_sees_a_socket_go(
     tmp_path: Path,
 ) -> None:
-    config = parse_config({"soma": {"state_dir": str(tmp_path / "state")}}, tmp_path / "x.toml")
-    vault = AsyncVault(lambda: open_vault(config, durable=False))
-    executive = Executive([SystemOrgan()])
-    registry = ChannelRegistry(executive, config.sidecar, CredentialBroker([], vault), None)
     directory = tmp_path / "rt"
     directory.mkdir(mode=0o700)
     grpc_path, auth_path = socket_paths(directory, "alpha")
-    await registry.open("alpha", grpc_path, auth_path, AllowList(["*"]))
-    try:
+    async with channel_registry(tmp_path) as registry:
+        await registry.open("alpha", grpc_path, auth_path, AllowList(["*"]))
         assert await registry.probe() == {"alpha": "ok"}
         first = connections_to(grpc_path)
         assert len(first) == 1
@@ -282,6 +273,3 @@ async def test_the_liveness_probe_keeps_its_connection_and_still_sees_a_socket_g
         assert await registry.probe() == {"alpha": "unresponsive"}
         moved.rename(grpc_path)
         assert await registry.probe() == {"alpha": "ok"}
-    finally:
-        await registry.close_all(0)
-        await vault.close()
