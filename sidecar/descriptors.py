@@ -1,7 +1,8 @@
 """The sidecar's file-descriptor budget.
 
 Every runtime's sockets may hold a bounded number of connections (`[sidecar].max_connections`
-on the gRPC socket, `HANDSHAKE_MAX_CONNECTIONS` on the handshake socket). The sidecar raises
+from the runtime's tree and `OUTSIDER_MAX_CONNECTIONS` from elsewhere on the gRPC socket,
+`HANDSHAKE_MAX_CONNECTIONS` on the handshake socket). The sidecar raises
 its soft descriptor limit to the hard one and checks at start that all channels at their caps
 still leave `RESERVE` descriptors for everything else (the vault, logs, the gateway), so one
 runtime holding every connection it may hold never makes another's handshake, a restarted
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import resource
 
+from sidecar.server import OUTSIDER_MAX_CONNECTIONS
 from soma_runtime.config import ConfigError, SomaConfig
 from soma_runtime.jsonline import HANDSHAKE_MAX_CONNECTIONS
 
@@ -21,7 +23,8 @@ _PER_CHANNEL_OVERHEAD = 4
 
 
 def per_channel(config: SomaConfig) -> int:
-    return config.sidecar.max_connections + HANDSHAKE_MAX_CONNECTIONS + _PER_CHANNEL_OVERHEAD
+    caps = config.sidecar.max_connections + OUTSIDER_MAX_CONNECTIONS + HANDSHAKE_MAX_CONNECTIONS
+    return caps + _PER_CHANNEL_OVERHEAD
 
 
 def ensure_budget(config: SomaConfig, supervised: bool) -> int:

@@ -72,7 +72,7 @@ class _Held:
 
     count: int
     fields: dict[str, Any]  # the latest occurrence's
-    sample: tuple[str, dict[str, None]] | None  # field name, distinct values in arrival order
+    sample: tuple[str, dict[Hashable, None]] | None  # field name, distinct values, in order
 
 
 class RepeatedWarnings:
@@ -93,7 +93,7 @@ class RepeatedWarnings:
         self._suppressed: dict[tuple[str, Hashable], _Held] = {}
 
     def warning(
-        self, event: str, key: Hashable, sample: tuple[str, str] | None = None, **fields: Any
+        self, event: str, key: Hashable, sample: tuple[str, Hashable] | None = None, **fields: Any
     ) -> None:
         held = self._suppressed.pop((event, key), None)
         if self._buckets.take_if_there((event, key)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -38,6 +39,18 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+async def wait_async(
+    predicate: Callable[[], object], what: str = "condition", timeout: float = 10.0
+) -> None:
+    """`wait_until` inside a coroutine: the event loop (a sidecar's, in-process) keeps running
+    while it polls."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def health_status(target: str, service: str = "", timeout: float = 1.0) -> str | None:

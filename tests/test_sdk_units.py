@@ -22,7 +22,7 @@ from sdk._core import ACCEPT_TIMEOUT_S, MAX_ACCEPT_TIMEOUT_S, Call, ClientCore, 
 from sdk.types import Response
 from sidecar.access import AllowList, token_digest
 from sidecar.channels import socket_paths
-from tests.helpers import channel_registry
+from tests.helpers import channel_registry, wait_async
 
 
 def test_from_env_outside_a_runtime_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,14 +168,6 @@ async def test_a_supervised_client_waits_for_its_socket_rather_than_failing_at_o
                 channel.identify(token_digest(token), None, False, None)
                 assert await sync_call == {"from": "sync"}
                 assert await async_call == {"from": "aio"}
-
-
-async def wait_async(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """`wait_until` for a coroutine: the event loop keeps running meanwhile."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def thread_runs(function: Callable[..., object]) -> bool:
