@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from sdk import protocol
-from sdk.errors import DeadlineExceeded, SomaError, Unauthenticated, Unavailable
+from sdk.errors import DeadlineExceeded, SomaError, Unauthenticated
 
 _RETRY_PAUSE = 0.02  # between handshake attempts while the sidecar (re)starts
 
@@ -72,14 +72,16 @@ _PENDING = "the runtime is being registered"
 
 
 def _pause(auth_path: str, deadline: float | None, reason: str) -> float:
-    """How long to wait before the next attempt; raises when the deadline leaves no room."""
-    now = time.monotonic()
-    if deadline is not None and now + _RETRY_PAUSE >= deadline:
-        message = f"no session from {auth_path}: {reason}"
-        if now >= deadline:
-            raise DeadlineExceeded("DEADLINE_EXCEEDED", message)
-        raise Unavailable("UNAVAILABLE", message)
-    return _RETRY_PAUSE
+    """How long to wait before the next attempt: a pause, or what is left of the deadline
+    when that is less. Once the deadline has passed, `DeadlineExceeded` saying why: a call
+    waits for its sidecar to its deadline, like the gRPC call itself (`wait_for_ready`),
+    and always ends with the same error."""
+    if deadline is None:
+        return _RETRY_PAUSE
+    left = deadline - time.monotonic()
+    if left <= 0.0:
+        raise DeadlineExceeded("DEADLINE_EXCEEDED", f"no session from {auth_path}: {reason}")
+    return min(_RETRY_PAUSE, left)
 
 
 def handshake(auth_path: str, token: str, deadline: float | None) -> str:

@@ -2,8 +2,9 @@
 
 A channel belongs to one runtime. The sidecar keeps only the SHA-256 digest of the runtime's
 token and compares digests in constant time. A token is exchanged once, on the channel's
-handshake socket, for a session that gRPC calls carry; the handshake is where the kernel's
-peer credentials are checked (gRPC cannot see them).
+handshake socket, for a session that gRPC calls carry. Both sockets check the kernel's peer
+credentials of each connection as it is accepted (gRPC cannot see them), so a session works
+only from the runtime's process tree, like its token (see sidecar.channels).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import hmac
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 # Sessions kept per channel (one per client object in the runtime); the oldest is dropped.
@@ -67,16 +68,22 @@ class Channel:
     # endpoint; they outlive identity resets, so they only ever grow while the channel is open.
     calls: int = 0
     denials: int = 0  # calls refused PERMISSION_DENIED: the allow-list or a credential
+    # Told the runtime's new pid when it changes (the channel registry shuts down connections
+    # from outside the new tree): before any session of the new runtime can exist.
+    on_new_pid: Callable[[int], None] | None = None
 
     def reset(
         self, token: bytes | None, pid: int | None, pending: bool, placeholder: bytes | None = None
     ) -> None:
         """A new identity: the old token, placeholder and every session stop working."""
+        new_pid = pid if pid != self.pid else None
         self.token = token
         self.pid = pid
         self.pending = pending
         self.placeholder = placeholder
         self.sessions.clear()
+        if new_pid is not None and self.on_new_pid is not None:
+            self.on_new_pid(new_pid)
 
     def identify(
         self, token: bytes, pid: int | None, pending: bool, placeholder: bytes | None

@@ -1,14 +1,17 @@
 """The per-runtime channels: for each, a gRPC socket and a handshake socket beside it.
 
 `<dir>/<name>.sock` serves gRPC; `<dir>/<name>.auth.sock` exchanges the runtime's token for a
-session. The handshake is where the kernel's peer credentials are checked: the peer must run
-as the sidecar's user and, when the channel knows its runtime's pid, be that process or one
-of its descendants, which is checked as soon as it connects, before a byte is read. A stolen
-token is useless from any other process.
+session. Both check the kernel's peer credentials of every connection as soon as it is
+accepted, before a byte is read: the peer must run as the sidecar's user and, when the channel
+knows its runtime's pid, be that process or one of its descendants. The handshake refuses
+anyone else; the gRPC socket hands them to a server that refuses every call (see
+`sidecar.server`). So a stolen token, or a session, is useless from any other process, from
+its first call. When the runtime's pid changes, connections from outside the new tree are
+shut down before a session of the new runtime exists (see `sidecar.sweep`).
 
-Channels are independent: each has its own gRPC server, so whatever one runtime's socket
-receives can stop at most that server, and the registry's watcher replaces a server whose
-main loop died at once (see `sidecar.server`).
+Channels are independent: each has its own gRPC servers, so whatever one runtime's socket
+receives can stop at most those, and the registry's watcher replaces a server whose main loop
+died at once (see `sidecar.server`).
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from sidecar.access import AllowList, Channel
 from sidecar.credentials import CredentialBroker
 from sidecar.dispatch import Dispatcher
 from sidecar.server import ConnectionLimits, SocketServer
-from sidecar.service import SidecarService
-from sidecar.sweep import Owners, close_foreign_connections
+from sidecar.service import OutsiderService, SidecarService
+from sidecar.sweep import close_foreign_connections
 from soma_runtime import Executive, jsonline
 from soma_runtime.config import SidecarSection
 from soma_runtime.throttle import RepeatedWarnings, TokenBuckets
@@ -41,10 +44,8 @@ from soma_runtime.unix import Peer, is_descendant, remove_socket
 
 log = structlog.get_logger(component="sidecar")
 
-# The watcher looks at every channel's server this often even when nothing woke it, and
-# closes connections from outside a runtime's process tree this often (see `sidecar.sweep`).
+# The watcher looks at every channel's servers this often even when nothing woke it.
 WATCH_INTERVAL_S = 1.0
-SWEEP_INTERVAL_S = 5.0
 # Failed handshakes a runtime's process may make in a burst, and per second after it; each
 # one over that waits before its answer (at most HANDSHAKE_MAX_BACKOFF_S, as it holds one of
 # the socket's connections): with the connection cap, at most ~30 failures a second.
@@ -134,6 +135,7 @@ class ChannelRegistry:
         )
         self._failures = TokenBuckets(HANDSHAKE_FAILURE_BURST, HANDSHAKE_FAILURE_RATE)
         self.warnings = RepeatedWarnings(log)
+        self._outsider = OutsiderService()  # stateless: every channel's outsider server serves it
 
     def get(self, name: str) -> Channel | None:
         host = self._hosts.get(name)
@@ -160,7 +162,15 @@ class ChannelRegistry:
             warnings=self.warnings,
             stream_max_in_flight=self._settings.stream_max_in_flight,
         )
-        server = SocketServer(grpc_path, servicer, self._settings.max_message_bytes, self._limits)
+        server = SocketServer(
+            grpc_path,
+            servicer,
+            self._outsider,
+            self._settings.max_message_bytes,
+            self._limits,
+            self._connection_gate(channel),
+            self.warnings,
+        )
         await server.start()
         try:
             handshake = await jsonline.serve(
@@ -172,8 +182,43 @@ class ChannelRegistry:
             await server.stop(0)
             raise
         self._hosts[name] = _Host(channel, server, handshake, auth_path)
+        channel.on_new_pid = lambda pid: self._close_foreign(grpc_path, pid)
         log.info("channel_open", runtime=name, socket=str(grpc_path))
         return channel
+
+    def _connection_gate(self, channel: Channel) -> Callable[[Peer], bool]:
+        """Whether a connection to `channel`'s gRPC socket reaches the channel's server: one
+        the handshake would admit, or the sidecar's own (the liveness probe). Anyone else is
+        logged, aggregated per runtime, and meets the outsider server."""
+        admits = runtime_tree(channel)
+        me = os.getpid()
+
+        def gate(peer: Peer) -> bool:
+            if peer.pid == me:
+                return True
+            refusal = admits(peer)
+            if refusal is None:
+                return True
+            self.warnings.warning(
+                "connection_refused",
+                channel.name,
+                sample=("pids", peer.pid),
+                runtime=channel.name,
+                pid=peer.pid,
+                uid=peer.uid,
+                reason=refusal,
+            )
+            return False
+
+        return gate
+
+    def _close_foreign(self, path: Path, runtime_pid: int) -> None:
+        """Shut down the connections to `path` from outside the tree of the runtime's new pid
+        (made while its pid was unknown, or by the runtime before): at once, in the event loop,
+        so no handshake of the new runtime can come first."""
+        closed = close_foreign_connections({str(path): _tree_of(runtime_pid)})
+        for socket_path, count in closed.items():
+            log.warning("foreign_connections_closed", socket=socket_path, count=count)
 
     async def close(self, name: str, grace: float = 0.0) -> None:
         host = self._hosts.pop(name, None)
@@ -202,8 +247,6 @@ class ChannelRegistry:
         alarm = _CrashAlarm(wake, asyncio.get_running_loop())
         grpc_log = logging.getLogger("grpc._cython.cygrpc")
         grpc_log.addHandler(alarm)
-        loop = asyncio.get_running_loop()
-        next_sweep = loop.time() + SWEEP_INTERVAL_S
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -211,27 +254,9 @@ class ChannelRegistry:
                         await wake.wait()
                 wake.clear()
                 await self.repair()
-                if loop.time() >= next_sweep:
-                    await self.sweep()
-                    next_sweep = loop.time() + SWEEP_INTERVAL_S
                 self.warnings.flush()
         finally:
             grpc_log.removeHandler(alarm)
-
-    async def sweep(self) -> dict[str, int]:
-        """Close connections to runtime sockets from outside each runtime's process tree
-        (in a thread: it looks at every descriptor of the process)."""
-        owners: Owners = {
-            str(host.grpc.bound): _tree_of(host.channel.pid)
-            for host in self._hosts.values()
-            if host.channel.pid is not None
-        }
-        if not owners:
-            return {}
-        closed = await asyncio.to_thread(close_foreign_connections, owners)
-        for path, count in closed.items():
-            log.warning("foreign_connections_closed", socket=path, count=count)
-        return closed
 
     async def repair(self) -> list[str]:
         """Revive the channel servers that crashed; the names of those revived."""

@@ -1,13 +1,13 @@
 """The sidecar's file-descriptor budget.
 
 Every runtime's sockets may hold a bounded number of connections (`[sidecar].max_connections`
-on the gRPC socket, `HANDSHAKE_MAX_CONNECTIONS` on the handshake socket), and so may every
-HTTP port (each bridge's `max_connections`, the metrics endpoint's, each runtime's gateway
-port). The sidecar raises its soft descriptor limit to the hard one and checks at start that
-all of them at their caps still leave `RESERVE` descriptors for everything else (the vault,
-logs, upstream connections), so a client holding every connection it may hold never makes a
-runtime's handshake, a restarted runtime's new channel or a vault write fail for want of a
-descriptor.
+from the runtime's tree and `OUTSIDER_MAX_CONNECTIONS` from elsewhere on the gRPC socket,
+`HANDSHAKE_MAX_CONNECTIONS` on the handshake socket), and so may every HTTP port (each bridge's
+`max_connections`, the metrics endpoint's, each runtime's gateway port). The sidecar raises its
+soft descriptor limit to the hard one and checks at start that all of them at their caps still
+leave `RESERVE` descriptors for everything else (the vault, logs, upstream connections), so a
+client holding every connection it may hold never makes a runtime's handshake, a restarted
+runtime's new channel or a vault write fail for want of a descriptor.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import resource
 
 from sidecar.gateway import MAX_CONNECTIONS_PER_PORT
+from sidecar.server import OUTSIDER_MAX_CONNECTIONS
 from soma_runtime.config import ConfigError, SomaConfig
 from soma_runtime.jsonline import HANDSHAKE_MAX_CONNECTIONS
 
@@ -24,7 +25,8 @@ _PER_CHANNEL_OVERHEAD = 4
 
 
 def per_channel(config: SomaConfig) -> int:
-    return config.sidecar.max_connections + HANDSHAKE_MAX_CONNECTIONS + _PER_CHANNEL_OVERHEAD
+    caps = config.sidecar.max_connections + OUTSIDER_MAX_CONNECTIONS + HANDSHAKE_MAX_CONNECTIONS
+    return caps + _PER_CHANNEL_OVERHEAD
 
 
 def http_ports(config: SomaConfig, supervised: bool) -> dict[str, int]:

@@ -71,7 +71,8 @@ class Dispatcher:
         self._executive = executive
         self._channel = channel
         self._broker = broker
-        # Refusals are logged through it: a flood of them costs a line per interval.
+        # Refusals are logged through it, per runtime: a flood of them costs a line per
+        # interval, whatever ops it names.
         self._warnings = warnings
         self._max_depth = max_input_depth
         # Room for the reply's other fields inside the gRPC message limit.
@@ -132,8 +133,14 @@ class Dispatcher:
         call_context["runtime"] = channel.name
         if not channel.allow.allows(op):
             channel.denials += 1
+            # Aggregated per runtime, not per op: the op is the caller's to vary.
             self._warnings.warning(
-                "denied", (channel.name, op), runtime=channel.name, op=op, trace_id=trace
+                "denied",
+                channel.name,
+                sample=("ops", op),
+                runtime=channel.name,
+                op=op,
+                trace_id=trace,
             )
             return Refusal(
                 grpc.StatusCode.PERMISSION_DENIED, f"runtime {channel.name!r} may not call {op!r}"
@@ -149,8 +156,10 @@ class Dispatcher:
                 response = await self._executive.stimulate(stimulus, self._inject_credentials)
             except CredentialDenied as exc:
                 channel.denials += 1
-                log.warning(
+                self._warnings.warning(
                     "credential_denied",
+                    channel.name,
+                    sample=("ops", op),
                     runtime=channel.name,
                     op=op,
                     credential=exc.credential,

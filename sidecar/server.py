@@ -1,10 +1,19 @@
-"""One grpc.aio server on one Unix socket, with the health and reflection services beside ours.
+"""A runtime's gRPC socket: accepted by the sidecar's own code, served by grpc.aio servers.
+
+gRPC cannot say who is at the other end of a connection, so the socket is not gRPC's: the
+sidecar binds it and accepts each connection itself, reads the kernel's peer credentials
+(SO_PEERCRED) before a byte of it is read, and hands it (`sidecar.handover`) to one of two
+grpc.aio servers: the channel's own when the channel's gate admits the peer, and otherwise its
+outsider server, which answers every `soma.v1.Sidecar` call UNAUTHENTICATED, whatever session
+it carries, and serves health and reflection like the other. So a session taken out of a
+runtime's process tree is refused from its first call, and a process outside the tree holds
+none of the channel's connections. This costs a little per connection and nothing per call.
 
 grpcio's asyncio server runs one main loop per server that accepts calls. An exception in that
 loop ends it for good while the process lives on: the server then answers nothing (grpcio
 1.85 decodes each call's `:path` there, so one request whose path is not UTF-8 does it, and a
 gRPC server cannot refuse such a request before that loop sees it). A `SocketServer` therefore
-knows how to tell that its server died (`crashed`) and to put a new one on the same socket
+knows how to tell that one of its servers died (`crashed`) and to put a new one in its place
 (`revive`); the channel registry watches every channel and does it at once.
 """
 
@@ -12,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
-import secrets
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,23 +37,39 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from sdk.protocol.soma.v1 import sidecar_pb2, sidecar_pb2_grpc
+from sidecar.handover import Handover
 from sidecar.service import SidecarService
-from soma_runtime.unix import prepare_socket_path, private_umask, remove_socket
+from soma_runtime.throttle import RepeatedWarnings
+from soma_runtime.unix import (
+    Peer,
+    peer_credentials,
+    prepare_socket_path,
+    private_umask,
+    remove_socket,
+)
 
 SERVICE = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"]
 SERVICE_NAME = SERVICE.full_name
 
+# Connections a channel's outsider server holds at once: room for the health checks of the
+# user's tools; more are closed as they are handed over (see sidecar.descriptors).
+OUTSIDER_MAX_CONNECTIONS = 8
 # How long stopping a crashed server may take before it is abandoned.
 _STOP_CRASHED_S = 2.0
+# Out of descriptors, the socket is not accepted on for this long (it would stay readable, and
+# the event loop would spin on it); connections wait in the backlog meanwhile.
+_ACCEPT_PAUSE_S = 1.0
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
     """What one socket's connections may hold of the sidecar's descriptors and time.
 
-    grpcio closes a connection over `max_connections` as soon as it is accepted, drops one that
-    has not finished its HTTP/2 handshake after `handshake_timeout_s`, and closes a connection
-    with no call in flight for `idle_timeout_s` (clients reconnect by themselves).
+    grpcio closes a connection over `max_connections` as soon as it is handed over, drops one
+    that has not finished its HTTP/2 handshake after `handshake_timeout_s`, and closes a
+    connection with no call in flight for `idle_timeout_s` (clients reconnect by themselves).
+    The outsider server takes `OUTSIDER_MAX_CONNECTIONS` instead.
     """
 
     max_connections: int
@@ -109,39 +135,73 @@ def service_handlers(
     return handlers
 
 
+@dataclass(frozen=True, slots=True)
+class _Served:
+    """A started grpc.aio server and the port it is handed connections through."""
+
+    server: grpc.aio.Server
+    handover: Handover
+
+
 class SocketServer:
-    """A started gRPC server bound to `path` (0600 in a 0700 directory)."""
+    """A Unix socket at `path` (0600 in a 0700 directory) whose connections `gate` admits to
+    `servicer`'s server and turns away to `outsider`'s."""
 
     def __init__(
         self,
         path: Path,
         servicer: SidecarService,
+        outsider: sidecar_pb2_grpc.SidecarServicer,
         max_message_bytes: int,
         limits: ConnectionLimits,
+        gate: Callable[[Peer], bool],
+        warnings: RepeatedWarnings,
     ):
         self.path = path
         self._servicer = servicer
+        # Served in this order: `_served[0]` is the channel's own server, `[1]` the outsider.
+        self._servicers: tuple[sidecar_pb2_grpc.SidecarServicer, ...] = (servicer, outsider)
+        self._gate = gate
+        self._warnings = warnings
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_allowed_incoming_connections", limits.max_connections),
             ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout_s * 1000)),
             ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000)),
         ]
-        self._server: grpc.aio.Server | None = None
-        self._health = HealthServicer()
+        self._caps = (limits.max_connections, OUTSIDER_MAX_CONNECTIONS)
+        self._served: list[_Served] = []
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._health = HealthServicer()  # both servers answer for the channel
         self.revivals = 0
-        # The name the socket was bound under: what its connections' getsockname() says.
-        self.bound = path
 
     async def start(self) -> None:
+        """Start both servers, then bind the socket: no connection waits for a server."""
+        self._served = [await self._serve(index) for index in range(len(self._servicers))]
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         prepare_socket_path(self.path)
-        self._server = await self._serve(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with private_umask():
+                listener.bind(os.fspath(self.path))
+            self.path.chmod(0o600)
+            listener.listen()
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            await self._stop_servers(0)
+            raise
+        self._listener = listener
+        self._accepting = asyncio.create_task(self._accept(listener))
 
-    async def _serve(self, bind_path: Path) -> grpc.aio.Server:
-        server = grpc.aio.server(options=self._options)
-        handlers = service_handlers(self._servicer)
+    async def _serve(self, index: int) -> _Served:
+        """A started server for `self._servicers[index]`, taking connections by hand-over."""
+        handover = Handover()
+        cap = ("grpc.max_allowed_incoming_connections", self._caps[index])
+        server = grpc.aio.server(options=[*self._options, cap, handover.option])
+        handlers = service_handlers(self._servicers[index])
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
@@ -155,47 +215,73 @@ class SocketServer:
             ],
             server,
         )
-        with private_umask():
-            server.add_insecure_port(f"unix:{bind_path}")
-            await server.start()
-        bind_path.chmod(0o600)
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        self.bound = bind_path
-        return server
+        handover.attach(server)
+        await server.start()
+        return _Served(server, handover)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        """Take the socket's connections one by one, for as long as it is open."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    # The socket stays readable: accepting again at once would spin.
+                    self._warnings.warning(
+                        "accept_paused", str(self.path), socket=str(self.path), error=exc.strerror
+                    )
+                    await asyncio.sleep(_ACCEPT_PAUSE_S)
+                continue  # otherwise that connection is gone (ECONNABORTED and the like)
+            try:
+                await self._admit(listener, connection)
+            except OSError:
+                connection.close()  # gone before it was judged
+
+    async def _admit(self, listener: socket.socket, connection: socket.socket) -> None:
+        """Judge the connection's peer and hand it to the server it goes to.
+
+        A server whose main loop crashed is shut down by grpcio itself a moment later, and a
+        connection handed to it then would be handed to freed memory; `_crash_of` knows of
+        the crash as soon as it happened. Such a connection is closed (its client connects
+        again, to the server the watcher puts in place), as is one that arrives as the
+        socket closes."""
+        index = 0 if self._gate(peer_credentials(connection)) else 1
+        served = self._served[index] if self._served else None
+        if (
+            served is not None
+            and await _crash_of(served.server) is None
+            # Still the socket's server (not stopped or replaced during that await); nothing
+            # is awaited between this check and the hand-over.
+            and self._listener is listener
+            and self._served[index] is served
+        ):
+            served.handover.hand(listener, connection)
+        else:
+            connection.close()
 
     async def crashed(self) -> BaseException | None:
-        """The exception that ended this server's main loop, None while it serves.
-
-        `wait_for_termination` is grpcio's one public view of it: with a timeout it re-raises
-        what crashed the loop, and otherwise returns once the wait timed out (still serving).
-        """
-        if self._server is None:
-            return None
-        try:
-            await self._server.wait_for_termination(timeout=0)
-        except Exception as exc:
-            return exc
+        """The exception that ended one of its servers' main loop, None while both serve."""
+        for served in self._served:
+            if (crash := await _crash_of(served.server)) is not None:
+                return crash
         return None
 
     async def revive(self) -> None:
-        """Put a new server on the socket of a crashed one. The servicer (and with it the
-        channel's sessions) is kept, so clients simply reconnect.
+        """Put a new server in place of each one that crashed. The servicers (and with them
+        the channel's sessions) are kept, and the socket stays, so clients simply reconnect.
 
-        The new server is bound under a fresh name beside the socket and renamed over it
-        once the crashed one has stopped (grpcio unlinks a server's socket path when it
-        stops, which would remove the new socket if it were already there). The crashed
-        server's calls are cancelled: a call that arrives on an old connection after the
-        crash is never dispatched and would otherwise hang to its deadline; cancelled, the
-        SDK sends it again when that is safe (as after a sidecar restart)."""
-        fresh = self.path.with_name(f".{secrets.token_hex(4)}.sock")
-        prepare_socket_path(fresh)
-        crashed, self._server = self._server, await self._serve(fresh)
-        if crashed is not None:
+        The new server takes the socket's next connections before the crashed one is stopped.
+        The crashed server's calls are cancelled: a call that arrives on an old connection
+        after the crash is never dispatched and would otherwise hang to its deadline;
+        cancelled, the SDK sends it again when that is safe (as after a sidecar restart)."""
+        for index, served in enumerate(self._served):
+            if await _crash_of(served.server) is None:
+                continue
+            self._served[index] = await self._serve(index)
             with contextlib.suppress(Exception):  # the crash may have left it half shut down
                 async with asyncio.timeout(_STOP_CRASHED_S):
-                    await crashed.stop(None)
-        os.replace(fresh, self.path)
+                    await served.server.stop(None)
         self.revivals += 1
 
     def drain(self) -> None:
@@ -204,11 +290,31 @@ class SocketServer:
         self._servicer.drain()
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting calls, give in-flight ones `grace` seconds, remove the socket."""
-        if self._server is None:
+        """Stop accepting, give in-flight calls `grace` seconds, remove the socket."""
+        listener, self._listener = self._listener, None
+        if listener is None:
             return
-        server, self._server = self._server, None
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        listener.close()
         await self._health.enter_graceful_shutdown()
         self._servicer.drain()
-        await server.stop(grace)
+        await self._stop_servers(grace)
         remove_socket(self.path)
+
+    async def _stop_servers(self, grace: float) -> None:
+        served, self._served = self._served, []
+        await asyncio.gather(*(s.server.stop(grace) for s in served))
+
+
+async def _crash_of(server: grpc.aio.Server) -> BaseException | None:
+    """What ended `server`'s main loop, None while it serves. `wait_for_termination` is
+    grpcio's one public view of it: with a timeout it re-raises what crashed the loop, and
+    otherwise returns once the wait timed out (still serving)."""
+    try:
+        await server.wait_for_termination(timeout=0)
+    except Exception as exc:
+        return exc
+    return None

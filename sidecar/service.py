@@ -1,4 +1,5 @@
-"""The `soma.v1.Sidecar` gRPC service of one channel: Stimulate, Stream, Describe and Search.
+"""The `soma.v1.Sidecar` gRPC service of one channel: Stimulate, Stream, Describe and Search,
+and what a process outside the runtime's tree gets in its place (`OutsiderService`).
 
 Every call must carry a session of this channel (`authorization: Bearer <session>`), and may
 only reach functions the channel's allow-list names. Organ failures are answered as responses;
@@ -10,7 +11,7 @@ its session re-checked at every frame (sidecar.stream).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Never
 
 import grpc
 import structlog
@@ -129,6 +130,30 @@ class SidecarService(pb_grpc.SidecarServicer):
                 if allow.allows(card.name)
             ]
         )
+
+
+class OutsiderService(pb_grpc.SidecarServicer):
+    """What a process outside the runtime's tree meets on the runtime's socket (see
+    sidecar.server): every call refused UNAUTHENTICATED, whatever session it carries. A session
+    is the runtime's, bound to its process tree; the refusal, unlike a closed connection,
+    tells the client not to try again (the SDK asks the handshake once more, and the handshake
+    says why)."""
+
+    MESSAGE = "this process is not the runtime's or one of its descendants"
+
+    async def Stimulate(self, request: pb.StimulateRequest, context: Context) -> Never:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
+
+    async def Stream(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: Context
+    ) -> Never:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
+
+    async def Describe(self, request: pb.DescribeRequest, context: Context) -> Never:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
+
+    async def Search(self, request: pb.SearchRequest, context: Context) -> Never:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
 
 
 def visible_card(card: OrganCard, allow: AllowList) -> OrganCard | None:

@@ -1,11 +1,11 @@
-"""Closing connections to a runtime's gRPC socket that come from outside its process tree.
+"""Shutting down connections to a runtime's gRPC socket that come from outside its tree.
 
-gRPC accepts connections itself and never shows who is at the other end, so another process
-of the same user could sit on the connection slots of a runtime's socket (each socket takes
-only `[sidecar].max_connections`). The kernel still knows every connection's peer: this sweep
-looks at the sidecar's own sockets, reads SO_PEERCRED of each connection accepted on a
-runtime's socket, and shuts down those whose peer is not that runtime or its descendant;
-grpcio then sees the connection end and frees its slot.
+Every connection is judged as it is accepted (sidecar.server), against the runtime's pid as
+the channel knows it then. When that pid changes (a runtime registered before it started, or
+restarted), connections admitted before may come from outside the new runtime's tree; this
+finds them among the sidecar's own descriptors, reads SO_PEERCRED of each connection accepted
+on the socket, and shuts down those whose peer is not admitted: their gRPC server sees the
+connection end and frees its slot, and a client that connects again is judged afresh.
 """
 
 from __future__ import annotations

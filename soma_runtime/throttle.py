@@ -62,32 +62,67 @@ class TokenBuckets:
         return bucket
 
 
+# Distinct values a held-back warning keeps of what its occurrences were about (`sample`).
+SAMPLE_SIZE = 8
+
+
+@dataclass(slots=True)
+class _Held:
+    """The occurrences of one warning held back since its last line."""
+
+    count: int
+    fields: dict[str, Any]  # the latest occurrence's
+    sample: tuple[str, dict[Hashable, None]] | None  # field name, distinct values, in order
+
+
 class RepeatedWarnings:
     """Logs the first few occurrences of a warning per key, then counts the rest and reports
     the count (`repeated`) with the next line it lets through, or from `flush`, which the
-    sidecar's channel watcher calls: a flood costs a line per interval, not one per event."""
+    sidecar's channel watcher calls: a flood costs a line per interval, not one per event.
+
+    The key is who causes the warning (a runtime, a peer), never a value that party chooses:
+    each new value would be a key with a burst of its own, and a flood of distinct values a
+    line each. Such a value goes in `sample` (a field name and the value): the line that
+    reports held-back occurrences lists up to `SAMPLE_SIZE` distinct values of them."""
 
     def __init__(
         self, logger: Any, burst: int = 5, every_s: float = 10.0, clock: Any = time.monotonic
     ) -> None:
         self._log = logger
         self._buckets = TokenBuckets(burst, 1.0 / every_s, clock)
-        self._suppressed: dict[tuple[str, Hashable], tuple[int, dict[str, Any]]] = {}
+        self._suppressed: dict[tuple[str, Hashable], _Held] = {}
 
-    def warning(self, event: str, key: Hashable, **fields: Any) -> None:
+    def warning(
+        self, event: str, key: Hashable, sample: tuple[str, Hashable] | None = None, **fields: Any
+    ) -> None:
         held = self._suppressed.pop((event, key), None)
-        if not self._buckets.take_if_there((event, key)):
-            count = held[0] if held is not None else 0
-            if held is not None or len(self._suppressed) < MAX_KEYS:
-                self._suppressed[(event, key)] = (count + 1, fields)
+        if self._buckets.take_if_there((event, key)):
+            self._log.warning(event, **fields, **_summary(held, held.count if held else 0))
             return
-        count = held[0] if held is not None else 0
-        self._log.warning(event, **fields, **({"repeated": count} if count else {}))
+        if held is None:
+            if len(self._suppressed) >= MAX_KEYS:
+                return
+            held = _Held(0, fields, None if sample is None else (sample[0], {}))
+        held.count += 1
+        held.fields = fields
+        if sample is not None and held.sample is not None:
+            values = held.sample[1]
+            if len(values) < SAMPLE_SIZE:
+                values[sample[1]] = None
+        self._suppressed[(event, key)] = held
 
     def flush(self) -> None:
         """Log the latest occurrence of each warning held back whose interval has come, with
         how many more there were: each line plus its `repeated` count is every occurrence."""
-        for (event, key), (count, fields) in list(self._suppressed.items()):
+        for (event, key), held in list(self._suppressed.items()):
             if self._buckets.take_if_there((event, key)):
                 del self._suppressed[(event, key)]
-                self._log.warning(event, **fields, **({"repeated": count - 1} if count > 1 else {}))
+                self._log.warning(event, **held.fields, **_summary(held, held.count - 1))
+
+
+def _summary(held: _Held | None, repeated: int) -> dict[str, Any]:
+    """The fields a line adds for the occurrences held back before it."""
+    summary: dict[str, Any] = {"repeated": repeated} if repeated else {}
+    if held is not None and held.sample is not None:
+        summary[held.sample[0]] = list(held.sample[1])
+    return summary

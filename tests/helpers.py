@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -12,15 +14,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdk import _auth, protocol
+
+if TYPE_CHECKING:
+    from sidecar.channels import ChannelRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 SOMA = str(Path(sys.executable).parent / "soma")
@@ -37,6 +42,18 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+async def wait_async(
+    predicate: Callable[[], object], what: str = "condition", timeout: float = 10.0
+) -> None:
+    """`wait_until` inside a coroutine: the event loop (a sidecar's, in-process) keeps running
+    while it polls."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def health_status(target: str, service: str = "", timeout: float = 1.0) -> str | None:
@@ -404,3 +421,27 @@ def npm_install(package: Path) -> Path:
         )
         done.touch()
     return directory
+
+
+@contextlib.asynccontextmanager
+async def channel_registry(tmp: Path) -> AsyncIterator[ChannelRegistry]:
+    """A sidecar's channel registry in this process (the system organ, a vault under `tmp`)
+    for tests that open channels themselves; every channel is closed at the end."""
+    from sidecar.channels import ChannelRegistry
+    from sidecar.credentials import CredentialBroker
+    from sidecar.organs.system import SystemOrgan
+    from sidecar.vault.async_vault import AsyncVault
+    from sidecar.vault.open import open_vault
+    from soma_runtime import Executive
+    from soma_runtime.config import parse_config
+
+    config = parse_config({"soma": {"state_dir": str(tmp / "state")}}, tmp / "x.toml")
+    vault = AsyncVault(lambda: open_vault(config, durable=False))
+    registry = ChannelRegistry(
+        Executive([SystemOrgan()]), config.sidecar, CredentialBroker([], vault), None
+    )
+    try:
+        yield registry
+    finally:
+        await registry.close_all(0)
+        await vault.close()

@@ -5,10 +5,13 @@ Attacks come from this test process: the same user as the sidecar, like another 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,21 +22,18 @@ from sdk import protocol
 from sdk.protocol.soma.v1 import sidecar_pb2 as pb
 from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.access import AllowList
-from sidecar.channels import ChannelRegistry, socket_paths
-from sidecar.credentials import CredentialBroker
-from sidecar.organs.system import SystemOrgan
-from sidecar.vault.async_vault import AsyncVault
-from sidecar.vault.open import open_vault
-from soma_runtime import Executive
-from soma_runtime.config import parse_config
+from sidecar.channels import socket_paths
+from sidecar.server import OUTSIDER_MAX_CONNECTIONS
 from soma_runtime.jsonline import HANDSHAKE_MAX_CONNECTIONS
 from tests.attack import h2
 from tests.helpers import (
     Process,
     SupervisorRun,
+    channel_registry,
     health_status,
     read_report,
     session_metadata,
+    wait_async,
     wait_until,
 )
 
@@ -139,10 +139,11 @@ def test_one_peer_cannot_hold_more_than_a_socket_s_share_of_descriptors(
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 held.append(sock)
                 sock.connect(str(path))
-        # 32 on the gRPC socket (the default cap); the handshake socket turns away a process
-        # outside the runtime's tree at once; a little room for the watcher's own probes.
+        # From outside the runtime's tree: 8 on the gRPC socket (its outsider server's cap),
+        # none on the handshake socket (turned away at once); a little room for the watcher's
+        # own probes.
         wait_until(
-            lambda: sidecar_fds(two) <= before + 32 + 4,
+            lambda: sidecar_fds(two) <= before + OUTSIDER_MAX_CONNECTIONS + 4,
             timeout=10,
             what="connections over the caps to be closed",
         )
@@ -233,24 +234,51 @@ def test_handshake_socket_caps_its_connections(sidecar: tuple[Process, str]) -> 
     assert echo_ok(target, session_metadata(target))
 
 
-def test_connections_from_outside_the_runtime_s_tree_are_closed(two: SupervisorRun) -> None:
-    """A squatter that speaks HTTP/2 (so no handshake timeout) and stays idle (no idle
-    timeout for 300 s) still loses the slots it took on another runtime's socket."""
-    held = []
-    try:
-        for _ in range(10):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            held.append(sock)
-            sock.connect(str(two.run_dir / "rt" / "alpha.sock"))
-            sock.sendall(h2.connection_start())
-        wait_until(
-            lambda: closed_by_peer(held) == len(held), timeout=20, what="the squatters closed"
+SQUATTER = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+sock.sendall(bytes.fromhex(sys.argv[2]))
+print("connected", flush=True)
+while sock.recv(65536):
+    pass
+print("closed", flush=True)
+"""
+
+
+async def test_connections_made_before_the_runtime_s_pid_was_known_are_shut_down_when_it_is(
+    tmp_path: Path,
+) -> None:
+    """A runtime is registered before it starts (handshakes are answered "retry"), and any
+    process of the user may connect meanwhile. Once its pid is known, a connection from
+    outside its tree is shut down at once, before a session of the runtime can exist."""
+    directory = tmp_path / "rt"
+    directory.mkdir(mode=0o700)
+    grpc_path, auth_path = socket_paths(directory, "alpha")
+    async with channel_registry(tmp_path) as registry:
+        channel = await registry.open("alpha", grpc_path, auth_path, AllowList(["*"]))
+        channel.identify(b"t" * 32, None, True, None)
+        squatter = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            SQUATTER,
+            str(grpc_path),
+            h2.connection_start().hex(),
+            stdout=asyncio.subprocess.PIPE,
         )
-    finally:
-        for sock in held:
-            sock.close()
-    wait_until(lambda: two.events("foreign_connections_closed"), what="the closing logged")
-    assert health_status(f"unix://{two.run_dir / 'rt' / 'alpha.sock'}") == "SERVING"
+        runtime = await asyncio.create_subprocess_exec("sleep", "60")
+        try:
+            assert squatter.stdout is not None
+            assert await squatter.stdout.readline() == b"connected\n"
+            await wait_async(lambda: len(connections_to(grpc_path)) == 1, "the connection")
+            channel.identify(b"t" * 32, runtime.pid, False, None)
+            async with asyncio.timeout(10):
+                assert await squatter.stdout.readline() == b"closed\n"
+        finally:
+            for process in (squatter, runtime):
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
 
 
 def connections_to(path: Path) -> set[str]:
@@ -263,15 +291,11 @@ def connections_to(path: Path) -> set[str]:
 async def test_the_liveness_probe_keeps_its_connection_and_still_sees_a_socket_go(
     tmp_path: Path,
 ) -> None:
-    config = parse_config({"soma": {"state_dir": str(tmp_path / "state")}}, tmp_path / "x.toml")
-    vault = AsyncVault(lambda: open_vault(config, durable=False))
-    executive = Executive([SystemOrgan()])
-    registry = ChannelRegistry(executive, config.sidecar, CredentialBroker([], vault), None)
     directory = tmp_path / "rt"
     directory.mkdir(mode=0o700)
     grpc_path, auth_path = socket_paths(directory, "alpha")
-    await registry.open("alpha", grpc_path, auth_path, AllowList(["*"]))
-    try:
+    async with channel_registry(tmp_path) as registry:
+        await registry.open("alpha", grpc_path, auth_path, AllowList(["*"]))
         assert await registry.probe() == {"alpha": "ok"}
         first = connections_to(grpc_path)
         assert len(first) == 1
@@ -282,6 +306,3 @@ async def test_the_liveness_probe_keeps_its_connection_and_still_sees_a_socket_g
         assert await registry.probe() == {"alpha": "unresponsive"}
         moved.rename(grpc_path)
         assert await registry.probe() == {"alpha": "ok"}
-    finally:
-        await registry.close_all(0)
-        await vault.close()

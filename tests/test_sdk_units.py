@@ -1,9 +1,17 @@
-"""SDK pieces that need no sidecar: environment, companion paths, errors, idempotency."""
+"""SDK pieces, most without a sidecar: environment, companion paths, errors, idempotency,
+waiting for a sidecar that is not there yet."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import grpc
 import pytest
@@ -12,6 +20,9 @@ import sdk
 from sdk import _auth, _wire, protocol
 from sdk._core import ACCEPT_TIMEOUT_S, MAX_ACCEPT_TIMEOUT_S, Call, ClientCore, Retry
 from sdk.types import Response
+from sidecar.access import AllowList, token_digest
+from sidecar.channels import socket_paths
+from tests.helpers import channel_registry, wait_async
 
 
 def test_from_env_outside_a_runtime_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,13 +69,23 @@ def test_token_file_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathL
         _auth.token_from_env()
 
 
-def test_a_handshake_with_no_sidecar_ends_at_the_deadline(tmp_path: os.PathLike[str]) -> None:
-    import time
-
-    started = time.monotonic()
-    with pytest.raises((sdk.Unavailable, sdk.DeadlineExceeded)):
-        _auth.handshake(f"{tmp_path}/absent.auth.sock", "t", time.monotonic() + 0.3)
-    assert time.monotonic() - started < 2
+async def test_a_handshake_with_no_sidecar_ends_at_the_deadline(tmp_path: Path) -> None:
+    """It keeps trying to the deadline, not a moment less, and then says the deadline passed
+    (as a call waiting for its socket does), sync and asyncio alike."""
+    absent = str(tmp_path / "absent.auth.sock")
+    for handshake in (
+        lambda deadline: asyncio.to_thread(_auth.handshake, absent, "t", deadline),
+        lambda deadline: _auth.handshake_async(absent, "t", deadline),
+    ):
+        started = time.monotonic()
+        deadline = started + 0.3
+        with pytest.raises(sdk.SomaError) as info:
+            await handshake(deadline)
+        assert type(info.value) is sdk.DeadlineExceeded
+        assert absent in str(info.value)
+        ended = time.monotonic()
+        assert ended >= deadline
+        assert ended - started < 10  # generous: a loaded machine is slow, not wrong
 
 
 def test_idempotency_map_covers_sub_organ_functions() -> None:
@@ -98,8 +119,6 @@ def test_organ_answers_map_to_typed_errors(output: object, error: type[Exception
 
 def test_a_client_of_a_socket_that_does_not_exist_fails_at_once(tmp_path: Path) -> None:
     """A mistyped path is named at once instead of waiting out the 30 s deadline."""
-    import asyncio
-
     missing = tmp_path / "nowhere.sock"
     with (
         sdk.Client(f"unix://{missing}") as client,
@@ -115,26 +134,64 @@ def test_a_client_of_a_socket_that_does_not_exist_fails_at_once(tmp_path: Path) 
         asyncio.run(call_async())
 
 
-def test_a_supervised_client_waits_for_its_socket_rather_than_failing_at_once(
+async def test_a_supervised_client_waits_for_its_socket_rather_than_failing_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under `soma supervise` the socket existed before the runtime started: missing, it is
-    being replaced (a sidecar restart, a channel server revived after a crash), so even a
-    first call waits for it, up to its deadline."""
-    import asyncio
+    """Under `soma supervise` the sockets existed before the runtime started: missing, they are
+    being replaced (a sidecar restart), so even a first call waits for them, and is answered
+    once the channel is back. The channel opens only once both clients are seen waiting."""
+    directory = tmp_path / "rt"
+    directory.mkdir(mode=0o700)
+    grpc_path, auth_path = socket_paths(directory, "alpha")
+    token = secrets.token_hex(32)
+    token_file = tmp_path / "alpha.token"
+    token_file.write_text(token)
+    monkeypatch.setenv(protocol.ADDRESS_ENV, f"unix://{grpc_path}")
+    monkeypatch.setenv(protocol.TOKEN_FILE_ENV, str(token_file))
+    monkeypatch.setenv(protocol.AUTH_SOCKET_ENV, str(auth_path))
+    monkeypatch.delenv(protocol.TOKEN_FD_ENV, raising=False)
+    with sdk.Client.from_env(timeout=30) as client:
+        async with sdk.AsyncClient.from_env(timeout=30) as async_client:
+            sync_call = asyncio.create_task(
+                asyncio.to_thread(client.call, "system.echo", {"from": "sync"})
+            )
+            async_call = asyncio.create_task(async_client.call("system.echo", {"from": "aio"}))
+            await wait_async(
+                lambda: (
+                    thread_runs(_auth.handshake) and task_awaits(async_call, _auth.handshake_async)
+                ),
+                what="both clients to wait in their handshake",
+            )
+            assert not grpc_path.exists()
+            async with channel_registry(tmp_path) as registry:
+                channel = await registry.open("alpha", grpc_path, auth_path, AllowList(["*"]))
+                channel.identify(token_digest(token), None, False, None)
+                assert await sync_call == {"from": "sync"}
+                assert await async_call == {"from": "aio"}
 
-    monkeypatch.setenv(protocol.ADDRESS_ENV, f"unix://{tmp_path / 'rt.sock'}")
-    for name in (protocol.TOKEN_FD_ENV, protocol.TOKEN_FILE_ENV, protocol.AUTH_SOCKET_ENV):
-        monkeypatch.delenv(name, raising=False)  # no handshake: the call itself waits
-    with sdk.Client.from_env(timeout=0.3) as client, pytest.raises(sdk.DeadlineExceeded):
-        client.call("system.echo", {})
 
-    async def call_async() -> None:
-        async with sdk.AsyncClient.from_env(timeout=0.3) as client:
-            await client.call("system.echo", {})
+def thread_runs(function: Callable[..., object]) -> bool:
+    """Whether some thread of this process is inside `function` right now."""
+    code = function.__code__
+    for frame in sys._current_frames().values():
+        walked: FrameType | None = frame
+        while walked is not None:
+            if walked.f_code is code:
+                return True
+            walked = walked.f_back
+    return False
 
-    with pytest.raises(sdk.DeadlineExceeded):
-        asyncio.run(call_async())
+
+def task_awaits(task: asyncio.Task[object], function: Callable[..., object]) -> bool:
+    """Whether `task` is suspended inside the coroutine function `function`."""
+    code = function.__code__
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None)
+        if frame is not None and frame.f_code is code:
+            return True
+        awaited = getattr(awaited, "cr_await", None)
+    return False
 
 
 def stream_core(idempotent: dict[str, bool] | None) -> ClientCore:

@@ -81,6 +81,13 @@ class RawCaller:
             return str(exc)
         return None
 
+    def session(self) -> str:
+        """This runtime's session (made now if it has none yet)."""
+        assert self._token is not None and self._auth_socket is not None
+        if self._session is None:
+            self._session = _auth.handshake(self._auth_socket, self._token, time.monotonic() + 5)
+        return self._session
+
     def call(self, path: str, payload: bytes, timeout: float) -> tuple[str, bytes | None]:
         assert self._token is not None and self._auth_socket is not None
         rpc: Any = self._channel.unary_unary(path)  # no serializers: bytes in, bytes out
@@ -171,6 +178,8 @@ class Relay:
     - `{"op": "send", "path": SOCKET, "file": PATH, "wait_for_socket": bool}` → the bytes of
       PATH written to a socket from inside this runtime's process tree (see `send_and_read`),
       `{"ok": true, "closed": bool, "answer": b64}`
+    - `{"op": "session"}` → `{"ok": true, "session": S}`: the runtime's own session for raw
+      calls, handed over (a leak)
     - `{"op": "handshake", "token": T}` → a handshake with token T (null: the runtime's own)
       on this runtime's handshake socket, from inside its tree: `{"ok": true, "refused":
       null | message}`
@@ -226,6 +235,8 @@ class Relay:
             return {"ok": True, "closed": closed, "answer": base64.b64encode(answer).decode()}
         if op == "handshake":
             return {"ok": True, "refused": await asyncio.to_thread(self.raw.refusal, message)}
+        if op == "session":
+            return {"ok": True, "session": await asyncio.to_thread(self.raw.session)}
         if op == "spawn":
             helper = await asyncio.to_thread(subprocess.Popen, ["sleep", "300"])
             self.helpers.append(helper)

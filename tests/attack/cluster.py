@@ -103,6 +103,10 @@ class Relay:
         refused = self.request({"op": "handshake", "token": token})["refused"]
         return None if refused is None else str(refused)
 
+    def session(self) -> str:
+        """The session the runtime's raw calls carry, handed over as a leak would."""
+        return str(self.request({"op": "session"})["session"])
+
     def spawn(self) -> int:
         return int(self.request({"op": "spawn"})["pid"])
 

@@ -112,10 +112,11 @@ def exchange(path: str, data: bytes, timeout: float = 5.0) -> Answer:
     server loop dies on some inputs (a non-UTF-8 method name) some time after the bytes were
     read, and the sidecar puts a new server on the socket. The attacker waits for it."""
     received, closed = send_and_read(path, data, timeout, wait_for_socket=True)
-    return Answer(tuple(_frame_types(received)), closed)
+    return Answer(tuple(frame_types(received)), closed)
 
 
-def _frame_types(data: bytes) -> list[int]:
+def frame_types(data: bytes) -> list[int]:
+    """The types of the frames in `data`, parsed by their headers."""
     types = []
     offset = 0
     while offset + 9 <= len(data):
