@@ -6,8 +6,11 @@ The instance keeps its tool calls in flight by caller and JSON-RPC request id, a
 hands each cancel it sees to `InFlight.cancel` with the caller it authenticated. Request ids
 are chosen by clients, so a cancel reaches only a call of the same principal (API key or token
 subject); two calls of one principal under one id (two clients sharing a key) are ambiguous,
-and neither is cancelled rather than perhaps the wrong one. (2026-07-28 clients cancel by
-closing the request's stream instead, which cancels the call in the guard.)
+and neither is cancelled rather than perhaps the wrong one. What cannot be told apart is a late
+cancel: client A's cancel that arrives after A's call ended cancels client B's call of the same
+key, if B's runs under the same id at that moment (clients number their requests alike). Keys
+are per client for that reason too; a 2026-07-28 client cancels by closing the request's
+stream instead, which cancels exactly its own call in the guard.
 """
 
 from __future__ import annotations
