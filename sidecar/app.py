@@ -22,7 +22,6 @@ import structlog
 from sdk import protocol
 from sidecar.access import AllowList, token_digest
 from sidecar.admin import Admin, supervisor_only
-from sidecar.bridge import serve_bridges
 from sidecar.bridge.keys import KeyCounts
 from sidecar.channels import ChannelRegistry
 from sidecar.credentials import CredentialBroker
@@ -106,9 +105,12 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
             token_file = await _open_local_channel(config, registry)
             parts.callback(token_file.remove)
         key_counts = KeyCounts()
-        await parts.enter_async_context(
-            serve_bridges(config, executive, broker, key_counts, bridge_sockets)
-        )
+        if config.bridge:
+            from sidecar.bridge.instance import serve_bridges  # the mcp SDK: for bridges only
+
+            await parts.enter_async_context(
+                serve_bridges(config, executive, broker, key_counts, bridge_sockets)
+            )
         if config.metrics.listen is not None:
             collector = SomaCollector(executive, registry, key_counts)
             await parts.enter_async_context(serve_metrics(config, collector))

@@ -14,7 +14,6 @@ from types import MappingProxyType
 from typing import Any
 
 from sidecar.organs import BUILTIN_ORGANS
-from sidecar.upstream import UpstreamOrgan
 from soma_runtime import Organ, OrganEnvironment
 from soma_runtime.cards import OrganCard
 from soma_runtime.config import ConfigError, SomaConfig
@@ -75,6 +74,8 @@ def load_organs(
     taken = _namespaces(builtins, "built-in organ") | _namespaces(
         [organ.describe() for organ in organs], "organ"
     )
+    if config.upstream:
+        from sidecar.upstream.organ import UpstreamOrgan  # the mcp SDK: for upstreams only
     for index, upstream in enumerate(config.upstream):
         holder = taken.get(upstream.name)
         if holder is not None:

@@ -26,8 +26,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server
 
-from sidecar.bridge import serve_bridges
-from sidecar.bridge.instance import ReadyServer
+from sidecar.bridge.instance import ReadyServer, serve_bridges
 from sidecar.bridge.keys import KeyStore
 from sidecar.credentials import CredentialBroker
 from sidecar.organs.system import SystemOrgan

@@ -18,8 +18,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from sidecar.bridge import RunningBridge, serve_bridges
 from sidecar.bridge.calls import ERROR
+from sidecar.bridge.instance import RunningBridge, serve_bridges
 from sidecar.bridge.keys import KeyStore
 from sidecar.bridge.names import function_name, tool_name
 from sidecar.bridge.tools import IDEMPOTENCY_KEY, META, to_tool

@@ -22,12 +22,12 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 import sdk
-from sidecar.bridge import serve_bridges
+from sidecar.bridge.instance import serve_bridges
 from sidecar.bridge.keys import KeyStore
 from sidecar.credentials import CredentialBroker, CredentialDenied
 from sidecar.injection import inject_credentials
 from sidecar.loading import load_organs
-from sidecar.upstream import UpstreamOrgan
+from sidecar.upstream.organ import UpstreamOrgan
 from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import open_vault
 from soma_runtime import Executive, FunctionCard, Response, Stimulus

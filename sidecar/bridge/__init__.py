@@ -1,5 +1,5 @@
-"""The MCP bridge: chosen organ functions as MCP servers for any MCP client."""
+"""The MCP bridge: chosen organ functions as MCP servers for any MCP client.
 
-from sidecar.bridge.instance import RunningBridge, serve_bridges
-
-__all__ = ["RunningBridge", "serve_bridges"]
+Nothing is imported here: the mcp SDK costs the sidecar most of a second to import, which a
+sidecar without `[[bridge]]` never pays (`sidecar.app` imports `instance` only for bridges).
+"""

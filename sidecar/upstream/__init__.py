@@ -1,6 +1,5 @@
-"""Upstream MCP servers (`[[upstream]]`) hosted as organs, with pinned tool definitions."""
+"""Upstream MCP servers (`[[upstream]]`) hosted as organs, with pinned tool definitions.
 
-from sidecar.upstream.organ import UpstreamOrgan
-from sidecar.upstream.pins import PinStore
-
-__all__ = ["PinStore", "UpstreamOrgan"]
+Nothing is imported here: the mcp SDK is imported (by `organ`) only where an upstream is
+configured (see `sidecar.loading`).
+"""
