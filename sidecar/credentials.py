@@ -105,7 +105,8 @@ class Credential:
 
     def reveal(self) -> str:
         """The value itself, for what has no URL to bind it to: the environment of a stdio
-        upstream MCP server the sidecar starts (see sidecar.upstream). Never log it."""
+        upstream MCP server the sidecar starts, and what masks it in everything an upstream
+        answers (sidecar.upstream). Never log it."""
         return self._value
 
     @property

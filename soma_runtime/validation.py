@@ -14,6 +14,8 @@ from typing import Any
 
 from jsonschema.exceptions import ValidationError, best_match
 from jsonschema.validators import validator_for
+from referencing import Registry
+from referencing.exceptions import Unresolvable
 
 _MAX_DETAIL = 120
 
@@ -36,7 +38,12 @@ class InputValidator:
         cls.check_schema(schema)
         self._patterns: dict[str, str] = {}
         self._validator = cls(
-            _with_ecma_anchors(schema, self._patterns), format_checker=cls.FORMAT_CHECKER
+            _with_ecma_anchors(schema, self._patterns),
+            format_checker=cls.FORMAT_CHECKER,
+            # `$ref`s resolve within the schema and the bundled metaschemas only: by default
+            # jsonschema fetches any other URL, at every check, on the caller's thread (an
+            # upstream's schema would make the sidecar fetch what its author chose).
+            registry=Registry(),
         )
         # "Any object" (an echo, a pass-through) is an isinstance check, not a jsonschema
         # walk: a microsecond per call. Anything else it says goes the whole way.
@@ -47,14 +54,36 @@ class InputValidator:
         if self._any_object and isinstance(instance, dict):
             return None
         errors = self._validator.iter_errors(instance)
-        first = next(errors, None)
-        if first is None:  # (best_match's own bookkeeping costs a valid call a third more)
-            return None
-        error = best_match(itertools.chain([first], errors)) or first
+        try:
+            first = next(errors, None)
+            if first is None:  # (best_match's own bookkeeping costs a valid call a third more)
+                return None
+            error = best_match(itertools.chain([first], errors)) or first
+        except Unresolvable:  # found only where the instance leads the check
+            return InputError(path="$", message="the schema has a $ref that does not resolve")
         if error.validator == "pattern":  # name the card's pattern, not its translation
             used = str(error.validator_value)
             error.validator_value = self._patterns.get(used, used)
         return InputError(path=error.json_path, message=_describe(error))
+
+
+class Validators:
+    """Compiled validators by name (a function, a tool): one is compiled at the first check
+    against a schema and rebuilt only when the schema object it was built from is replaced
+    (a card registered anew, an upstream's tool approved anew); compiling costs tens of
+    checks."""
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[dict[str, Any], InputValidator]] = {}
+
+    def first_error(self, name: str, schema: dict[str, Any], instance: Any) -> InputError | None:
+        """As `InputValidator.first_error`, for `name`'s `schema`."""
+        known = self._known.get(name)
+        if known is None or known[0] is not schema:
+            known = self._known[name] = (schema, InputValidator(schema))
+        return known[1].first_error(instance)
 
 
 # The keywords of a schema that only says "an object": annotations assert nothing.

@@ -27,7 +27,7 @@ from sidecar.bridge.keys import KeyStore
 from sidecar.credentials import CredentialBroker, CredentialDenied
 from sidecar.injection import inject_credentials
 from sidecar.loading import load_organs
-from sidecar.upstream.organ import UpstreamOrgan
+from sidecar.upstream.organ import LIST_CHANGED_GAP_S, UpstreamOrgan
 from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import open_vault
 from soma_runtime import Executive, FunctionCard, Response, Stimulus
@@ -443,3 +443,66 @@ def test_a_real_sidecar_hosts_the_upstream(tmp_path: Path) -> None:
             assert seen_credentials(state)[-1] == f"Bearer {SECRET}"
         finally:
             proc.stop()
+
+
+def lists_seen(state: Path) -> int:
+    """How many times the fixture server was asked for its tool list."""
+    return len((state / "lists").read_text().splitlines()) if (state / "lists").exists() else 0
+
+
+async def listening(state: Path) -> None:
+    """Wait for the tool list the organ reads once its listen stream is up (after the one
+    read at start): from then on, no list is read but on an event or the interval."""
+    await eventually(lambda: lists_seen(state) >= 2)
+
+
+async def test_answers_are_checked_against_the_approved_output_schema_without_listing(
+    tmp_path: Path,
+) -> None:
+    """The organ checks structured content against the tool's approved output schema: a
+    call costs no tools/list round trip, and an upstream that changes the schema it lists
+    (a rug pull, quarantined at the next refresh) does not change what answers must match."""
+    with http_upstream(tmp_path) as (url, state):
+        config = write_config(tmp_path, http_table(url, refresh_interval=3600), host=origin(url))
+        async with hosting(config) as host:
+            await listening(state)
+            before = lists_seen(state)
+            for n in range(5):
+                answer = await host.call("tickets.get_ticket", {"id": str(n)})
+                assert answer.output == {"id": str(n), "title": f"ticket {n}"}
+            refused = "the upstream's answer does not match the tool's output schema"
+            for ticket in ("garbage", "none"):  # breaks the schema; holds no structured content
+                bad = await host.call("tickets.get_ticket", {"id": ticket})
+                assert bad.error == "UpstreamError", bad.output
+                assert bad.output["message"] == refused
+            assert lists_seen(state) == before
+            # The schema listed now accepts anything; the approved one still decides.
+            (state / "output_schema").write_text('{"type": "object"}')
+            still = await host.call("tickets.get_ticket", {"id": "garbage"})
+            assert still.error == "UpstreamError", still.output
+            assert (await host.call("tickets.get_ticket", {"id": "9"})).ok  # no backoff
+            assert lists_seen(state) == before
+            await host.upstream.refresh()
+            assert "tickets.get_ticket" not in host.functions()  # the rug pull, quarantined
+
+
+async def test_a_storm_of_list_changed_events_costs_a_few_lists(tmp_path: Path) -> None:
+    """List-changed events coming for seconds are merged: the organ reads the list at most
+    once per gap while they keep coming (not back to back), and a change behind them still
+    arrives. (The client itself merges identical events pending at once: a burst costs a
+    few lists either way.)"""
+    with http_upstream(tmp_path) as (url, state):
+        (state / "extra").write_text("storm\n")
+        config = write_config(tmp_path, http_table(url, refresh_interval=3600), host=origin(url))
+        async with hosting(config) as host:
+            await listening(state)
+            before, started = lists_seen(state), time.monotonic()
+            storm = await host.call("tickets.storm", {"times": 200, "every": 0.02})
+            assert storm.ok, storm.output
+            assert (await host.call("tickets.hide", {"id": "wait"})).ok  # the marker
+            await eventually(lambda: "tickets.wait" not in host.functions(), timeout=30)
+            elapsed = time.monotonic() - started
+            read = lists_seen(state) - before
+            bound = elapsed / LIST_CHANGED_GAP_S + 2
+            print(f"{read} tool lists for 201 events in {elapsed:.2f} s (bound {bound:.1f})")
+            assert read <= bound

@@ -10,24 +10,30 @@ import base64
 import binascii
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 import sdk
+from sidecar.upstream.transport import MAX_STDERR_LINE
 from soma_runtime.config import SomaConfig
 from tests.fake_upstream import encodings
-from tests.helpers import set_secret, start_sidecar
+from tests.helpers import SupervisorRun, set_secret, start_sidecar, wait_until
 from tests.test_upstream import (
     DESK,
+    FIXTURE,
     TOKEN,
     bridge_client,
+    eventually,
     hosting,
     http_table,
     http_upstream,
     origin,
+    seen_credentials,
     stdio_table,
     write_config,
 )
@@ -182,3 +188,64 @@ async def test_a_huge_answer_is_a_typed_error_for_runtimes_and_mcp_clients(
         assert json.loads(result.content[0].text)["error"] == "ResponseTooLarge"  # type: ignore[union-attr]
         fine = await host.call("tickets.get_ticket", {"id": "5"})
         assert fine.ok and fine.output == {"id": "5", "title": "ticket 5"}
+
+
+async def test_a_compressed_listen_stream_is_refused(tmp_path: Path) -> None:
+    """The listen stream's body is not decoded either (a gzip bomb would be, on the event
+    loop): the stream is refused, and calls go on."""
+    with http_upstream(tmp_path) as (url, state):
+        (state / "gzip_listen").touch()
+        config = write_config(tmp_path, http_table(url), host=origin(url))
+        with capture_logs() as logs:
+            async with hosting(config) as host:
+                await eventually(
+                    lambda: any(
+                        e["event"] == "upstream_listen_ended" and "content coding" in e["error"]
+                        for e in logs
+                    )
+                )
+                fine = await host.call("tickets.get_ticket", {"id": "1"})
+                assert fine.output == {"id": "1", "title": "ticket 1"}
+
+
+FORGED = {"event": "vault_sealed", "level": "critical", "child": "sidecar", "error": "forged"}
+
+
+def test_a_stdio_upstreams_stderr_is_its_own_bounded_events(tmp_path: Path) -> None:
+    """What a stdio upstream writes to stderr is logged as its events (`upstream_stderr`,
+    its name, the line in a field, cut short, a few a while): a line imitating the sidecar's
+    never becomes one of the sidecar's events."""
+    state = tmp_path / "upstream"
+    state.mkdir()
+    lines = [json.dumps(FORGED), "x" * 100_000] + [f"chatter {n}" for n in range(200)]
+    (state / "stderr").write_text("\n".join(lines) + "\n")
+    command = json.dumps([sys.executable, str(FIXTURE), "stdio", str(state)])
+    run = SupervisorRun(tmp_path, f'[[upstream]]\nname = "tickets"\ncommand = {command}\n')
+    try:
+        run.wait_ready()
+        wait_until(lambda: len(run.events("upstream_stderr")) >= 2, what="the upstream's lines")
+        events = run.events("upstream_stderr")
+        assert events[0]["upstream"] == "tickets" and events[0]["child"] == "sidecar"
+        assert json.loads(events[0]["line"]) == FORGED
+        assert len(events[1]["line"]) <= MAX_STDERR_LINE + 3
+        assert not [e for e in run.events() if e.get("event") == FORGED["event"]]
+    finally:
+        run.stop()
+    assert len(run.events("upstream_stderr")) < 20  # of 202 lines
+
+
+async def test_a_rotated_credential_is_masked_in_what_follows(tmp_path: Path) -> None:
+    """The organ keeps what masks a credential from call to call: a new value of it (a
+    rotation) is masked as well as the first."""
+    with leaky_upstream(tmp_path, "http") as config:
+        async with hosting(config) as host:
+            first = await host.call("tickets.leak", {})
+            assert first.ok and "****" in json.dumps(first.output)
+            assert_no_secret(first.output)
+            rotated = HOSTILE[::-1]
+            set_secret(config.source, TOKEN, rotated)
+            second = await host.call("tickets.leak", {})
+            assert second.ok and "****" in json.dumps(second.output)
+            text = json.dumps(second.output, ensure_ascii=False)
+            assert not [form for form in encodings(rotated) if form in text], text[:2000]
+        assert seen_credentials(tmp_path / "upstream")[-1] == f"Bearer {rotated}"

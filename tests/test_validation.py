@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
 from typing import Any
 
 import pytest
@@ -48,3 +50,46 @@ def test_an_object_only_schema_still_refuses_what_is_not_an_object() -> None:
     assert validator.first_error({"any": ["thing"]}) is None
     for instance in ([], "x", None, 1):
         assert validator.first_error(instance) == InputError("$", 'must be of type "object"')
+
+
+def test_a_ref_to_a_url_is_not_fetched_and_fails_as_a_typed_error() -> None:
+    """Schemas come from upstreams too: a `$ref` outside the schema is never fetched (by
+    default jsonschema would fetch it at every check), and what it leaves unresolved is an
+    error, not an exception."""
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            body = b'{"type": "string"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/schema.json"
+        schema = {"type": "object", "properties": {"a": {"$ref": url}}}
+        error = InputValidator(schema).first_error({"a": 1})
+        assert error == InputError("$", "the schema has a $ref that does not resolve")
+        # Within the schema, and the bundled metaschemas, references still resolve.
+        local = {
+            "type": "object",
+            "properties": {
+                "a": {"$ref": "#/$defs/text"},
+                "s": {"$ref": "https://json-schema.org/draft/2020-12/schema"},
+            },
+            "$defs": {"text": {"type": "string"}},
+        }
+        assert InputValidator(local).first_error({"a": "x", "s": {"type": "string"}}) is None
+        assert InputValidator(local).first_error({"a": 1}) is not None
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == []

@@ -21,7 +21,7 @@ from sidecar.credentials import CredentialBroker, CredentialDenied
 from sidecar.injection import inject_credentials
 from sidecar.wire import encode_output
 from soma_runtime import ErrorKind, Executive, FunctionCard, Response, Stimulus, tracing
-from soma_runtime.validation import InputError, InputValidator
+from soma_runtime.validation import InputError, Validators
 
 log = structlog.get_logger(component="bridge")
 
@@ -63,7 +63,7 @@ class ToolCalls:
         self._executive = executive
         self._broker = broker
         self._replay: ReplayCache[types.CallToolResult] = ReplayCache(_result_size)
-        self._outputs: dict[str, tuple[dict[str, Any], InputValidator]] = {}
+        self._outputs = Validators()
 
     async def call(
         self,
@@ -180,12 +180,7 @@ class ToolCalls:
         """Where `output` breaks the output schema the tool lists, if it lists one; the
         validator is compiled once per schema (an upstream's may change)."""
         schema = listed_output_schema(card)
-        if schema is None:
-            return None
-        known = self._outputs.get(card.name)
-        if known is None or known[0] is not schema:
-            known = self._outputs[card.name] = (schema, InputValidator(schema))
-        return known[1].first_error(output)
+        return None if schema is None else self._outputs.first_error(card.name, schema, output)
 
     async def _inject(
         self, organ: str, card: FunctionCard, stimulus: Stimulus

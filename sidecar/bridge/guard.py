@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sidecar.bridge.calls import Principal
 from sidecar.bridge.keys import OAUTH, UNKNOWN_KEY, KeyCache
 from sidecar.bridge.oauth import InvalidToken, TokenVerifier
+from sidecar.mcp_methods import CANCELLED
 from soma_runtime import strict_json
 from soma_runtime.bridge_config import BridgeSection
 from soma_runtime.cards import FunctionCard
@@ -44,7 +45,6 @@ MAX_BACKOFF_S = 2.0
 # Levels of JSON-RPC around a tool's arguments: a batch, the message, its params.
 ENVELOPE_DEPTH = 3
 PARSE_ERROR = -32700  # JSON-RPC
-CANCELLED = "notifications/cancelled"
 
 
 class _Refusal(Exception):

@@ -9,7 +9,7 @@ number, or spread over several strings) fails the call (`UnscrubbableResponse`) 
 go out.
 
 Shaped: a tool that declared an output schema answers its structured content (which the
-client checked against that schema); one that declared none answers its content blocks and,
+organ checked against the approved schema); one that declared none answers its content blocks and,
 when it sent some all the same, its structured content (`cards.UNDECLARED_OUTPUT`).
 """
 

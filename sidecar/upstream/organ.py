@@ -2,22 +2,24 @@
 
 Every operation (the tool list, a call) is bounded by the upstream's `timeout`: an upstream
 that is down, slow or answers garbage fails its own calls (`Unavailable`, `DeadlineExceeded`,
-`UpstreamError` for an answer that breaks the tool's own output schema, which fails only that
-call) and nothing else. Over HTTP each operation opens its own stateless MCP connection with the
-official client, sending the credential the call was given; after a failure further
+`UpstreamError` for an answer that breaks the tool's approved output schema, which fails only
+that call) and nothing else. Over HTTP each operation opens its own stateless MCP connection
+with the official client, sending the credential the call was given; after a failure further
 operations wait out a backoff (0.5 s doubling to 30 s) and answer `Unavailable` at once
 meanwhile, so a dead upstream is not hammered. A stdio upstream is one long-lived subprocess
 (see `session`), restarted with the same backoff when it dies; its credential is in its
 environment from its start (resolved for the organ itself, audited as `upstream:<name>`), so a
 call's injected credential only proves the caller may use it.
 
-The tool list is read at start, every `refresh_interval`, and whenever the upstream says it
-changed (a 2026-07-28 `subscriptions/listen` stream; older servers get the interval only); a
-change re-registers the organ's card with the executive. Tools whose definition is not the
-pinned one are quarantined (see `pins`); when the upstream cannot be reached at start, the
-pinned definitions stand in, so its functions exist and answer `Unavailable`. A tool whose
-function name another organ already has is left out, with a warning (the configuration
-refuses an upstream named like another organ's functions, see `sidecar.loading`).
+The tool list is read at start, every `refresh_interval`, and when the upstream says it changed
+(a 2026-07-28 `subscriptions/listen` stream; older servers get the interval only): once for any
+number of such events, and at most once per `LIST_CHANGED_GAP_S` while they keep coming, so a
+storm of events costs a list a second. A change re-registers the organ's card with the
+executive. Tools whose definition is not the pinned one are quarantined (see `pins`); when the
+upstream cannot be reached at start, the pinned definitions stand in, so its functions exist
+and answer `Unavailable`. A tool whose function name another organ already has is left out,
+with a warning (the configuration refuses an upstream named like another organ's functions, see
+`sidecar.loading`).
 
 Everything the upstream answers is scrubbed of the credential it was given (see `answers`)
 and bounded: what it sends for one operation is read up to twice `max_output` (a result
@@ -41,15 +43,14 @@ import structlog
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ListenNotSupportedError
-from mcp.types import RequestParamsMeta, Tool
+from mcp.types import CallToolResult, RequestParamsMeta, Tool
 
 from sidecar.credentials import Credential, CredentialBroker
 from sidecar.upstream.answers import Scrub, Unmaskable, response
 from sidecar.upstream.cards import declares_output, definition, function_card
 from sidecar.upstream.pins import PinStore
 from sidecar.upstream.session import (
-    BACKOFF_MAX_S,
-    BACKOFF_MIN_S,
+    Backoff,
     StdioSession,
     UpstreamDown,
     connection_closed,
@@ -61,10 +62,14 @@ from soma_runtime import Executive, Organ, OrganEnvironment, tracing
 from soma_runtime.cards import FunctionCard, OrganCard
 from soma_runtime.contract import Response, Stimulus, unsupported
 from soma_runtime.upstream_config import UpstreamSection
+from soma_runtime.validation import Validators
 
 log = structlog.get_logger(component="upstream")
 
 MAX_PAGES = 100
+# Seconds between two reads of the tool list (the least a storm of list-changed events costs).
+LIST_CHANGED_GAP_S = 1.0
+OUTPUT_MISMATCH = "the upstream's answer does not match the tool's output schema"
 # What one operation may read, in outputs' worth: a result usually comes twice.
 ANSWER_FACTOR = 2
 
@@ -84,8 +89,11 @@ class UpstreamOrgan(Organ):
         self._tools: dict[str, Tool] = {}  # function name -> tool, approved tools
         self._quarantined: dict[str, str] = {}  # function name -> tool name
         self._clashing: dict[str, str] = {}  # function name -> the organ that has it
-        self._backoff = 0.0
+        self._backoff = Backoff()
         self._down_until = 0.0
+        self._changed = asyncio.Event()  # the upstream said its tool list changed
+        self._outputs = Validators()  # of the approved tools' output schemas
+        self._scrubs: tuple[str, Scrub] | None = None  # the last credential value's
         self._tasks: list[asyncio.Task[None]] = []
         # The credential the stdio subprocess was started with: what it can echo.
         self._given: Credential | None = None
@@ -136,37 +144,49 @@ class UpstreamOrgan(Organ):
             await self._stdio.stop()
 
     async def _refresh_forever(self) -> None:
+        """Read the list every `refresh_interval`, or sooner once the upstream said it
+        changed; one read at a time, `LIST_CHANGED_GAP_S` apart at least."""
         while True:
-            await asyncio.sleep(self.section.refresh_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.section.refresh_interval):
+                    await self._changed.wait()
+            self._changed.clear()  # the events so far: all answered by the read below
             try:
                 await self.refresh()
             except UpstreamDown as exc:
                 log.warning("upstream_refresh_failed", upstream=self.name, error=str(exc))
+            except Exception as exc:  # the next read may work: the reads must go on
+                _raise_if_cancelled()
+                log.error("upstream_refresh_failed", upstream=self.name, error=reason(exc))
+            await asyncio.sleep(LIST_CHANGED_GAP_S)
 
     async def _listen_forever(self) -> None:
-        """Refresh on each tools list-changed event; after a dropped stream, listen again
-        an interval later."""
+        """Have the list read on tools list-changed events (the events only set a flag: see
+        `_refresh_forever`); after a dropped stream, listen again an interval later."""
         while True:
+            budget = Budget(None)  # refuses a compressed stream; each event is bounded
             try:
                 async with (
-                    self._listening_client() as client,
+                    self._listening_client(budget) as client,
                     client.listen(tools_list_changed=True) as events,
                 ):
                     # Read the list once subscribed: a change made before the
                     # subscription was acknowledged sends no event (none are replayed).
-                    await self.refresh()
+                    self._changed.set()
                     async for _ in events:
-                        await self.refresh()
+                        self._changed.set()
             except ListenNotSupportedError:
                 log.info("upstream_sends_no_list_changes", upstream=self.name)
                 return
             except Exception as exc:
                 _raise_if_cancelled()
-                log.info("upstream_listen_ended", upstream=self.name, error=reason(exc))
+                # As for an operation, the budget knows whether it refused the stream.
+                error = budget.refused.message if budget.refused else reason(exc)
+                log.info("upstream_listen_ended", upstream=self.name, error=error)
             await asyncio.sleep(self.section.refresh_interval)
 
     @contextlib.asynccontextmanager
-    async def _listening_client(self) -> AsyncIterator[Client]:
+    async def _listening_client(self, budget: Budget) -> AsyncIterator[Client]:
         """A long-lived client for the listen stream (not bounded by the call timeout)."""
         if self._stdio is not None:
             async with self._stdio.operation() as client:
@@ -174,7 +194,8 @@ class UpstreamOrgan(Organ):
             return
         credential = await self._own_credential()
         async with contextlib.AsyncExitStack() as stack:
-            yield await stack.enter_async_context(self._http_client(credential, stack, None))
+            http = self._http_client(credential, stack, budget, listening=True)
+            yield await stack.enter_async_context(http)
 
     async def _pinned(self) -> dict[str, Tool]:
         """`{function name: tool}` as approved."""
@@ -343,21 +364,9 @@ class UpstreamOrgan(Organ):
         op = stimulus.op
         try:
             async with self._operation(credential) as client:
-                try:
-                    result = await client.call_tool(
-                        tool.name, stimulus.input, meta=_trace_meta(stimulus)
-                    )
-                except RuntimeError as exc:
-                    if type(exc) is not RuntimeError:
-                        raise
-                    # The client checked the answer against the tool's output schema (its
-                    # only plain RuntimeError): a bad answer to this call, not an upstream
-                    # that is down, so no backoff for every caller. The message is ours: the
-                    # client's quotes the value.
-                    raise AnswerRefused(
-                        "UpstreamError",
-                        "the upstream's answer does not match the tool's output schema",
-                    ) from None
+                result = await client.call_tool(
+                    tool.name, stimulus.input, meta=_trace_meta(stimulus)
+                )
         except AnswerRefused as exc:
             return Response.failure(exc.kind, _elapsed_ms(started), op=op, message=exc.message)
         except UpstreamDown as exc:
@@ -370,9 +379,23 @@ class UpstreamOrgan(Organ):
             return Response.failure(
                 "DeadlineExceeded", _elapsed_ms(started), op=op, deadline_s=self.section.timeout
             )
-        # The client has checked structured content against the tool's output schema
-        # (a mismatch raised above: UpstreamError).
+        if self._breaks_output_schema(op, tool, result):
+            # A bad answer to this call, not an upstream that is down: no backoff for every
+            # caller. The message is ours, never the value.
+            return Response.failure(
+                "UpstreamError", _elapsed_ms(started), op=op, message=OUTPUT_MISMATCH
+            )
         return response(result, declares_output(tool), scrub, _elapsed_ms(started), op)
+
+    def _breaks_output_schema(self, op: str, tool: Tool, result: CallToolResult) -> bool:
+        """Whether a successful answer of a tool that declared an output schema lacks
+        structured content or breaks the schema: the approved one, that `tool` holds (what
+        the upstream lists now may be a changed one, quarantined at the next read)."""
+        schema = tool.output_schema
+        if result.is_error or not declares_output(tool) or schema is None:
+            return False
+        content = result.structured_content
+        return content is None or self._outputs.first_error(op, schema, content) is not None
 
     def _handed_on(self, answer: Response, scrub: Scrub, op: str) -> Response:
         """`answer` as it may leave the organ: scrubbed, JSON, within the output limit."""
@@ -395,9 +418,13 @@ class UpstreamOrgan(Organ):
 
     def _scrub(self, sent: Credential | None) -> Scrub:
         """What masks the credential the upstream was given: the one sent with the operation
-        over HTTP, the one its process was started with on stdio."""
+        over HTTP, the one its process was started with on stdio. Built once per value (its
+        patterns cost far more than a call's check); a rotated value gets its own."""
         given = self._given if self._stdio is not None else sent
-        return Scrub([given.reveal()] if given is not None else [])
+        value = given.reveal() if given is not None else ""
+        if self._scrubs is None or self._scrubs[0] != value:
+            self._scrubs = (value, Scrub([value] if value else []))
+        return self._scrubs[1]
 
     @contextlib.asynccontextmanager
     async def _operation(self, credential: Credential | None) -> AsyncIterator[Client]:
@@ -415,7 +442,7 @@ class UpstreamOrgan(Organ):
                 else:
                     http = self._http_client(credential, stack, budget)
                     client = await stack.enter_async_context(http)
-                yield client
+                yield unchecked(client)
         except (UpstreamDown, AnswerRefused):
             raise
         except Exception as exc:
@@ -431,33 +458,30 @@ class UpstreamOrgan(Organ):
                 raise too_large(self._answer_limit) from None  # from the stdio transport
             if isinstance(cause, MCPError) and not connection_closed(cause):
                 raise cause from None  # the upstream answered, with an error: it is up
-            self._failed()
+            if self._stdio is None:  # the session restarts the process with its own backoff
+                self._down_until = time.monotonic() + self._backoff.next()
             if isinstance(exc, TimeoutError):
                 raise
             if isinstance(cause, MCPError):
                 raise UpstreamDown("the upstream closed the connection") from None
             raise UpstreamDown(f"{type(exc).__name__}: {reason(exc)}") from None
-        self._backoff = 0.0
-
-    def _failed(self) -> None:
-        if self._stdio is not None:
-            return  # the session restarts the process with its own backoff
-        self._backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, self._backoff * 2))
-        self._down_until = time.monotonic() + self._backoff
+        self._backoff.reset()
 
     def _http_client(
-        self, credential: Credential | None, stack: contextlib.AsyncExitStack, budget: Budget | None
+        self,
+        credential: Credential | None,
+        stack: contextlib.AsyncExitStack,
+        budget: Budget,
+        *,
+        listening: bool = False,
     ) -> Client:
         """A client for the HTTP upstream whose answers are read within `budget`, with reads
-        timing out after `timeout`; without a budget, a listen stream, which waits for events
+        timing out after `timeout`; `listening`, for a listen stream, which waits for events
         without end (each event bounded)."""
         assert self.section.url is not None
         url, headers = credential.attach(self.section.url) if credential else (self.section.url, {})
         timeout = self.section.timeout
-        if budget is None:
-            http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(timeout, read=None))
-        else:
-            http = budget.client(headers, httpx2.Timeout(timeout))
+        http = budget.client(headers, httpx2.Timeout(timeout, read=None if listening else timeout))
         stack.push_async_callback(http.aclose)
         transport = streamable_http_client(
             url, http_client=http, max_sse_event_size=self._answer_limit
@@ -475,6 +499,25 @@ class UpstreamOrgan(Organ):
             self._given = credential
         command, *args = self.section.command
         return StdioServerParameters(command=command, args=args, env=env)
+
+
+def unchecked(client: Client) -> Client:
+    """`client`, with the SDK's check of answers against output schemas turned off: the organ
+    checks them against the approved schemas (`_breaks_output_schema`). The SDK's check uses
+    the schema the upstream lists now (not the pinned one), and lists the tools (one page)
+    when it has none cached, as a fresh HTTP client never has: a round trip per call.
+
+    The pinned mcp runs `ClientSession.validate_tool_result` after every successful
+    tools/call, whichever way it is made; an attribute of the instance shadows it (unlike
+    priming its schema cache, which a concurrent tools/list on a stdio session refills).
+    Should an mcp upgrade rename it, the calls list the tools again, and
+    tests/test_upstream.py (`..._without_listing`) fails."""
+    client.session.validate_tool_result = _accept  # type: ignore[method-assign]
+    return client
+
+
+async def _accept(name: str, result: CallToolResult) -> None:
+    """Takes any answer (see `unchecked`)."""
 
 
 def _raise_if_cancelled() -> None:

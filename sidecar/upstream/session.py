@@ -6,7 +6,9 @@ left by the task that entered it); calls borrow the connected client. The subpro
 spoken to through `transport.stdio_transport`, which reads no line longer than the limit. A
 call that finds the connection closed marks the session broken: the task lets the process go
 and starts another after a backoff of 0.5 s doubling to 30 s (reset once a call succeeds),
-and calls meanwhile answer `UpstreamDown` at once instead of waiting.
+and calls meanwhile answer `UpstreamDown` at once instead of waiting. What the process writes
+to stderr is logged as its own events (`upstream_stderr`, with its name and the line; a few in
+a row, then one with a count every 10 s), never as the sidecar's.
 """
 
 from __future__ import annotations
@@ -21,11 +23,31 @@ from mcp import Client, MCPError, StdioServerParameters
 from mcp.types import CONNECTION_CLOSED
 
 from sidecar.upstream.transport import stdio_transport
+from soma_runtime.throttle import RepeatedWarnings
 
 log = structlog.get_logger(component="upstream")
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
+
+
+class Backoff:
+    """The waits after failures in a row: `BACKOFF_MIN_S` doubling to `BACKOFF_MAX_S`, from
+    the start again after a success."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = BACKOFF_MIN_S
+
+    def next(self) -> float:
+        """The wait after one more failure."""
+        delay = self._next
+        self._next = min(BACKOFF_MAX_S, delay * 2)
+        return delay
+
+    def reset(self) -> None:
+        self._next = BACKOFF_MIN_S
 
 
 class UpstreamDown(Exception):
@@ -52,10 +74,11 @@ class StdioSession:
         self._client: Client | None = None
         self._settled = asyncio.Event()  # set when a start has succeeded or failed
         self._broken = asyncio.Event()
-        self._backoff = BACKOFF_MIN_S
+        self._backoff = Backoff()
         self._restart_at = 0.0
         self._last_error = "not started yet"
         self._task: asyncio.Task[None] | None = None
+        self._stderr = RepeatedWarnings(log)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -84,13 +107,14 @@ class StdioSession:
             self._last_error = "the upstream process exited"
             self._broken.set()
             raise UpstreamDown(self._last_error) from None
-        self._backoff = BACKOFF_MIN_S
+        self._backoff.reset()
 
     async def _run(self) -> None:
         while True:
             self._settled.clear()
             try:
-                transport = stdio_transport(await self._parameters(), self._limit)
+                parameters = await self._parameters()
+                transport = stdio_transport(parameters, self._limit, self._stderr_line)
                 async with Client(transport, cache=None) as client:
                     self._client = client
                     self._broken.clear()
@@ -101,16 +125,21 @@ class StdioSession:
                 self._last_error = f"{type(exc).__name__}: {reason(exc)}"
             finally:
                 self._client = None
-            self._restart_at = time.monotonic() + self._backoff
+            delay = self._backoff.next()
+            self._restart_at = time.monotonic() + delay
             self._settled.set()
             log.warning(
                 "upstream_process_restarting",
                 upstream=self._upstream,
                 error=self._last_error,
-                in_s=self._backoff,
+                in_s=delay,
             )
-            await asyncio.sleep(self._backoff)
-            self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
+            await asyncio.sleep(delay)
+
+    def _stderr_line(self, line: str) -> None:
+        """A line the process wrote to stderr: its text, in an event of the upstream's (a
+        few in a row, then a count every while: it may write as fast as it likes)."""
+        self._stderr.warning("upstream_stderr", self._upstream, upstream=self._upstream, line=line)
 
 
 def leaf(exc: BaseException) -> BaseException:

@@ -4,14 +4,18 @@ Over HTTP the official client reads each response body through the httpx2 client
 a response hook counts the body as it arrives, against one budget per operation. A body past
 the budget (or announcing more with Content-Length) ends the read with `AnswerRefused`, and so
 does a body in a content coding: the client asks for identity, and a compressed body's decoded
-size could not be counted before it is decoded.
+size could not be counted before it is decoded. A listen stream, which lasts, has a budget
+without a total (each of its events is bounded by the client) that refuses content codings
+all the same.
 
 Over stdio the SDK's transport keeps a line however long (copying it again at every chunk),
 so the subprocess is spoken to by `stdio_transport` instead: lines of at most the budget are
 parsed, a longer one is skipped to its end, never kept, and the request it answered (its id
 read at the line's start or end) gets an error of code `ANSWER_TOO_LARGE`. Process handling
 is the SDK's: its own session and process group, the SDK's minimal environment, stdin closed
-at the end, then the group terminated and killed after a grace period.
+at the end, then the group terminated and killed after a grace period. Its stderr is a pipe of
+its own, read line by line (each cut to `MAX_STDERR_LINE` characters) and handed to the
+caller: what it writes there is its text, never the sidecar's own log lines.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import sys
-from collections.abc import AsyncIterator, Iterator
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import anyio
@@ -41,15 +45,17 @@ from mcp.types import (
     jsonrpc_message_adapter,
 )
 
+from sidecar.mcp_methods import CANCELLED
 from sidecar.scrub import content_codings
 
 # A JSON-RPC error code in the range the spec leaves to implementations: the sidecar's own
 # answer to a request whose response line exceeded the budget.
 ANSWER_TOO_LARGE = -32099
-CANCELLED = "notifications/cancelled"  # a request given up: no answer is awaited any more
 # How many bytes of each end of a line too long to keep are kept to find its request id.
 _EDGE = 4096
 _ID = re.compile(rb'"id"\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")')
+# Characters of a line a stdio upstream writes to stderr that are kept.
+MAX_STDERR_LINE = 1000
 # Seconds a stdio upstream gets to exit once its stdin is closed, then to die once terminated.
 _EXIT_GRACE_S = 2.0
 
@@ -68,11 +74,12 @@ def too_large(limit: int) -> AnswerRefused:
 
 
 class Budget:
-    """The bytes one operation may read from an HTTP upstream; `refused` once it said no."""
+    """The bytes one operation may read from an HTTP upstream (None: no total, for a
+    listen stream); `refused` once it said no."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int | None) -> None:
         self.limit = limit
-        self._left = limit
+        self._left = limit or 0
         self.refused: AnswerRefused | None = None
 
     def client(self, headers: dict[str, str], timeout: httpx2.Timeout) -> httpx2.AsyncClient:
@@ -92,6 +99,8 @@ class Budget:
         return refusal
 
     def spend(self, size: int) -> None:
+        if self.limit is None:
+            return
         self._left -= size
         if self._left < 0:
             raise self._refuse(too_large(self.limit))
@@ -107,7 +116,7 @@ class Budget:
                 )
             )
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self._left:
+        if self.limit is not None and length.isdigit() and int(length) > self._left:
             raise self._refuse(too_large(self.limit))
 
 
@@ -185,18 +194,22 @@ Streams = tuple[
 
 
 @contextlib.asynccontextmanager
-async def stdio_transport(parameters: StdioServerParameters, limit: int) -> AsyncIterator[Streams]:
+async def stdio_transport(
+    parameters: StdioServerParameters, limit: int, on_stderr: Callable[[str], None]
+) -> AsyncIterator[Streams]:
     """The MCP streams of a subprocess started from `parameters`, whose every message (one
-    line of stdout) is at most `limit` bytes."""
+    line of stdout) is at most `limit` bytes; each line it writes to stderr goes to
+    `on_stderr`."""
     process = await anyio.open_process(
         [parameters.command, *parameters.args],
         env=get_default_environment() | (parameters.env or {}),
-        stderr=sys.stderr,
+        stderr=subprocess.PIPE,
         cwd=parameters.cwd,
         start_new_session=True,  # a process group, terminated as one
     )
     assert process.stdin is not None and process.stdout is not None
-    stdin, stdout = process.stdin, process.stdout
+    assert process.stderr is not None
+    stdin, stdout, stderr = process.stdin, process.stdout, process.stderr
     read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
     write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
     in_flight: set[RequestId] = set()
@@ -226,6 +239,16 @@ async def stdio_transport(parameters: StdioServerParameters, limit: int) -> Asyn
                         if line:
                             await read_writer.send(message(line))
 
+    async def errors() -> None:
+        lines = _Lines(MAX_STDERR_LINE)
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            async for chunk in stderr:
+                for line in lines.feed(chunk):
+                    kept = line if isinstance(line, bytes) else line.head[:MAX_STDERR_LINE]
+                    text = kept.decode("utf-8", errors="replace").rstrip("\r")
+                    if text.strip():
+                        on_stderr(text if isinstance(line, bytes) else text + "...")
+
     async def write() -> None:
         try:
             async with write_reader:
@@ -245,6 +268,7 @@ async def stdio_transport(parameters: StdioServerParameters, limit: int) -> Asyn
     try:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(read)
+            tasks.start_soon(errors)
             tasks.start_soon(write)
             try:
                 yield read_stream, write_stream
