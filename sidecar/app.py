@@ -28,6 +28,7 @@ from sidecar.credentials import CredentialBroker
 from sidecar.descriptors import ensure_budget
 from sidecar.dispatch import call_log_level
 from sidecar.gateway import Gateway, GatewayServer, sockets_from_env
+from sidecar.handover import ensure_usable
 from sidecar.loading import load_organs
 from sidecar.metrics import SomaCollector, serve_metrics
 from sidecar.vault.async_vault import AsyncVault
@@ -59,6 +60,8 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
     if not supervised and settings.socket is None:
         raise ConfigError("sidecar.socket: required to run the sidecar on its own")
     ensure_budget(config, supervised)
+    # Before anything serves: under the supervisor, channels only open as runtimes register.
+    await ensure_usable()
     if config.tracing.opentelemetry:
         tracing.enable_opentelemetry()
     async with contextlib.AsyncExitStack() as parts:
