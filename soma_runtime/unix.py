@@ -253,11 +253,12 @@ def peer_credentials(sock: Any) -> Peer:
 def parent_pid(pid: int) -> int | None:
     """The parent of `pid` from /proc, None when the process is gone."""
     try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        stat_line = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
-    fields = stat_line[stat_line.rindex(")") + 2 :].split()
+    # The command name (field 2) is in parentheses and is whatever bytes the process chose:
+    # spaces, ')', not UTF-8. Only what follows the last ')' is read.
+    fields = stat_line[stat_line.rindex(b")") + 2 :].split()
     return int(fields[1])
 
 

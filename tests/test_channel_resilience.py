@@ -281,6 +281,47 @@ async def test_connections_made_before_the_runtime_s_pid_was_known_are_shut_down
                 await process.wait()
 
 
+# A process may name itself anything (prctl PR_SET_NAME, or the file it runs): /proc shows
+# these bytes as its name.
+NOT_UTF8_NAME = """
+import ctypes
+ctypes.CDLL(None).prctl(15, b"soma\\xff\\xfe", 0, 0, 0)
+"""
+
+
+async def test_a_peer_whose_name_is_not_utf8_does_not_stop_the_socket_accepting(
+    tmp_path: Path,
+) -> None:
+    """The gate reads a peer's process from /proc, where its name is whatever bytes it chose:
+    a process of the user named in bytes that are not UTF-8 connects (and is turned away to
+    the outsider server), and the socket goes on accepting: the next connection is served."""
+    directory = tmp_path / "rt"
+    directory.mkdir(mode=0o700)
+    grpc_path, auth_path = socket_paths(directory, "alpha")
+    async with channel_registry(tmp_path) as registry:
+        channel = await registry.open("alpha", grpc_path, auth_path, AllowList(["*"]))
+        runtime = await asyncio.create_subprocess_exec("sleep", "60")
+        channel.identify(b"t" * 32, runtime.pid, False, None)
+        squatter = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            NOT_UTF8_NAME + SQUATTER,
+            str(grpc_path),
+            h2.connection_start().hex(),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert squatter.stdout is not None
+            assert await squatter.stdout.readline() == b"connected\n"
+            # Its connection waits in the backlog before the probe's: accepted first.
+            assert await registry.probe() == {"alpha": "ok"}
+        finally:
+            for process in (squatter, runtime):
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+
+
 def connections_to(path: Path) -> set[str]:
     """The inodes of this process's accepted connections on the socket at `path`."""
     lines = Path("/proc/net/unix").read_text().splitlines()[1:]
