@@ -290,7 +290,6 @@ class ChannelRegistry:
                         await wake.wait()
                 wake.clear()
                 await self.repair()
-                self.warnings.flush()
         finally:
             grpc_log.removeHandler(alarm)
 
