@@ -231,3 +231,16 @@ def test_a_supervised_sidecar_with_a_grpcio_it_cannot_use_is_a_setup_error(
     assert "Traceback" not in output
     assert not run.events("request_failed")
     assert not run.notify.has("READY=1")
+
+
+def test_sockets_handed_over_that_cannot_be_used_are_a_setup_error(tmp_path: Path) -> None:
+    config = SupervisorRun.write(tmp_path, "")
+    sidecar = Process(
+        [SOMA, "sidecar", "--supervised", "--config", str(config)],
+        tmp_path / "sidecar.log",
+        env=child_env(SOMA_BRIDGE_SOCKETS="desk=999"),  # no such descriptor
+    )
+    assert sidecar.wait(60) == 2, sidecar.output()
+    output = sidecar.output()
+    assert "soma sidecar: SOMA_BRIDGE_SOCKETS: the bridge sockets passed cannot be used" in output
+    assert "Traceback" not in output
