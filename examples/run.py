@@ -9,7 +9,9 @@ printed on a terminal lives only until the next run. Instances listen on port 0 
 supervisor picks a free port at start and keeps it until it stops, across sidecar restarts),
 so the URL is read from what the sidecar publishes (`<runtime_dir>/bridges/<name>.url`) when
 they serve. When another supervisor or sidecar serves the configuration's runtime directory,
-nothing is touched (its keys and URL files stay valid) and the exit status is 2.
+nothing is touched (its keys and URL files stay valid) and the exit status is 2. Otherwise the
+directory's lock is taken before anything is touched and handed to the supervisor, so nothing
+else can start there in between.
 Ctrl-C (or SIGTERM) stops the supervisor, which stops everything.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,10 +28,10 @@ from pathlib import Path
 
 from sidecar.bridge.keys import KeyStore
 from sidecar.bridge.published import published_url, url_file
+from soma_runtime import runtime_lock
 from soma_runtime.config import SomaConfig, load_config
 from soma_runtime.exit_status import SETUP_ERROR
 from soma_runtime.owned_files import OwnedFile
-from soma_runtime.runtime_lock import RuntimeDirBusy, ensure_free
 
 SOMA = str(Path(sys.executable).parent / "soma")
 LABEL = "make run"
@@ -106,14 +109,22 @@ def main() -> int:
     config = load_config(path)
     bridges = [b.name for b in config.bridge if b.auth.api_keys]
     try:  # before a key is revoked or a URL file removed: they may be another run's
-        ensure_free(config.runtime_dir)
-    except RuntimeDirBusy as exc:
+        lock = runtime_lock.acquire(config.runtime_dir, LABEL)
+    except runtime_lock.RuntimeDirBusy as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return SETUP_ERROR
-    keys = {bridge: fresh_key(config, bridge) for bridge in bridges}
-    for bridge in bridges:  # nothing serves the directory: a file there is a killed sidecar's
-        url_file(config.runtime_dir, bridge).unlink(missing_ok=True)
-    supervisor = subprocess.Popen([SOMA, "supervise", "--config", str(path)])
+    try:
+        keys = {bridge: fresh_key(config, bridge) for bridge in bridges}
+        for bridge in bridges:  # nothing serves the directory: a file there is a killed sidecar's
+            url_file(config.runtime_dir, bridge).unlink(missing_ok=True)
+        # The supervisor inherits the lock (the same open file): it is never free meanwhile.
+        supervisor = subprocess.Popen(
+            [SOMA, "supervise", "--config", str(path)],
+            env={**os.environ, runtime_lock.LOCK_FD_ENV: str(lock.fd)},
+            pass_fds=(lock.fd,),
+        )
+    finally:
+        lock.release()
     signal.signal(signal.SIGTERM, lambda *_: supervisor.terminate())
     try:
         urls = wait_for_urls(config, bridges, supervisor) if bridges else None

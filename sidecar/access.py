@@ -63,27 +63,29 @@ class Channel:
     pid: int | None = None
     # Registered before the process exists: handshakes are answered "retry" meanwhile.
     pending: bool = False
+    # Connections from outside a new pid's tree are being shut down: "retry" meanwhile too.
+    sweeping: bool = False
     sessions: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     # Counted on the call path (an increment each), read by `soma status` and the metrics
     # endpoint; they outlive identity resets, so they only ever grow while the channel is open.
     calls: int = 0
     denials: int = 0  # calls refused PERMISSION_DENIED: the allow-list or a credential
-    # Told the runtime's new pid when it changes (the channel registry shuts down connections
-    # from outside the new tree): before any session of the new runtime can exist.
-    on_new_pid: Callable[[int], None] | None = None
+    # Called when the runtime's pid changes (the channel registry shuts down connections from
+    # outside the new tree, the channel `sweeping` until it is done).
+    on_new_pid: Callable[[], None] | None = None
 
     def reset(
         self, token: bytes | None, pid: int | None, pending: bool, placeholder: bytes | None = None
     ) -> None:
         """A new identity: the old token, placeholder and every session stop working."""
-        new_pid = pid if pid != self.pid else None
+        new_pid = pid is not None and pid != self.pid
         self.token = token
         self.pid = pid
         self.pending = pending
         self.placeholder = placeholder
         self.sessions.clear()
-        if new_pid is not None and self.on_new_pid is not None:
-            self.on_new_pid(new_pid)
+        if new_pid and self.on_new_pid is not None:
+            self.on_new_pid()
 
     def identify(
         self, token: bytes, pid: int | None, pending: bool, placeholder: bytes | None

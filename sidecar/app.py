@@ -27,14 +27,15 @@ from sidecar.channels import ChannelRegistry
 from sidecar.credentials import CredentialBroker
 from sidecar.descriptors import ensure_budget
 from sidecar.dispatch import call_log_level
-from sidecar.gateway import Gateway, GatewayServer, sockets_from_env
+from sidecar.gateway import Gateway, GatewayServer
+from sidecar.handover import ensure_usable
 from sidecar.loading import load_organs
 from sidecar.metrics import SomaCollector, serve_metrics
 from sidecar.vault.async_vault import AsyncVault
 from sidecar.vault.open import kek_provider, open_vault
 from soma_runtime import Executive, jsonline, runtime_lock, tracing
 from soma_runtime.config import ConfigError, SomaConfig
-from soma_runtime.gateway_sockets import BRIDGE_SOCKETS_ENV, SOCKETS_ENV
+from soma_runtime.gateway_sockets import BRIDGE_SOCKETS_ENV, SOCKETS_ENV, sockets_from_env
 from soma_runtime.layout import RuntimeLayout
 from soma_runtime.owned_files import OwnedFile
 from soma_runtime.unix import remove_socket
@@ -59,6 +60,8 @@ async def serve(config: SomaConfig, *, supervised: bool) -> None:
     if not supervised and settings.socket is None:
         raise ConfigError("sidecar.socket: required to run the sidecar on its own")
     ensure_budget(config, supervised)
+    # Before anything serves: under the supervisor, channels only open as runtimes register.
+    await ensure_usable()
     if config.tracing.opentelemetry:
         tracing.enable_opentelemetry()
     async with contextlib.AsyncExitStack() as parts:

@@ -7,7 +7,8 @@ knows its runtime's pid, be that process or one of its descendants. The handshak
 anyone else; the gRPC socket hands them to a server that refuses every call (see
 `sidecar.server`). So a stolen token, or a session, is useless from any other process, from
 its first call. When the runtime's pid changes, connections from outside the new tree are
-shut down before a session of the new runtime exists (see `sidecar.sweep`).
+shut down before a session of the new runtime exists (see `sidecar.sweep`): the channel
+answers handshakes "retry" until the sweep, which runs in a thread, is done.
 
 Channels are independent: each has its own gRPC servers, so whatever one runtime's socket
 receives can stop at most those, and the registry's watcher replaces a server whose main loop
@@ -52,6 +53,9 @@ WATCH_INTERVAL_S = 1.0
 HANDSHAKE_FAILURE_BURST = 10
 HANDSHAKE_FAILURE_RATE = 5.0
 HANDSHAKE_MAX_BACKOFF_S = 0.5
+# A sweep that failed (out of descriptors, say) is tried again after this long; the channel
+# admits no handshake meanwhile.
+SWEEP_RETRY_S = 1.0
 
 
 def socket_paths(directory: Path, name: str) -> tuple[Path, Path]:
@@ -98,6 +102,10 @@ class _Host:
     auth_path: Path
     # The liveness probe's client, kept between probes (see `ChannelRegistry.probe`).
     probe: grpc_aio.Channel | None = None
+    # The sweep under way (`ChannelRegistry._sweep`), and whether the pid changed since it
+    # began (it then sweeps again, for the newest pid).
+    sweep: asyncio.Task[None] | None = None
+    sweep_again: bool = False
 
 
 class _CrashAlarm(logging.Handler):
@@ -181,8 +189,8 @@ class ChannelRegistry:
         except BaseException:
             await server.stop(0)
             raise
-        self._hosts[name] = _Host(channel, server, handshake, auth_path)
-        channel.on_new_pid = lambda pid: self._close_foreign(grpc_path, pid)
+        host = self._hosts[name] = _Host(channel, server, handshake, auth_path)
+        channel.on_new_pid = lambda: self._sweep_soon(host)
         log.info("channel_open", runtime=name, socket=str(grpc_path))
         return channel
 
@@ -212,13 +220,39 @@ class ChannelRegistry:
 
         return gate
 
-    def _close_foreign(self, path: Path, runtime_pid: int) -> None:
-        """Shut down the connections to `path` from outside the tree of the runtime's new pid
-        (made while its pid was unknown, or by the runtime before): at once, in the event loop,
-        so no handshake of the new runtime can come first."""
-        closed = close_foreign_connections({str(path): _tree_of(runtime_pid)})
-        for socket_path, count in closed.items():
-            log.warning("foreign_connections_closed", socket=socket_path, count=count)
+    def _sweep_soon(self, host: _Host) -> None:
+        """Shut down the connections to the channel's gRPC socket from outside the tree of
+        the runtime's new pid (made while its pid was unknown, or by the runtime before).
+
+        The sweep reads every descriptor of the sidecar (about 10 µs each), so it runs in a
+        thread, not in the event loop that serves every channel; meanwhile the channel is
+        `sweeping` and answers handshakes "retry", so no session of the new runtime exists
+        before it is done. New connections are judged against the new pid as they arrive."""
+        host.channel.sweeping = True
+        host.sweep_again = True
+        if host.sweep is None:
+            host.sweep = asyncio.create_task(self._sweep(host))
+
+    async def _sweep(self, host: _Host) -> None:
+        path = str(host.grpc.path)
+        try:
+            while host.sweep_again and host.channel.pid is not None:
+                host.sweep_again = False
+                owners = {path: _tree_of(host.channel.pid)}
+                try:
+                    closed = await asyncio.to_thread(close_foreign_connections, owners)
+                except Exception as exc:
+                    self.warnings.warning(
+                        "sweep_failed", path, socket=path, error=type(exc).__name__
+                    )
+                    host.sweep_again = True
+                    await asyncio.sleep(SWEEP_RETRY_S)
+                    continue
+                for socket_path, count in closed.items():
+                    log.warning("foreign_connections_closed", socket=socket_path, count=count)
+        finally:
+            host.sweep = None
+            host.channel.sweeping = False
 
     async def close(self, name: str, grace: float = 0.0) -> None:
         host = self._hosts.pop(name, None)
@@ -226,6 +260,8 @@ class ChannelRegistry:
             return
         host.grpc.drain()  # before the reset: streams end UNAVAILABLE, not UNAUTHENTICATED
         host.channel.reset(None, None, False)
+        if host.sweep is not None:
+            host.sweep.cancel()
         host.handshake.close()
         with contextlib.suppress(TimeoutError):  # Python 3.12+ also waits for connections
             async with asyncio.timeout(1.0):
@@ -254,7 +290,6 @@ class ChannelRegistry:
                         await wake.wait()
                 wake.clear()
                 await self.repair()
-                self.warnings.flush()
         finally:
             grpc_log.removeHandler(alarm)
 
@@ -330,7 +365,7 @@ class ChannelRegistry:
                 "error": protocol.UNAUTHENTICATED,
                 "message": "wrong token for this channel",
             }
-        if channel.pending:
+        if channel.pending or channel.sweeping:
             return {
                 "ok": False,
                 "error": protocol.RETRY,

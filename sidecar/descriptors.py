@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import resource
 
-from sidecar.gateway import MAX_CONNECTIONS_PER_PORT
+from sidecar.gateway import LIMITS as GATEWAY_LIMITS
 from sidecar.server import OUTSIDER_MAX_CONNECTIONS
 from soma_runtime.config import ConfigError, SomaConfig
 from soma_runtime.jsonline import HANDSHAKE_MAX_CONNECTIONS
@@ -36,7 +36,7 @@ def http_ports(config: SomaConfig, supervised: bool) -> dict[str, int]:
         ports["metrics"] = config.metrics.max_connections + 1
     if supervised:  # gateway ports are the supervisor's, one per runtime that uses gateways
         gateways = sum(1 for r in config.runtime if r.gateways)
-        ports["gateway"] = gateways * (MAX_CONNECTIONS_PER_PORT + 1)
+        ports["gateway"] = gateways * (GATEWAY_LIMITS.max_connections + 1)
     return ports
 
 

@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import parse_qsl, urlencode
 
 import httpcore2
@@ -44,15 +44,17 @@ from sidecar.http_server import EmbeddedServer, HttpLimits, bounded_http
 from sidecar.scrub import Scrubber, content_codings, scrubbable
 from sidecar.vault.store import VaultError
 from soma_runtime.config import GatewaySection
-from soma_runtime.gateway_sockets import SOCKETS_ENV
+from soma_runtime.listeners import (
+    HTTP_MAX_CONNECTIONS,
+    HTTP_MAX_HEADER_BYTES,
+    HTTP_REQUEST_TIMEOUT_S,
+)
 from soma_runtime.unix import loopback_peer_uid
 
 log = structlog.get_logger(component="gateway")
 
-# What one runtime's port holds (see sidecar.http_server): connections open at once, bytes of
-# a request's head, seconds for a head to arrive.
-MAX_CONNECTIONS_PER_PORT = 64
-LIMITS = HttpLimits("gateway", MAX_CONNECTIONS_PER_PORT, 64 * 1024, 10.0)
+# What one runtime's port holds (see sidecar.http_server).
+LIMITS = HttpLimits("gateway", HTTP_MAX_CONNECTIONS, HTTP_MAX_HEADER_BYTES, HTTP_REQUEST_TIMEOUT_S)
 
 # Answers of known length up to this size are relayed without watching for the client's
 # disconnect (a task per request): they arrive promptly once their headers have.
@@ -81,19 +83,6 @@ class GatewayRefusal(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def sockets_from_env(
-    variable: str = SOCKETS_ENV, environ: MutableMapping[str, str] | None = None
-) -> dict[str, socket.socket]:
-    """The listening sockets the supervisor passed in `variable`, by runtime or bridge
-    (`claims=7,triage=8`)."""
-    raw = (os.environ if environ is None else environ).get(variable, "")
-    sockets = {}
-    for item in filter(None, raw.split(",")):
-        runtime, _, fd = item.partition("=")
-        sockets[runtime] = socket.socket(fileno=int(fd))
-    return sockets
 
 
 # What the upstream client raises when an exchange fails; timeouts are told apart (504).

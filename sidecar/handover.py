@@ -18,7 +18,9 @@ That is below grpcio's public API, so every step is checked before anything is c
 installed grpcio must be the release this was verified against (the pinned one), the handler
 must have been written once the port is added, and its vtable and method must lie in the
 mappings of grpcio's own library. Otherwise `HandoverError` says so and the channel does not
-open: nothing is ever called on a guess.
+open: nothing is ever called on a guess. The sidecar makes those checks once at its start
+(`ensure_usable`), so a grpcio it cannot use is a setup error, not a channel that fails when
+a runtime registers.
 """
 
 from __future__ import annotations
@@ -89,6 +91,17 @@ class Handover:
         (`connection` is detached). The server must be started and not yet stopped."""
         connection.setblocking(False)  # as gRPC's own accept makes them
         self._handle(self._handler, listener.fileno(), connection.detach(), None)
+
+
+async def ensure_usable() -> None:
+    """`HandoverError` unless the installed grpcio can be handed connections: the checks of
+    `Handover` and `attach`, on a server that is never started."""
+    handover = Handover()
+    server = grpc.aio.server(options=[handover.option])
+    try:
+        handover.attach(server)
+    finally:
+        await server.stop(None)
 
 
 def _library_mappings() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -11,7 +11,7 @@ likes. `BoundedHttpTools` adds, per port:
 - a cap on connections: beyond it, the oldest connection not being answered (waiting for a
   request, or idle between two) is closed, so a client that fills the port with idle
   connections is pushed out by the next one that connects; when every connection is being
-  answered, the newcomer is closed;
+  answered, the newcomer is closed (`to_close`, the metrics endpoint's policy too);
 - a bound on the bytes of a request's head, checked before httptools sees them (431);
 - a deadline for each head: `request_timeout` seconds from the connection, or from the end of
   the previous answer, whatever arrives meanwhile (408; a silent connection is just closed).
@@ -26,14 +26,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from soma_runtime.throttle import RepeatedWarnings
+
+C = TypeVar("C")
+
+
+def to_close(
+    connections: Collection[C], cap: int, idle: Callable[[C], bool], arrived: Callable[[C], float]
+) -> C | None:
+    """The connection a port closes when `connections`, the newcomer among them, are more
+    than `cap` (None within it): the oldest one not being answered (`idle`; the newcomer is),
+    so that idle connections, however many a client opens, never keep the next one out."""
+    if len(connections) <= cap:
+        return None
+    return min((c for c in connections if idle(c)), key=arrived, default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +87,10 @@ class BoundedHttpTools(HttpToolsProtocol):
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._arm_deadline()
-        if len(self.connections) > self.limits.max_connections:
-            idle = [c for c in self.connections if isinstance(c, BoundedHttpTools) and c._idle()]
+        closing = to_close(self.connections, self.limits.max_connections, _idle, _arrived)
+        if isinstance(closing, BoundedHttpTools):  # the port's connections are all of this class
             self._warn("connections_capped")
-            min(idle, key=lambda c: c._connected_at)._close()  # self, at least, is idle
+            closing._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline = None
@@ -171,6 +185,15 @@ class BoundedHttpTools(HttpToolsProtocol):
     def _warn(self, what: str) -> None:
         port = self.server[1] if self.server else None
         self.warnings.warning(f"{self.limits.name}_{what}", port, port=port)
+
+
+def _idle(connection: object) -> bool:
+    return isinstance(connection, BoundedHttpTools) and connection._idle()
+
+
+def _arrived(connection: object) -> float:
+    assert isinstance(connection, BoundedHttpTools)  # only idle ones are compared
+    return connection._connected_at
 
 
 def bounded_http(limits: HttpLimits) -> type[BoundedHttpTools]:

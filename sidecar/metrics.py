@@ -10,7 +10,8 @@ The endpoint is a small HTTP/1.1 server (h11 parses, one request per connection)
 byte, so a slow or hostile scraper never stalls the event loop. A connection beyond the cap
 closes the oldest one that has not sent its request yet (a scraper sends it at once), so
 idle connections, however many a local user opens, cannot keep a real scrape out; only when
-every connection is being answered is the newcomer closed.
+every connection is being answered is the newcomer closed (the policy of every HTTP port,
+`sidecar.http_server.to_close`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from prometheus_client.registry import Collector
 
 from sidecar.bridge.keys import KeyCounts
 from sidecar.channels import ChannelRegistry
+from sidecar.http_server import to_close
 from soma_runtime import Executive
 from soma_runtime.config import ConfigError, MetricsSection, SomaConfig
 from soma_runtime.listeners import tcp_listener
@@ -192,9 +194,8 @@ class _Endpoint:
         self._collector = collector
         self._process = ProcessCollector(registry=None)
         self._settings = settings
-        self._open: set[asyncio.StreamWriter] = set()
-        # The open connections whose request has not arrived, oldest first.
-        self._waiting: dict[asyncio.StreamWriter, None] = {}
+        self._open: dict[asyncio.StreamWriter, float] = {}  # when each arrived
+        self._answering: set[asyncio.StreamWriter] = set()  # their request has arrived
         self._refusals = RepeatedWarnings(log)
 
     def abort_all(self) -> None:
@@ -202,31 +203,34 @@ class _Endpoint:
             writer.transport.abort()
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._open.add(writer)
+        self._open[writer] = asyncio.get_running_loop().time()
         done = False
         try:
-            if len(self._open) > self._settings.max_connections:
+            closing = to_close(
+                self._open, self._settings.max_connections, self._idle, self._open.__getitem__
+            )
+            if closing is not None:
                 self._refusals.warning("metrics_connections_capped", None)
-                if not self._waiting:
-                    return  # every connection is being answered
-                oldest = next(iter(self._waiting))
-                del self._waiting[oldest]
-                oldest.transport.abort()
-            self._waiting[writer] = None
+                closing.transport.abort()
+                if closing is writer:
+                    return  # every other connection is being answered
             async with asyncio.timeout(self._settings.timeout):
                 await self._exchange(reader, writer)
             done = True
         except (ConnectionError, TimeoutError):
             pass  # the scraper went away or took too long: its slot is freed either way
         finally:
-            self._open.discard(writer)
-            self._waiting.pop(writer, None)
+            del self._open[writer]
+            self._answering.discard(writer)
             if done:
                 writer.close()
             else:
                 writer.transport.abort()  # never wait on a peer that does not read
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    def _idle(self, writer: asyncio.StreamWriter) -> bool:
+        return writer not in self._answering and not writer.transport.is_closing()
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
@@ -242,7 +246,7 @@ class _Endpoint:
             return
         if not isinstance(event, h11.Request):
             return  # closed before a request
-        self._waiting.pop(writer, None)  # being answered: no newcomer closes it
+        self._answering.add(writer)  # no newcomer closes it now
         status, body, content_type, extra = await self._respond(event)
         head_only = event.method == b"HEAD"
         writer.write(_answer(conn, status, body, content_type, head_only, extra))

@@ -237,6 +237,14 @@ class SocketServer:
                 await self._admit(listener, connection)
             except OSError:
                 connection.close()  # gone before it was judged
+            except Exception as exc:
+                # A fault of ours with this connection must not end the accepting (nothing
+                # would restart it, and the socket would answer no one again): that one
+                # connection is closed, and its client connects again.
+                connection.close()
+                self._warnings.warning(
+                    "accept_failed", str(self.path), socket=str(self.path), error=type(exc).__name__
+                )
 
     async def _admit(self, listener: socket.socket, connection: socket.socket) -> None:
         """Judge the connection's peer and hand it to the server it goes to.

@@ -32,6 +32,7 @@ from mcp.shared.exceptions import MCPError
 
 from sidecar.bridge.published import published_url
 from sidecar.bridge.tools import META
+from sidecar.upstream.session import leaf
 from soma_cli.bridge import KEY_ENV
 from soma_cli.errors import RUNTIME_FAILURE, CommandError
 from soma_runtime import __version__
@@ -49,14 +50,14 @@ class Upstream(httpx2.AsyncBaseTransport):
     Each request goes where the instance serves now: the URL its sidecar published, which a
     restarted sidecar may have changed. A sidecar that cannot be reached, or that goes away
     before answering, becomes that request's JSON-RPC error: raised, it would end the SDK's
-    client for good, and the relay with it. The statuses met tell a refused key apart (the
+    client for good, and the relay with it. The refusals met tell a refused key apart (the
     SDK reports a 401 as a bare "error response").
     """
 
     def __init__(self, runtime_dir: Path, bridge: str) -> None:
         self._runtime_dir, self.bridge = runtime_dir, bridge
         self._http = httpx2.AsyncHTTPTransport()
-        self.statuses: list[int] = []
+        self.refusals = 0  # answers that refused the key (401, 403), for the relay's life
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         url = published_url(self._runtime_dir, self.bridge)
@@ -72,7 +73,8 @@ class Upstream(httpx2.AsyncBaseTransport):
             return _failure(f"no sidecar answers for bridge {self.bridge!r} at {url} ({_WHY})")
         except httpx2.TransportError:
             return _failure(self.gone())
-        self.statuses.append(response.status_code)
+        if response.status_code in (401, 403):
+            self.refusals += 1
         response.stream = _Ending(response.stream)
         return response
 
@@ -85,6 +87,10 @@ class Upstream(httpx2.AsyncBaseTransport):
             " whether the call ran is unknown"
         )
 
+    def refused_since(self, mark: int = 0) -> bool:
+        """Whether the key was refused since `refusals` read `mark` (ever, by default)."""
+        return self.refusals > mark
+
     def refused(self) -> str:
         return f"bridge {self.bridge!r} refused {KEY_ENV} (unknown, expired or revoked key)"
 
@@ -92,11 +98,11 @@ class Upstream(httpx2.AsyncBaseTransport):
         """`call`'s answer. A refused key, or a sidecar gone mid-call, becomes an error that
         says so; errors of the instance itself (an unknown tool...) and the relay's own (no
         sidecar answers) pass through as they are."""
-        since = len(self.statuses)
+        mark = self.refusals
         try:
             return await call
         except MCPError as exc:
-            if {401, 403} & set(self.statuses[since:]):
+            if self.refused_since(mark):
                 raise MCPError(types.INTERNAL_ERROR, self.refused()) from None
             # The SDK's answer for a response stream that ended without the response.
             if exc.error.code == types.CONNECTION_CLOSED:
@@ -149,10 +155,8 @@ async def _connect(
                 Client(streamable_http_client(url, http_client=http), mode="auto")
             )
         except Exception as exc:
-            cause: BaseException = exc
-            while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
-                cause = cause.exceptions[0]  # the SDK's task groups wrap what went wrong
-            if {401, 403} & set(upstream.statuses):
+            cause = leaf(exc)  # the SDK's task groups wrap what went wrong
+            if upstream.refused_since():
                 reason = upstream.refused()
             elif isinstance(cause, MCPError):
                 reason = cause.error.message

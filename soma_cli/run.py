@@ -37,7 +37,8 @@ def sidecar(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from sidecar.app import serve
+    from sidecar.app import HandedSocketsUnusable, serve
+    from sidecar.handover import HandoverError
     from sidecar.vault.kek import KekError
     from sidecar.vault.open import VaultSetupError
     from soma_cli.secrets import warn_missing_secrets
@@ -60,7 +61,14 @@ def sidecar(args: argparse.Namespace) -> int:
             _check_allow_lists(config)
         warn_missing_secrets(config)
         uvloop.run(serve(config, supervised=args.supervised))
-    except (ConfigError, UnsafePath, KekError, VaultSetupError) as exc:
+    except (
+        ConfigError,
+        UnsafePath,
+        KekError,
+        VaultSetupError,
+        HandoverError,
+        HandedSocketsUnusable,
+    ) as exc:
         raise CommandError(str(exc), SETUP_ERROR) from None
     return 0
 

@@ -8,6 +8,12 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from soma_runtime.listeners import (
+    HTTP_MAX_CONNECTIONS,
+    HTTP_MAX_HEADER_BYTES,
+    HTTP_REQUEST_TIMEOUT_S,
+)
+
 MiB = 1024 * 1024
 NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 # Asymmetric JWS algorithms only: `none` and the HMAC family can never be configured, so a
@@ -101,9 +107,9 @@ class BridgeSection(_Section):
     # once on the port (beyond it, the oldest one not being answered is closed), bytes of a
     # request's line and headers, seconds for a request's head to arrive (from the connection
     # or the previous answer) and then for its body.
-    max_connections: int = Field(default=64, ge=2, le=4096)
-    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=MiB)
-    request_timeout: float = Field(default=10.0, gt=0.0, le=300.0)
+    max_connections: int = Field(default=HTTP_MAX_CONNECTIONS, ge=2, le=4096)
+    max_header_bytes: int = Field(default=HTTP_MAX_HEADER_BYTES, ge=1024, le=MiB)
+    request_timeout: float = Field(default=HTTP_REQUEST_TIMEOUT_S, gt=0.0, le=300.0)
     # `subscriptions/listen` streams open at once, each holding a connection: on the
     # instance, and per API key or token subject.
     max_listen_streams: int = Field(default=32, ge=1, le=4095)

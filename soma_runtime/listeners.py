@@ -11,6 +11,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+# What the clients of one HTTP port may hold (see sidecar.http_server): connections open at
+# once, bytes of a request's line and headers, seconds for a request's head to arrive. The
+# gateway's ports hold these; a bridge's are its defaults (`[[bridge]]`).
+HTTP_MAX_CONNECTIONS = 64
+HTTP_MAX_HEADER_BYTES = 64 * 1024
+HTTP_REQUEST_TIMEOUT_S = 10.0
+
 
 def tcp_listener(host: str, port: int, backlog: int = 128) -> socket.socket:
     """A listening socket on a literal IP address (`port` 0 picks a free one); OSError when it

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from soma_runtime.unix import private_umask
+from soma_runtime.unix import write_private_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,25 +22,25 @@ class OwnedFile:
     @classmethod
     def write(cls, path: Path, text: str) -> OwnedFile:
         """Write `text` to `path` atomically (a reader sees the old file or the whole new
-        one), mode 0600."""
+        one), mode 0600, never through a link (`write_private_file`)."""
         content = text.encode()
-        fresh = path.with_name(f".{path.name}.{os.getpid()}")
+        directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            with private_umask():
-                fresh.write_bytes(content)
-            written = fresh.stat()
-            os.replace(fresh, path)
-        except BaseException:
-            fresh.unlink(missing_ok=True)
-            raise
+            written = write_private_file(directory, path.name, content)
+        finally:
+            os.close(directory)
         return cls(path, (written.st_dev, written.st_ino), content)
 
     def _is_ours(self) -> bool:
+        """Whether `path` is still the file written, with what was written: opened without
+        following a link or waiting (a FIFO put there is someone else's file)."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            info = self.path.lstat()
-            if (info.st_dev, info.st_ino) != self.identity:
-                return False
-            return self.path.read_bytes() == self.content
+            with open(os.open(self.path, flags), "rb") as file:
+                info = os.fstat(file.fileno())
+                if (info.st_dev, info.st_ino) != self.identity:
+                    return False
+                return file.read(len(self.content) + 1) == self.content
         except OSError:
             return False
 

@@ -7,7 +7,8 @@ file, which flock counts as the same holder), so its own sidecar starts, and res
 any other process is refused. The kernel drops the lock when the last holder dies, SIGKILL
 included: a lock file left behind never blocks a start, so it is never removed (removed, two
 processes could each lock a file of that name). The file holds the holder's pid and command,
-for the refusal's message.
+for the refusal's message. `make run` takes the lock itself, before it touches the directory,
+and hands it to the supervisor it starts the same way.
 """
 
 from __future__ import annotations
@@ -57,27 +58,30 @@ def acquire(runtime_dir: Path, holder: str) -> RuntimeLock:
 
 
 def inherit(runtime_dir: Path, holder: str, environ: Mapping[str, str]) -> RuntimeLock:
-    """The lock the supervisor passed in `LOCK_FD_ENV`, if that descriptor is this directory's
-    lock and holds it; else the lock taken afresh (a sidecar started by hand)."""
+    """The lock the process that started this one passed in `LOCK_FD_ENV`, if that descriptor
+    is this directory's lock and holds it; else the lock taken afresh (a process started by
+    hand). A passed descriptor that is not used is closed: kept, it could hold another
+    directory's lock for as long as this process lives."""
     raw = environ.get(LOCK_FD_ENV, "")
-    if raw.isdigit():
-        fd = int(raw)
+    fd = int(raw) if raw.isdigit() else -1
+    if _passed(fd):
         with contextlib.suppress(OSError):
             if _same_file(fd, runtime_dir / LOCK_FILE):
-                # On the supervisor's open file this only confirms the lock it holds.
+                # On the passed open file this only confirms the lock it holds.
                 _lock(fd, runtime_dir)
                 os.set_inheritable(fd, False)  # not to this process's own children
                 return RuntimeLock(fd)
+        os.close(fd)
     return acquire(runtime_dir, holder)
 
 
-def ensure_free(runtime_dir: Path) -> None:
-    """`RuntimeDirBusy` when a process holds the lock now (nothing is written)."""
-    fd = _open(runtime_dir)
+def _passed(fd: int) -> bool:
+    """Whether `fd` is a descriptor this process was given: open, inheritable (Python opens
+    its own descriptors non-inheritable), and no standard stream."""
     try:
-        _lock(fd, runtime_dir)
-    finally:
-        os.close(fd)  # releases it at once
+        return fd > 2 and os.get_inheritable(fd)
+    except OSError:
+        return False
 
 
 def _open(runtime_dir: Path) -> int:

@@ -72,6 +72,11 @@ def service_account(config: SomaConfig, user: str | None, group: str | None) -> 
     try:
         group_entry = grp.getgrgid(entry.pw_gid) if group is None else grp.getgrnam(group)
     except KeyError:
+        if group is None:
+            raise UnitError(
+                f"{entry.pw_name}'s primary group (gid {entry.pw_gid}) has no name on this "
+                "host: name the group to run as with --service-group NAME"
+            ) from None
         raise UnitError(f"--service-group: no group {group!r} on this host") from None
     gids = frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid)) | {group_entry.gr_gid}
     return Account(entry.pw_name, group_entry.gr_name, entry.pw_uid, gids, why)

@@ -8,6 +8,7 @@ never slowed by an attacker's failures.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -77,8 +78,9 @@ class _Held:
 
 class RepeatedWarnings:
     """Logs the first few occurrences of a warning per key, then counts the rest and reports
-    the count (`repeated`) with the next line it lets through, or from `flush`, which the
-    sidecar's channel watcher calls: a flood costs a line per interval, not one per event.
+    the count (`repeated`) with the next line it lets through, or an interval later (`flush`,
+    which it arranges on the running event loop), so a flood costs a line per interval, not
+    one per event, and the count of the last one is not lost when it stops.
 
     The key is who causes the warning (a runtime, a peer), never a value that party chooses:
     each new value would be a key with a burst of its own, and a flood of distinct values a
@@ -89,8 +91,11 @@ class RepeatedWarnings:
         self, logger: Any, burst: int = 5, every_s: float = 10.0, clock: Any = time.monotonic
     ) -> None:
         self._log = logger
+        self._every_s = every_s
         self._buckets = TokenBuckets(burst, 1.0 / every_s, clock)
         self._suppressed: dict[tuple[str, Hashable], _Held] = {}
+        # The flush arranged on an event loop, while something is held back.
+        self._flush_timer: tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle] | None = None
 
     def warning(
         self, event: str, key: Hashable, sample: tuple[str, Hashable] | None = None, **fields: Any
@@ -110,6 +115,7 @@ class RepeatedWarnings:
             if len(values) < SAMPLE_SIZE:
                 values[sample[1]] = None
         self._suppressed[(event, key)] = held
+        self._flush_later()
 
     def flush(self) -> None:
         """Log the latest occurrence of each warning held back whose interval has come, with
@@ -118,6 +124,23 @@ class RepeatedWarnings:
             if self._buckets.take_if_there((event, key)):
                 del self._suppressed[(event, key)]
                 self._log.warning(event, **held.fields, **_summary(held, held.count - 1))
+
+    def _flush_later(self) -> None:
+        """Have `flush` run an interval from now (a token is back by then) on the running
+        event loop, unless it is arranged already. Outside an event loop, the count waits for
+        the next line or a call of `flush`."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._flush_timer is None or self._flush_timer[0] is not loop:
+            self._flush_timer = (loop, loop.call_later(self._every_s, self._flush_due))
+
+    def _flush_due(self) -> None:
+        self._flush_timer = None
+        self.flush()
+        if self._suppressed:  # a line let through meanwhile took the token: later, then
+            self._flush_later()
 
 
 def _summary(held: _Held | None, repeated: int) -> dict[str, Any]:

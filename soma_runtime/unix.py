@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import stat
 import struct
@@ -227,6 +228,50 @@ def private_umask() -> Iterator[None]:
         os.umask(previous)
 
 
+def write_private_file(
+    directory: int, name: str, content: bytes, *, replace: bool = True, durable: bool = False
+) -> os.stat_result:
+    """Write `content` as `name` in the directory open as `directory`, mode 0600, appearing all
+    at once (a reader sees the old file or the whole new one); the written file's status.
+
+    It is written to a temporary file of a random name, created exclusively and never through
+    a link (nothing planted there in advance is written to, or lends its mode), then renamed
+    over `name` (a link there is replaced, not followed) or, with `replace=False`, linked to
+    it (`FileExistsError` when `name` exists). `durable`: on disk, file and directory entry,
+    when this returns."""
+    temporary = f".{name}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        with open(os.open(temporary, flags, 0o600, dir_fd=directory), "wb") as file:
+            os.fchmod(file.fileno(), 0o600)  # whatever the umask
+            file.write(content)
+            file.flush()
+            if durable:
+                os.fsync(file.fileno())
+            written = os.fstat(file.fileno())
+        if replace:
+            os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+        else:
+            os.link(
+                temporary, name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False
+            )
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=directory)
+    if durable:
+        fsync_directory(directory)
+    return written
+
+
+def fsync_directory(directory: int) -> None:
+    """Put the entries of the directory open as `directory` on disk."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=directory)  # O_PATH cannot fsync
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove_socket(path: Path) -> None:
     """Remove a socket file we bound, if it is still there and still a socket."""
     with contextlib.suppress(FileNotFoundError):
@@ -253,11 +298,12 @@ def peer_credentials(sock: Any) -> Peer:
 def parent_pid(pid: int) -> int | None:
     """The parent of `pid` from /proc, None when the process is gone."""
     try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        stat_line = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
-    fields = stat_line[stat_line.rindex(")") + 2 :].split()
+    # The command name (field 2) is in parentheses and is whatever bytes the process chose:
+    # spaces, ')', not UTF-8. Only what follows the last ')' is read.
+    fields = stat_line[stat_line.rindex(b")") + 2 :].split()
     return int(fields[1])
 
 

@@ -257,11 +257,13 @@ class SupervisorRun:
         organs: tuple[str, ...] = TEST_ORGANS,
         sidecar: str = "",
         logging: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
+        """`env`: more environment variables for the supervisor (and so its children)."""
         self.tmp = tmp
         self.config = self.write(tmp, body, organs, sidecar, logging)
         self.notify = NotifySocket(tmp / "notify.sock")
-        extra = {"NOTIFY_SOCKET": str(self.notify.path)}
+        extra = {**(env or {}), "NOTIFY_SOCKET": str(self.notify.path)}
         if watchdog_usec is not None:
             extra["WATCHDOG_USEC"] = str(watchdog_usec)
         env = child_env(**extra)

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from sdk.protocol.soma.v1 import sidecar_pb2_grpc as pb_grpc
 from sidecar.access import AllowList
 from sidecar.channels import socket_paths
 from sidecar.server import OUTSIDER_MAX_CONNECTIONS
+from sidecar.sweep import close_foreign_connections
 from soma_runtime.jsonline import HANDSHAKE_MAX_CONNECTIONS
 from tests.attack import h2
 from tests.helpers import (
@@ -274,6 +276,91 @@ async def test_connections_made_before_the_runtime_s_pid_was_known_are_shut_down
             channel.identify(b"t" * 32, runtime.pid, False, None)
             async with asyncio.timeout(10):
                 assert await squatter.stdout.readline() == b"closed\n"
+        finally:
+            for process in (squatter, runtime):
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+
+
+async def test_the_sweep_at_a_new_pid_does_not_hold_the_event_loop(tmp_path: Path) -> None:
+    """Finding the connections to shut down reads every descriptor of the sidecar (about
+    10 µs each): a runtime that restarts in a loop must not stall every channel that long at
+    each restart. Registering the new pid returns at once; the sweep still happens."""
+    directory = tmp_path / "rt"
+    directory.mkdir(mode=0o700)
+    grpc_path, auth_path = socket_paths(directory, "alpha")
+    held = [socket.socketpair() for _ in range(3000)]  # a busy sidecar's descriptors
+    async with channel_registry(tmp_path) as registry:
+        channel = await registry.open("alpha", grpc_path, auth_path, AllowList(["*"]))
+        channel.identify(b"t" * 32, None, True, None)
+        squatter = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            SQUATTER,
+            str(grpc_path),
+            h2.connection_start().hex(),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        runtime = await asyncio.create_subprocess_exec("sleep", "60")
+        try:
+            assert squatter.stdout is not None
+            assert await squatter.stdout.readline() == b"connected\n"
+            await wait_async(lambda: len(connections_to(grpc_path)) == 1, "the connection")
+            started = time.perf_counter()
+            close_foreign_connections({})  # the baseline: one scan of these descriptors
+            scan = time.perf_counter() - started
+            started = time.perf_counter()
+            channel.identify(b"t" * 32, runtime.pid, False, None)
+            on_the_loop = time.perf_counter() - started
+            print(f"scan {scan * 1e3:.1f} ms, registering the pid {on_the_loop * 1e3:.3f} ms")
+            assert on_the_loop < scan / 10
+            async with asyncio.timeout(10):
+                assert await squatter.stdout.readline() == b"closed\n"
+        finally:
+            for process in (squatter, runtime):
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+            for pair in held:
+                for end in pair:
+                    end.close()
+
+
+# A process may name itself anything (prctl PR_SET_NAME, or the file it runs): /proc shows
+# these bytes as its name.
+NOT_UTF8_NAME = """
+import ctypes
+ctypes.CDLL(None).prctl(15, b"soma\\xff\\xfe", 0, 0, 0)
+"""
+
+
+async def test_a_peer_whose_name_is_not_utf8_does_not_stop_the_socket_accepting(
+    tmp_path: Path,
+) -> None:
+    """The gate reads a peer's process from /proc, where its name is whatever bytes it chose:
+    a process of the user named in bytes that are not UTF-8 connects (and is turned away to
+    the outsider server), and the socket goes on accepting: the next connection is served."""
+    directory = tmp_path / "rt"
+    directory.mkdir(mode=0o700)
+    grpc_path, auth_path = socket_paths(directory, "alpha")
+    async with channel_registry(tmp_path) as registry:
+        channel = await registry.open("alpha", grpc_path, auth_path, AllowList(["*"]))
+        runtime = await asyncio.create_subprocess_exec("sleep", "60")
+        channel.identify(b"t" * 32, runtime.pid, False, None)
+        squatter = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            NOT_UTF8_NAME + SQUATTER,
+            str(grpc_path),
+            h2.connection_start().hex(),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert squatter.stdout is not None
+            assert await squatter.stdout.readline() == b"connected\n"
+            # Its connection waits in the backlog before the probe's: accepted first.
+            assert await registry.probe() == {"alpha": "ok"}
         finally:
             for process in (squatter, runtime):
                 with contextlib.suppress(ProcessLookupError):

@@ -227,47 +227,17 @@ def test_a_secret_value_that_cannot_be_stored_is_a_usage_error(
     assert json.loads(listing.stdout) == []
 
 
-def _reader_that_left() -> int:
-    """The write end of a real pipe whose reader, `head -1`, has read its line and exited:
-    what `soma ... | head -1` meets when head is done before soma has written everything."""
-    read_end, write_end = os.pipe()
+def ends_quietly_into_a_pipe_whose_reader_left(*args: str) -> None:
+    """`soma ARGS | head -1`, head done before soma has written everything (a real pipe
+    whose reader has read its line and exited): no BrokenPipeError traceback, just exit 1."""
+    read_end, pipe = os.pipe()
     head = subprocess.Popen(["head", "-1"], stdin=read_end, stdout=subprocess.DEVNULL)
     os.close(read_end)
-    os.write(write_end, b"the line head wanted\n")
-    assert head.wait(timeout=30) == 0
-    return write_end
-
-
-def test_status_into_a_pipe_whose_reader_left_ends_quietly(tmp_path: Path) -> None:
-    """`soma status | head -1`: no BrokenPipeError traceback, just an exit."""
-    run = SupervisorRun(tmp_path, "")
     try:
-        run.wait_ready()
-        for args in (["status"], ["status", "--json"]):
-            pipe = _reader_that_left()
-            try:
-                result = subprocess.run(
-                    [SOMA, *args, "--config", str(run.config)],
-                    stdout=pipe,
-                    stderr=subprocess.PIPE,
-                    env=child_env(),
-                    timeout=60,
-                    check=False,
-                )
-            finally:
-                os.close(pipe)
-            assert result.stderr == b"", result.stderr.decode()
-            assert result.returncode == 1
-    finally:
-        assert run.stop() == 0, run.proc.output()
-
-
-def test_every_command_ends_quietly_when_its_reader_left() -> None:
-    """The same for every command (handled once, in `main`): here one printing 18 kB."""
-    pipe = _reader_that_left()
-    try:
+        os.write(pipe, b"the line head wanted\n")
+        assert head.wait(timeout=30) == 0
         result = subprocess.run(
-            [SOMA, "cards", "search", "--json", "--dir", str(REPO / "cards"), ""],
+            [SOMA, *args],
             stdout=pipe,
             stderr=subprocess.PIPE,
             env=child_env(),
@@ -278,3 +248,20 @@ def test_every_command_ends_quietly_when_its_reader_left() -> None:
         os.close(pipe)
     assert result.stderr == b"", result.stderr.decode()
     assert result.returncode == 1
+
+
+def test_status_into_a_pipe_whose_reader_left_ends_quietly(tmp_path: Path) -> None:
+    run = SupervisorRun(tmp_path, "")
+    try:
+        run.wait_ready()
+        for args in (["status"], ["status", "--json"]):
+            ends_quietly_into_a_pipe_whose_reader_left(*args, "--config", str(run.config))
+    finally:
+        assert run.stop() == 0, run.proc.output()
+
+
+def test_every_command_ends_quietly_when_its_reader_left() -> None:
+    """The same for every command (handled once, in `main`): here one printing 18 kB."""
+    ends_quietly_into_a_pipe_whose_reader_left(
+        "cards", "search", "--json", "--dir", str(REPO / "cards"), ""
+    )

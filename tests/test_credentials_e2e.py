@@ -13,7 +13,7 @@ from urllib.parse import quote_plus
 import httpx2
 import pytest
 
-from sidecar.gateway import MAX_CONNECTIONS_PER_PORT
+from sidecar.gateway import LIMITS as GATEWAY_LIMITS
 from tests.fake_upstream import FakeUpstream, encodings
 from tests.helpers import (
     SupervisorRun,
@@ -471,7 +471,8 @@ def test_a_runtime_cannot_hold_more_gateway_connections_than_its_cap(
     fds = f"/proc/{scenario.child('sidecar')['pid']}/fd"
     before = len(os.listdir(fds))
     opened = [
-        socket.create_connection(("127.0.0.1", port)) for _ in range(3 * MAX_CONNECTIONS_PER_PORT)
+        socket.create_connection(("127.0.0.1", port))
+        for _ in range(3 * GATEWAY_LIMITS.max_connections)
     ]
     try:
         closed: set[socket.socket] = set()
@@ -482,11 +483,11 @@ def test_a_runtime_cannot_hold_more_gateway_connections_than_its_cap(
             return len(closed)
 
         wait_until(
-            lambda: closed_by_the_sidecar() >= 2 * MAX_CONNECTIONS_PER_PORT,
+            lambda: closed_by_the_sidecar() >= 2 * GATEWAY_LIMITS.max_connections,
             10,
             "the connections beyond the cap to be closed",
         )
-        assert len(os.listdir(fds)) - before <= MAX_CONNECTIONS_PER_PORT + 2
+        assert len(os.listdir(fds)) - before <= GATEWAY_LIMITS.max_connections + 2
         wait_until(lambda: scenario.events("gateway_connections_capped"), what="the cap logged")
         # the cap is each port's own: another runtime's port serves meanwhile
         environ = process_environ(scenario.child("bystander")["pid"])

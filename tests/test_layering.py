@@ -1,7 +1,7 @@
-"""The import arrows of DESIGN.md's layout point one way, and nobody imports another package's
-private modules: the SDK imports neither the core nor the sidecar, the core imports neither
-the sidecar nor gRPC, the sidecar uses the SDK only through its public `sdk.protocol`, and
-only the CLI (the top floor) imports from everything."""
+"""The import arrows of docs/architecture.md's code layout point one way, and nobody imports
+another package's private modules: the SDK imports neither the core nor the sidecar, the core
+imports neither the sidecar nor gRPC, the sidecar uses the SDK only through its public
+`sdk.protocol`, and only the CLI (the top floor) imports from everything."""
 
 from __future__ import annotations
 

@@ -234,6 +234,33 @@ def test_idle_connections_cannot_keep_a_scrape_out(tmp_path: Path) -> None:
         assert proc.stop() == 0, proc.output()
 
 
+def test_held_back_warnings_are_reported_once_a_flood_stops(tmp_path: Path) -> None:
+    """Warnings past their burst are counted, not logged; when the flood stops, a line says
+    how many there were, an interval later, with no further event to carry it."""
+    extra = '\n[metrics]\nlisten = "127.0.0.1:0"\nmax_connections = 2\n'
+    proc, _ = start_sidecar(tmp_path, ["system"], extra)
+    flood = 12  # each connection beyond the cap of 2 is one warning: 5 logged, 5 held back
+
+    def capped() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in proc.output().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("event") == "metrics_connections_capped"]
+
+    try:
+        address = metrics_address(proc)
+        opened = [connect(address) for _ in range(flood)]
+        for sock in opened[:-2]:
+            assert closed(sock)  # pushed out by a newcomer: that newcomer made a warning
+        for sock in opened:
+            sock.close()
+        wait_until(
+            lambda: sum(1 + line.get("repeated", 0) for line in capped()) == flood - 2,
+            timeout=30,
+            what="the held-back warnings to be reported",
+        )
+    finally:
+        assert proc.stop() == 0, proc.output()
+
+
 # alpha calls echo and greet, and is denied acme.fail; beta may call acme.fail, which always
 # fails, so the function misses its error budget.
 PROBES = """

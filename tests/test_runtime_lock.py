@@ -11,7 +11,16 @@ from pathlib import Path
 import httpx2
 
 from sidecar.bridge.published import url_file
-from tests.helpers import SOMA, Process, SupervisorRun, pid_alive, start_sidecar, wait_until
+from soma_runtime import runtime_lock
+from tests.helpers import (
+    SOMA,
+    Process,
+    SupervisorRun,
+    child_env,
+    pid_alive,
+    start_sidecar,
+    wait_until,
+)
 
 BRIDGE = '[[bridge]]\nname = "local"\nexpose = ["system.*"]\n'
 
@@ -119,3 +128,54 @@ def test_a_sidecar_removes_only_the_files_it_wrote(tmp_path: Path) -> None:
         assert sidecar.stop() == 0, sidecar.output()
     assert published.read_text() == "http://127.0.0.1:9/mcp\n"
     assert token.read_text() == "0" * 64 + "\n"
+
+
+def test_a_descriptor_passed_as_the_lock_that_is_not_this_directory_s_is_closed(
+    tmp_path: Path,
+) -> None:
+    """A sidecar handed, as its lock, a descriptor that is not its runtime directory's lock
+    (here another directory's lock, locked) takes its own lock and closes that descriptor:
+    kept open, it held the other directory's lock for the sidecar's whole life."""
+    other = runtime_lock.acquire(tmp_path / "other", "test")
+    config = SupervisorRun.write(tmp_path, "")
+    sidecar = Process(
+        [SOMA, "sidecar", "--supervised", "--config", str(config)],
+        tmp_path / "sidecar.log",
+        env=child_env(**{runtime_lock.LOCK_FD_ENV: str(other.fd)}),
+        pass_fds=(other.fd,),
+    )
+    other.release()  # the sidecar's copy is the only one left
+    lock_file = tmp_path / "run" / runtime_lock.LOCK_FILE
+    try:
+        wait_until(
+            lambda: sidecar.proc.poll() is not None or '"event": "serving"' in sidecar.output(),
+            timeout=30,
+            what="the sidecar to serve",
+        )
+        assert sidecar.proc.poll() is None, sidecar.output()
+        assert lock_file.read_text().startswith(f"{sidecar.pid} soma sidecar --supervised")
+        runtime_lock.acquire(tmp_path / "other", "test").release()  # free again
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+
+
+def test_make_run_hands_its_lock_to_the_supervisor_it_starts(tmp_path: Path) -> None:
+    """`make run` locks the runtime directory before it revokes a key or removes a URL file,
+    and the supervisor it starts holds that same lock (its open file): no other Soma process
+    can start on the directory in between. The refusal names `make run`, which holds it."""
+    config = SupervisorRun.write(tmp_path, BRIDGE, organs=("system",))
+    make_run = Process(
+        [sys.executable, "-m", "examples.run", "--config", str(config)], tmp_path / "run.log"
+    )
+    try:
+        wait_until(
+            lambda: '"event": "ready"' in make_run.output() or make_run.proc.poll() is not None,
+            timeout=30,
+            what="make run's supervisor to be ready",
+        )
+        assert make_run.proc.poll() is None, make_run.output()
+        second = Process([SOMA, "supervise", "--config", str(config)], tmp_path / "2.log")
+        assert second.wait(30) == 2, second.output()
+        assert busy(tmp_path / "run", make_run.pid, "make run") in second.output()
+    finally:
+        assert make_run.stop(30) == 0, make_run.output()

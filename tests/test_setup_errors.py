@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import grpc
+
 from tests.helpers import (
+    REPO,
+    SOMA,
+    Process,
     SupervisorRun,
+    child_env,
     run_soma,
     set_secret,
     start_sidecar,
@@ -171,3 +178,69 @@ def test_a_credential_without_its_secret_is_warned_about_with_the_fix(tmp_path: 
         ("absent", "absent-key", "warning")
     ]
     assert warnings[0]["fix"] == f"soma secrets set absent-key --config {config}"
+
+
+def unverified_grpcio(tmp_path: Path) -> dict[str, str]:
+    """The environment of a Python whose grpcio is not the release `sidecar.handover` was
+    verified against: a `sitecustomize` (imported by every interpreter started with it, the
+    supervisor's sidecar included) moves the verified release away from the installed one."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        'import sidecar.handover\nsidecar.handover.VERIFIED_GRPCIO = "0.0."\n'
+    )
+    return {"PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
+
+
+UNVERIFIED = f"grpcio {grpc.__version__} is installed; the sidecar hands its connections"
+
+
+def test_the_sidecar_alone_refuses_a_grpcio_it_cannot_hand_connections_to(tmp_path: Path) -> None:
+    """Exit 2 and one line that says what to install, before anything serves: not a channel
+    that fails at its first connection."""
+    config = SupervisorRun.write(tmp_path, "", sidecar='socket = "run/s.sock"')
+    sidecar = Process(
+        [SOMA, "sidecar", "--config", str(config)],
+        tmp_path / "sidecar.log",
+        env=child_env(**unverified_grpcio(tmp_path)),
+    )
+    assert sidecar.wait(60) == 2, sidecar.output()
+    output = sidecar.output()
+    [line] = [line for line in output.splitlines() if UNVERIFIED in line]
+    assert line.startswith("soma sidecar: grpcio ") and "0.0.x only" in line, output
+    assert "Traceback" not in output
+    assert not (tmp_path / "run" / "s.sock").exists()
+
+
+def test_a_supervised_sidecar_with_a_grpcio_it_cannot_use_is_a_setup_error(
+    tmp_path: Path,
+) -> None:
+    """Under the supervisor, channels open only as runtimes register: the sidecar must refuse
+    at its start, not serve and then fail every registration."""
+    body = _runtime("agent", ["python", "-c", "import time; time.sleep(60)"])
+    run = SupervisorRun(tmp_path, body, env=unverified_grpcio(tmp_path))
+    try:
+        code = run.proc.wait(timeout=60)
+    finally:
+        run.stop()
+    output = run.proc.output()
+    assert code == 2, output
+    [event] = run.events("setup_error")
+    assert event["child"] == "sidecar"
+    assert UNVERIFIED in event["cause"]
+    assert "Traceback" not in output
+    assert not run.events("request_failed")
+    assert not run.notify.has("READY=1")
+
+
+def test_sockets_handed_over_that_cannot_be_used_are_a_setup_error(tmp_path: Path) -> None:
+    config = SupervisorRun.write(tmp_path, "")
+    sidecar = Process(
+        [SOMA, "sidecar", "--supervised", "--config", str(config)],
+        tmp_path / "sidecar.log",
+        env=child_env(SOMA_BRIDGE_SOCKETS="desk=999"),  # no such descriptor
+    )
+    assert sidecar.wait(60) == 2, sidecar.output()
+    output = sidecar.output()
+    assert "soma sidecar: SOMA_BRIDGE_SOCKETS: the bridge sockets passed cannot be used" in output
+    assert "Traceback" not in output

@@ -260,3 +260,35 @@ def test_what_the_service_user_could_not_use_is_warned_about(place: Path) -> Non
     # As the owner of both: nothing to warn about.
     me = pwd.getpwuid(os.geteuid()).pw_name
     assert unit("--config", str(config), "--service-user", me).stderr == ""
+
+
+def test_a_service_user_whose_primary_group_has_no_name_is_told_so(place: Path) -> None:
+    """A user whose primary gid has no group entry, and no --service-group: the refusal says
+    that, not "no group None". The user exists only in a private mount namespace, where a
+    copy of /etc/passwd naming it is mounted over the real one."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        pytest.skip("needs root and unshare(1) to add a user in a private mount namespace")
+    gid = next(g for g in range(4242, 65000) if g not in {e.gr_gid for e in grp.getgrall()})
+    passwd = place / "passwd"
+    ghost = f"ghost:x:{gid}:{gid}:a user of no group:/nonexistent:/bin/false\n"
+    passwd.write_text(Path("/etc/passwd").read_text() + ghost)
+    config = place / "soma.toml"
+    config.write_text("")
+    script = 'mount --bind "$0" /etc/passwd && exec "$@"'
+    argv = [SOMA, "systemd-unit", "--config", str(config), "--service-user", "ghost"]
+    result = subprocess.run(
+        [unshare, "--mount", "sh", "-c", script, str(passwd), *argv],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if "mount" in result.stderr and "soma systemd-unit" not in result.stderr:
+        pytest.skip(f"cannot mount in a private namespace here: {result.stderr.strip()}")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"soma systemd-unit: ghost's primary group (gid {gid}) has no name on this host: "
+        "name the group to run as with --service-group NAME\n"
+    )

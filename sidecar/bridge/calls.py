@@ -149,9 +149,7 @@ class ToolCalls:
             text = encode_output(response.output).decode()
         except (TypeError, ValueError) as exc:
             log.error("output_not_json", op=card.name, error=str(exc), trace_id=trace_id)
-            return error_result(
-                Response.failure(ErrorKind.INTERNAL, op=card.name, message="output is not JSON")
-            )
+            return internal_error(card, "output is not JSON")
         broken = self._output_error(card, response.output)
         if broken is not None:
             # A client checks structured results against the listed schema and would answer
@@ -163,13 +161,8 @@ class ToolCalls:
                 reason=broken.message,
                 trace_id=trace_id,
             )
-            return error_result(
-                Response.failure(
-                    ErrorKind.INTERNAL,
-                    op=card.name,
-                    message="the output does not match the function's output schema",
-                    path=broken.path,
-                )
+            return internal_error(
+                card, "the output does not match the function's output schema", path=broken.path
             )
         structured = response.output if isinstance(response.output, dict) else None
         return types.CallToolResult(
@@ -226,6 +219,13 @@ def error_result(response: Response) -> types.CallToolResult:
         content=[types.TextContent(type="text", text=encode_output(output).decode())],
         is_error=True,
         _meta={ERROR: output},
+    )
+
+
+def internal_error(card: FunctionCard, message: str, **details: Any) -> types.CallToolResult:
+    """`card`'s call failed on our side: an Internal error result saying `message`."""
+    return error_result(
+        Response.failure(ErrorKind.INTERNAL, op=card.name, message=message, **details)
     )
 
 

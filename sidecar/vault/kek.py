@@ -26,7 +26,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from soma_runtime.unix import UnsafePath, opened_directory
+from soma_runtime.unix import UnsafePath, fsync_directory, opened_directory, write_private_file
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -173,39 +173,13 @@ def _read_key(directory: int, path: Path) -> tuple[LocalKek, os.stat_result]:
 
 
 def _write_new_key(directory: int, path: Path, *, replace: bool) -> bytes:
-    """A new random key at `path` (in `directory`), appearing all at once: written to a
-    temporary file, synced, then linked into place (`replace=False`: `FileExistsError` if
-    `path` exists) or renamed over it. A crash never leaves a partial key where a key is
-    expected. The temporary name is random and created exclusively, never through a link:
-    nothing planted in advance is written to."""
+    """A new random key at `path` (in `directory`), appearing all at once and synced
+    (`write_private_file`): linked into place (`replace=False`: `FileExistsError` if `path`
+    exists) or renamed over it. A crash never leaves a partial key where a key is expected,
+    and nothing planted in advance is written to."""
     key = os.urandom(KEY_BYTES)
-    tmp = f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=directory)
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        if replace:
-            os.replace(tmp, path.name, src_dir_fd=directory, dst_dir_fd=directory)
-        else:
-            os.link(
-                tmp, path.name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False
-            )
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=directory)
-    _fsync_dir(directory)
+    write_private_file(directory, path.name, key, replace=replace, durable=True)
     return key
-
-
-def _fsync_dir(directory: int) -> None:
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=directory)  # O_PATH cannot fsync
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _cannot_write(path: Path, exc: OSError) -> KekError:
@@ -326,7 +300,7 @@ class KeyFileProvider(KekProvider):
                 os.link(self.path.name, held, **within, follow_symlinks=False)
                 os.replace(held, self.previous_path.name, **within)
                 os.replace(self.next_path.name, self.path.name, **within)
-                _fsync_dir(directory)
+                fsync_directory(directory)
             except OSError as exc:
                 raise _cannot_write(self.path, exc) from None
         self._reload()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -54,7 +55,8 @@ class Supervisor:
         self.link = link = SidecarLink(self.layout.admin_socket)
         with contextlib.ExitStack() as held:
             # Before any port is bound: a second supervisor is refused, not met with "in use".
-            lock = runtime_lock.acquire(config.runtime_dir, "soma supervise")
+            # Passed by `make run`, which took it before touching the directory, or taken.
+            lock = runtime_lock.inherit(config.runtime_dir, "soma supervise", os.environ)
             held.callback(lock.release)
             self.gateway_sockets = {
                 r.name: held.enter_context(gateway_socket()) for r in config.runtime if r.gateways
