@@ -19,7 +19,7 @@ def test_a_gateway_that_cannot_start_leaves_no_socket_behind(tmp_path: Path) -> 
     argv = [SOMA, "sidecar", "--supervised", "--config", str(config)]
     env = child_env(**{SOCKETS_ENV: "claims=987"})  # not an open descriptor in the child
     sidecar = Process(argv, tmp_path / "sidecar.log", env=env)
-    assert sidecar.wait() == 1
+    assert sidecar.wait() == 2  # a setup error (HandedSocketsUnusable)
     assert (tmp_path / "run").is_dir()  # it got as far as preparing the runtime directory
     assert sockets_left(tmp_path / "run") == []
     assert f"{SOCKETS_ENV}: the gateway sockets passed cannot be used" in sidecar.output()
